@@ -1,0 +1,284 @@
+"""One typed, validated configuration tree for a GaisNet run.
+
+Every section is a frozen pydantic model that rejects unknown keys, so a typo in a YAML file or a
+``--set`` override stops the run before any work with an error naming the key. Each component gets
+only its own sub-config (``cfg.model``, ``cfg.training`` ...), never the whole tree.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load_config",
+    "default_config",
+    "apply_overrides",
+    "config_to_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is invalid. The message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------- model
+class ModelConfig(_Section):
+    family: Literal["gpt2", "llama"] = Field("gpt2", description="Architecture family.")
+    preset: Literal["tiny", "small", "base"] = Field(
+        "tiny", description="Named size built offline from config (ignored when `path` is set)."
+    )
+    path: str | None = Field(
+        None, description="Local Hugging Face model folder; overrides family/preset when set."
+    )
+    max_seq_len: int = Field(48, ge=8, le=4096, description="Tokens per training sequence.")
+    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    seed: int = Field(0, description="Seed for the randomly initialised foundation model.")
+
+
+# ---------------------------------------------------------------------------------------- peft
+class PeftConfig(_Section):
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, le=512, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (lora_alpha).")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; None picks the family's attention+MLP linears."
+    )
+
+
+# ---------------------------------------------------------------------------------------- data
+class DataConfig(_Section):
+    source: Literal["builtin", "jsonl"] = "builtin"
+    domains: list[str] = Field(
+        default_factory=lambda: ["arithmetic", "strings", "units", "facts"],
+        description="Built-in domains devices hold privately (source=builtin).",
+    )
+    train_path: str | None = Field(None, description="JSONL of {prompt, answer, domain} (jsonl).")
+    eval_path: str | None = Field(None, description="Held-out JSONL for evaluation (jsonl).")
+    public_path: str | None = Field(None, description="Public JSONL for the cloud (jsonl).")
+    samples_per_device: int = Field(192, ge=1)
+    public_samples: int = Field(512, ge=0)
+    eval_samples_per_domain: int = Field(48, ge=1)
+    partition: Literal["iid", "dirichlet"] = "dirichlet"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "DataConfig":
+        if self.source == "jsonl" and not self.train_path:
+            raise ValueError("data.train_path is required when data.source is 'jsonl'")
+        if not self.domains and self.source == "builtin":
+            raise ValueError("data.domains must name at least one built-in domain")
+        return self
+
+
+# ------------------------------------------------------------------------------------ topology
+class TierResources(_Section):
+    num_cpus: float = Field(0.5, ge=0, description="Logical CPUs each actor of this tier asks for.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; >0 runs the tier on CUDA.")
+
+
+class CutConfig(_Section):
+    front_layers: int = Field(1, ge=1, description="Transformer blocks in the device front.")
+    back_layers: int = Field(1, ge=1, description="Transformer blocks in the device back.")
+
+
+class TopologyConfig(_Section):
+    edges: int = Field(2, ge=1, le=256)
+    devices_per_edge: int = Field(3, ge=1, le=4096)
+    cluster_size: int = Field(2, ge=1, description="Devices per HFSL cluster (members train in turn).")
+    clustering: Literal["balanced", "sequential"] = Field(
+        "balanced",
+        description="balanced: group by data size and compute so clusters finish together; "
+        "sequential: devices in id order.",
+    )
+    cut: CutConfig = CutConfig()
+    device_cuts: dict[str, CutConfig] = Field(
+        default_factory=dict, description="Per-device override of `cut`, keyed by device id."
+    )
+    device_compute: list[float] = Field(
+        default_factory=lambda: [1.0, 0.5],
+        description="Relative compute speed of devices, cycled over device ids (for clustering).",
+    )
+    cloud: TierResources = TierResources()
+    edge: TierResources = TierResources()
+    end: TierResources = TierResources(num_cpus=0.25)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TopologyConfig":
+        if any(c <= 0 for c in self.device_compute) or not self.device_compute:
+            raise ValueError("topology.device_compute must be a non-empty list of positive numbers")
+        known = {device_id(e, d) for e in range(self.edges) for d in range(self.devices_per_edge)}
+        unknown = sorted(set(self.device_cuts) - known)
+        if unknown:
+            raise ValueError(f"topology.device_cuts names unknown devices {unknown}")
+        return self
+
+    @property
+    def num_devices(self) -> int:
+        return self.edges * self.devices_per_edge
+
+    def cut_for(self, device: str) -> CutConfig:
+        return self.device_cuts.get(device, self.cut)
+
+
+def device_id(edge: int, index: int) -> str:
+    """Stable id of the ``index``-th device of edge ``edge`` (e.g. ``end-1-2``)."""
+    return f"end-{edge}-{index}"
+
+
+def edge_id(edge: int) -> str:
+    return f"edge-{edge}"
+
+
+# --------------------------------------------------------------------------------------- links
+class LinkConfig(_Section):
+    bandwidth_mbps: float = Field(gt=0, description="Link bandwidth in megabits per second.")
+    latency_ms: float = Field(ge=0, description="One-way latency per message in milliseconds.")
+
+
+class LinksConfig(_Section):
+    end_edge: LinkConfig = LinkConfig(bandwidth_mbps=20.0, latency_ms=20.0)
+    edge_cloud: LinkConfig = LinkConfig(bandwidth_mbps=1000.0, latency_ms=10.0)
+
+
+# ------------------------------------------------------------------------------------ training
+class TrainingConfig(_Section):
+    scheme: Literal["hfsl", "fl", "sl"] = Field(
+        "hfsl", description="hfsl: clusters in parallel, members in turn, split model; "
+        "fl: FedAvg of the whole adapter trained on devices; sl: one cluster per edge."
+    )
+    rounds: int = Field(4, ge=1)
+    local_steps: int = Field(6, ge=1, description="Optimizer steps per device turn.")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    aggregation: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
+    trim_ratio: float = Field(0.1, ge=0, lt=0.5, description="Fraction trimmed at each end.")
+    clip_norm: float | None = Field(None, gt=0, description="Clip each update's L2 norm.")
+    eval_every: int = Field(1, ge=1)
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------- run
+class RunConfig(_Section):
+    out_dir: str | None = Field(None, description="Run folder; default runs/<timestamp>.")
+    progress: bool = True
+    audit_messages: bool = Field(
+        False, description="Record every message crossing an actor boundary under audit/."
+    )
+    local_num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs of the local dev-mode Ray node (default: host CPUs)."
+    )
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per actor.")
+    actor_timeout_s: float = Field(600.0, gt=0, description="Give up on an actor call after this.")
+
+
+# ---------------------------------------------------------------------------------------- root
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    peft: PeftConfig = PeftConfig()
+    data: DataConfig = DataConfig()
+    topology: TopologyConfig = TopologyConfig()
+    links: LinksConfig = LinksConfig()
+    training: TrainingConfig = TrainingConfig()
+    run: RunConfig = RunConfig()
+
+
+# ------------------------------------------------------------------------------------- loading
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}'")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"invalid value for '{key}': {e['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def _validate(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def default_config_dict() -> dict[str, Any]:
+    text = importlib.resources.files("gaisnet_ray").joinpath("default.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def default_config() -> Config:
+    """The embedded default: local dev mode, offline, a few minutes on 2 CPU cores."""
+    return _validate(default_config_dict())
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a config dict."""
+    out = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"invalid value for '{key}': not YAML ({e})") from None
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        out = _deep_merge(out, nested)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the embedded default), apply overrides and validate.
+
+    A user file is merged over the embedded default, so it only needs the keys it changes.
+    """
+    data = default_config_dict()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            user = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+        if user is None:
+            user = {}
+        if not isinstance(user, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
+        data = _deep_merge(data, user)
+    return _validate(apply_overrides(data, overrides or []))
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,131 @@
+"""The end-device side of a round: private data, the front and back segments, local optimizer.
+
+The device owns its examples; only hidden states, their gradients and adapter tensors leave it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import torch
+
+from ..config import PeftConfig, TrainingConfig
+from ..data import Example, encode_examples
+from ..knowledge.codec import tensor_nbytes
+from ..models.adapters import adapter_state, load_adapter_state, trainable_parameters
+from ..models.split import Cut, build_tier_model
+from .messages import LinkUsage, StateDict, TurnResult
+
+
+class EdgeLink(Protocol):
+    """The device's view of its edge for one turn (in-process call or Ray actor call)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
+        ...
+
+    def backward(self, grad: torch.Tensor) -> torch.Tensor:  # dL/dh_m (B, T, H) -> dL/dh_k
+        ...
+
+
+class DeviceTrainer:
+    """One end device. ``cut=None`` holds the whole model (plain FL); otherwise front + back only."""
+
+    def __init__(self, device_id: str, package, peft_cfg: PeftConfig, training: TrainingConfig,
+                 examples: list[Example], seq_len: int, cut: Cut | None, seed: int,
+                 torch_device: str = "cpu"):
+        if not examples:
+            raise ValueError(f"device {device_id} has no private examples")
+        self.device_id = device_id
+        self.training = training
+        self.torch_device = torch_device
+        num_layers = package.config.get("n_layer", package.config.get("num_hidden_layers"))
+        self.cut = cut
+        keep = None if cut is None else cut.device_layers(num_layers)
+        self.split = build_tier_model(package, peft_cfg, keep_layers=keep, keep_embeddings=True,
+                                      keep_head=True, torch_device=torch_device)
+        batch = encode_examples(examples, package.tokenizer, seq_len)
+        self._input_ids = batch["input_ids"]  # (N, T) private, never leaves this object
+        self._labels = batch["labels"]  # (N, T) private, never leaves this object
+        self._gen = torch.Generator().manual_seed(seed)
+        self._order = torch.empty(0, dtype=torch.long)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self._input_ids.shape[0])
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample without replacement within an epoch; reshuffle when exhausted."""
+        b = min(self.training.batch_size, self.num_samples)
+        if self._order.numel() < b:
+            self._order = torch.randperm(self.num_samples, generator=self._gen)
+        idx, self._order = self._order[:b], self._order[b:]
+        return self._input_ids[idx].to(self.torch_device), self._labels[idx].to(self.torch_device)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(trainable_parameters(self.split.peft), lr=self.training.lr,
+                                 weight_decay=self.training.weight_decay)
+
+    def _result(self, cluster_id: str, losses: list[float], usage: LinkUsage, started: float) -> TurnResult:
+        adapter = adapter_state(self.split.peft)
+        usage = usage.add(LinkUsage(bytes_up=sum(map(tensor_nbytes, adapter.values())), messages_up=1))
+        return TurnResult(self.device_id, cluster_id, adapter, self.num_samples, losses, usage,
+                          time.perf_counter() - started)
+
+    def train_split_turn(self, adapter: StateDict, link: EdgeLink, cluster_id: str, steps: int) -> TurnResult:
+        """``steps`` split steps: front here -> middle on the edge -> back and loss here -> back again."""
+        started = time.perf_counter()
+        assert self.cut is not None, "train_split_turn needs a cut"
+        load_adapter_state(self.split.peft, adapter)
+        usage = LinkUsage(bytes_down=sum(map(tensor_nbytes, adapter.values())), messages_down=1)
+        opt = self._optimizer()
+        self.split.peft.train()
+        losses = []
+        for _ in range(steps):
+            input_ids, labels = self._next_batch()
+            h_k = self.split.front(input_ids, self.cut.front_end)  # (B, T, H)
+            sent = h_k.detach().cpu()
+            h_m = link.forward(sent).to(self.torch_device).requires_grad_()  # (B, T, H) from edge
+            logits = self.split.back(h_m, self.cut.back_start)  # (B, T, V)
+            loss = self.split.loss(logits, labels)
+            loss.backward()
+            grad_m = h_m.grad.detach().cpu()
+            grad_k = link.backward(grad_m).to(self.torch_device)  # dL/dh_k from edge
+            if h_k.requires_grad:
+                h_k.backward(grad_k)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            usage = usage.add(LinkUsage(
+                bytes_up=tensor_nbytes(sent) + tensor_nbytes(grad_m),
+                bytes_down=tensor_nbytes(h_m) + tensor_nbytes(grad_k),
+                messages_up=2, messages_down=2,
+            ))
+        self.split.peft.eval()
+        return self._result(cluster_id, losses, usage, started)
+
+    def train_turn(self, adapter: StateDict, link: EdgeLink | None, cluster_id: str, steps: int) -> TurnResult:
+        """One turn under this device's scheme: split with the edge, or local (whole model, FL)."""
+        if self.cut is None:
+            return self.train_local_turn(adapter, cluster_id, steps)
+        if link is None:
+            raise ValueError(f"device {self.device_id} trains split and needs a link to its edge")
+        return self.train_split_turn(adapter, link, cluster_id, steps)
+
+    def train_local_turn(self, adapter: StateDict, cluster_id: str, steps: int) -> TurnResult:
+        """Plain FL: ``steps`` steps of the whole model on this device, no edge involved."""
+        started = time.perf_counter()
+        load_adapter_state(self.split.peft, adapter)
+        usage = LinkUsage(bytes_down=sum(map(tensor_nbytes, adapter.values())), messages_down=1)
+        opt = self._optimizer()
+        self.split.peft.train()
+        losses = []
+        for _ in range(steps):
+            input_ids, labels = self._next_batch()
+            loss = self.split.loss(self.split.back(self.split.front(input_ids, 0), 0), labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        self.split.peft.eval()
+        return self._result(cluster_id, losses, usage, started)

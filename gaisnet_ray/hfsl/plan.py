@@ -1,0 +1,38 @@
+"""Who trains with whom this round: topology, cut points per device, clusters per edge."""
+
+from __future__ import annotations
+
+from ..config import Config, TopologyConfig, device_id, edge_id
+from ..models.split import Cut
+from .clustering import DeviceProfile, cluster_devices
+
+
+def devices_by_edge(topo: TopologyConfig) -> dict[str, list[str]]:
+    return {edge_id(e): [device_id(e, d) for d in range(topo.devices_per_edge)] for e in range(topo.edges)}
+
+
+def device_compute(topo: TopologyConfig, device: str) -> float:
+    e, d = (int(x) for x in device.split("-")[1:])
+    return topo.device_compute[(e * topo.devices_per_edge + d) % len(topo.device_compute)]
+
+
+def device_cut(topo: TopologyConfig, device: str, num_layers: int) -> Cut:
+    c = topo.cut_for(device)
+    try:
+        return Cut.from_layers(num_layers, c.front_layers, c.back_layers)
+    except ValueError as e:
+        raise ValueError(f"topology cut for {device}: {e}") from None
+
+
+def plan_clusters(cfg: Config, edge: str, sample_counts: dict[str, int]) -> dict[str, list[str]]:
+    """Cluster id -> member device ids in training order, for one edge and one round."""
+    devices = list(sample_counts)
+    scheme = cfg.training.scheme
+    if scheme == "fl":
+        groups = [[d] for d in devices]
+    elif scheme == "sl":
+        groups = [devices]
+    else:
+        profiles = [DeviceProfile(d, sample_counts[d], device_compute(cfg.topology, d)) for d in devices]
+        groups = cluster_devices(profiles, cfg.topology.cluster_size, cfg.topology.clustering)
+    return {f"{edge}/c{i}": g for i, g in enumerate(groups)}

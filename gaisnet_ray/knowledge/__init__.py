@@ -1,0 +1,72 @@
+"""Knowledge: PEFT (LoRA) adapter state dicts, keyed as ``get_peft_model_state_dict`` returns them.
+
+Aggregation rules, byte accounting, content hashing and the versioned on-disk store.
+"""
+
+from gaisnet_ray.knowledge.aggregate import (
+    RULES,
+    Rule,
+    StateDict,
+    aggregate,
+    check_compatible,
+    check_finite,
+    clip_update,
+    coordinate_median,
+    fedavg,
+    trimmed_mean,
+    validate_updates,
+)
+from gaisnet_ray.knowledge.codec import (
+    DIRECTIONS,
+    LINKS,
+    ByteCounter,
+    Direction,
+    Link,
+    content_hash,
+    payload_nbytes,
+    tensor_nbytes,
+)
+from gaisnet_ray.knowledge.errors import (
+    KeyMismatchError,
+    KnowledgeError,
+    NonFiniteUpdateError,
+    ShapeMismatchError,
+)
+from gaisnet_ray.knowledge.store import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    HISTORY_NAME,
+    LINEAGE_NAME,
+    KnowledgeStore,
+)
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "DIRECTIONS",
+    "HISTORY_NAME",
+    "LINEAGE_NAME",
+    "LINKS",
+    "RULES",
+    "ByteCounter",
+    "Direction",
+    "KeyMismatchError",
+    "KnowledgeError",
+    "KnowledgeStore",
+    "Link",
+    "NonFiniteUpdateError",
+    "Rule",
+    "ShapeMismatchError",
+    "StateDict",
+    "aggregate",
+    "check_compatible",
+    "check_finite",
+    "clip_update",
+    "content_hash",
+    "coordinate_median",
+    "fedavg",
+    "payload_nbytes",
+    "tensor_nbytes",
+    "trimmed_mean",
+    "validate_updates",
+]

@@ -1,0 +1,215 @@
+"""Split a causal LM into a device front, an edge middle and a device back segment (U-shape).
+
+    device front : embeddings + blocks[0:k]                      input_ids (B, T) -> h_k (B, T, H)
+    edge middle  : blocks[k:m]                                   h_k (B, T, H)    -> h_m (B, T, H)
+    device back  : blocks[m:L] + final norm + LM head (+ loss)   h_m (B, T, H)    -> logits (B, T, V)
+
+Token ids and labels never leave the device: the edge only sees hidden states and their
+gradients. Each segment re-derives positions and the causal mask from the tensor shape (positions
+0..T-1 are public), exactly as the unsplit Hugging Face model does, so the split computes the same
+function as the whole model. Tied input/output embeddings both sit on the device.
+
+Per family, only three things differ: how embeddings are computed, what each block needs besides
+hidden states (mask, rotary position embeddings), and the final norm. Those live in ``_FAMILIES``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from .build import UnknownModelFamilyError
+
+_LAYER_KEY = re.compile(r"\.(?:h|layers)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Cut points of one device: front = blocks[0:front_end], back = blocks[back_start:L]."""
+
+    front_end: int  # k
+    back_start: int  # m
+
+    @classmethod
+    def from_layers(cls, num_layers: int, front_layers: int, back_layers: int) -> "Cut":
+        if front_layers + back_layers >= num_layers:
+            raise ValueError(
+                f"cut front_layers={front_layers} + back_layers={back_layers} leaves no block for the "
+                f"edge: the model has {num_layers} blocks"
+            )
+        return cls(front_layers, num_layers - back_layers)
+
+    def device_layers(self, num_layers: int) -> set[int]:
+        return set(range(self.front_end)) | set(range(self.back_start, num_layers))
+
+    def edge_layers(self) -> set[int]:
+        return set(range(self.front_end, self.back_start))
+
+
+def layer_of_key(key: str) -> int | None:
+    """Block index an adapter/state key belongs to, or None for embeddings/norm/head keys."""
+    m = _LAYER_KEY.search(key)
+    return int(m.group(1)) if m else None
+
+
+def select_keys(state: dict[str, torch.Tensor], layers: set[int], *, include_unlayered: bool) -> dict[str, torch.Tensor]:
+    """The part of ``state`` that belongs to ``layers`` (plus non-block keys if asked)."""
+    out = {}
+    for k, v in state.items():
+        layer = layer_of_key(k)
+        if (layer is None and include_unlayered) or (layer is not None and layer in layers):
+            out[k] = v
+    return out
+
+
+class _GPT2:
+    @staticmethod
+    def blocks(lm):
+        return lm.transformer.h
+
+    @staticmethod
+    def embed(lm, input_ids, position_ids):
+        t = lm.transformer
+        return t.drop(t.wte(input_ids) + t.wpe(position_ids))
+
+    @staticmethod
+    def block_kwargs(lm, hidden, position_ids, cache):
+        mask = create_causal_mask(lm.config, hidden, None, cache, position_ids=position_ids)
+        return {"attention_mask": mask, "position_ids": position_ids, "cache": cache, "use_cache": cache is not None}
+
+    @staticmethod
+    def final_norm(lm):
+        return lm.transformer.ln_f
+
+    @staticmethod
+    def embedding_modules(lm):
+        return [(lm.transformer, "wte"), (lm.transformer, "wpe")]
+
+
+class _Llama:
+    @staticmethod
+    def blocks(lm):
+        return lm.model.layers
+
+    @staticmethod
+    def embed(lm, input_ids, position_ids):
+        return lm.model.embed_tokens(input_ids)
+
+    @staticmethod
+    def block_kwargs(lm, hidden, position_ids, cache):
+        mask = create_causal_mask(lm.config, hidden, None, cache, position_ids=position_ids)
+        rotary = lm.model.rotary_emb(hidden, position_ids=position_ids)
+        return {
+            "attention_mask": mask, "position_ids": position_ids, "position_embeddings": rotary,
+            "cache": cache, "use_cache": cache is not None,
+        }
+
+    @staticmethod
+    def final_norm(lm):
+        return lm.model.norm
+
+    @staticmethod
+    def embedding_modules(lm):
+        return [(lm.model, "embed_tokens")]
+
+
+_FAMILIES = {"gpt2": _GPT2, "llama": _Llama}
+
+
+class _Pruned(nn.Module):
+    """Placeholder for a block or embedding this tier does not hold; calling it is a bug."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"{self.what} is not held by this tier (pruned by the split)")
+
+
+class SplitModel:
+    """Segment-wise forward over a peft-wrapped causal LM (which may be pruned to one tier's part)."""
+
+    def __init__(self, peft_model: PeftModel):
+        self.peft = peft_model
+        self.lm = peft_model.get_base_model()
+        family = getattr(self.lm.config, "model_type", None)
+        if family not in _FAMILIES:
+            raise UnknownModelFamilyError(str(family))
+        self.family = family
+        self._f = _FAMILIES[family]
+        self.num_layers = len(self._f.blocks(self.lm))
+
+    # ------------------------------------------------------------------------------- segments
+    def _positions(self, hidden_or_ids: torch.Tensor, past_len: int = 0) -> torch.Tensor:
+        t = hidden_or_ids.shape[1]
+        return (torch.arange(t, device=hidden_or_ids.device) + past_len).unsqueeze(0)  # (1, T)
+
+    def front(self, input_ids: torch.Tensor, front_end: int, cache=None, past_len: int = 0) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, H) hidden state after blocks[0:front_end]."""
+        pos = self._positions(input_ids, past_len)
+        hidden = self._f.embed(self.lm, input_ids, pos)
+        return self.blocks(hidden, 0, front_end, cache=cache, past_len=past_len)
+
+    def blocks(self, hidden: torch.Tensor, start: int, end: int, cache=None, past_len: int = 0) -> torch.Tensor:
+        """(B, T, H) -> (B, T, H) through blocks[start:end]."""
+        if start >= end:
+            return hidden
+        pos = self._positions(hidden, past_len)
+        kwargs = self._f.block_kwargs(self.lm, hidden, pos, cache)
+        for block in self._f.blocks(self.lm)[start:end]:
+            hidden = block(hidden, **kwargs)
+        return hidden
+
+    def back(self, hidden: torch.Tensor, back_start: int, cache=None, past_len: int = 0) -> torch.Tensor:
+        """(B, T, H) -> (B, T, V) logits through blocks[back_start:L], final norm and LM head."""
+        hidden = self.blocks(hidden, back_start, self.num_layers, cache=cache, past_len=past_len)
+        return self.lm.lm_head(self._f.final_norm(self.lm)(hidden))
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The model's own causal-LM loss (labels shifted inside, -100 ignored)."""
+        return self.lm.loss_function(logits=logits, labels=labels, vocab_size=self.lm.config.vocab_size)
+
+    # ------------------------------------------------------------------------------ pruning
+    def prune(self, keep_layers: set[int], *, keep_embeddings: bool, keep_head: bool) -> None:
+        """Drop the blocks (and embeddings/head) this tier does not run, freeing their memory."""
+        blocks = self._f.blocks(self.lm)
+        for i in range(self.num_layers):
+            if i not in keep_layers:
+                blocks[i] = _Pruned(f"block {i}")
+        if not keep_embeddings:
+            for owner, name in self._f.embedding_modules(self.lm):
+                setattr(owner, name, _Pruned(name))
+        if not keep_head:
+            self.lm.lm_head = _Pruned("lm_head")
+            norm_owner = self.lm.transformer if self.family == "gpt2" else self.lm.model
+            setattr(norm_owner, "ln_f" if self.family == "gpt2" else "norm", _Pruned("final norm"))
+
+    def held_layers(self) -> set[int]:
+        blocks = self._f.blocks(self.lm)
+        return {i for i in range(self.num_layers) if not isinstance(blocks[i], _Pruned)}
+
+
+def build_tier_model(package, peft_cfg, *, keep_layers: set[int] | None, keep_embeddings: bool,
+                     keep_head: bool, torch_device: str = "cpu") -> SplitModel:
+    """A tier's part of the foundation model with a LoRA adapter, pruned to what the tier runs.
+
+    ``package`` is a ``FoundationPackage``; ``keep_layers=None`` keeps every block (whole model).
+    Adapter weights start as peft initialises them and are overwritten by the knowledge pulled down.
+    """
+    from .adapters import attach_lora
+
+    model = package.materialize()
+    family = getattr(model.config, "model_type", None)
+    if family not in _FAMILIES:
+        raise UnknownModelFamilyError(str(family))
+    split = SplitModel(attach_lora(model, peft_cfg, family))
+    if keep_layers is not None:
+        split.prune(keep_layers, keep_embeddings=keep_embeddings, keep_head=keep_head)
+    split.peft.to(torch_device)
+    return split
