@@ -64,6 +64,9 @@ class DataConfig(_Section):
         default_factory=lambda: ["arithmetic", "strings", "units", "facts"],
         description="Built-in domains devices hold privately (source=builtin).",
     )
+    public_domains: list[str] | None = Field(
+        None, description="Built-in domains in the cloud's public data (None: the same as `domains`)."
+    )
     train_path: str | None = Field(None, description="JSONL of {prompt, answer, domain} (jsonl).")
     eval_path: str | None = Field(None, description="Held-out JSONL for evaluation (jsonl).")
     public_path: str | None = Field(None, description="Public JSONL for the cloud (jsonl).")
@@ -159,6 +162,12 @@ class TrainingConfig(_Section):
         "hfsl", description="hfsl: clusters in parallel, members in turn, split model; "
         "fl: FedAvg of the whole adapter trained on devices; sl: one cluster per edge."
     )
+    pretrain_steps: int = Field(
+        150, ge=0, description="Cloud pre-training steps of the whole foundation model on public "
+        "data before round 1 (0 = use the foundation as built or loaded)."
+    )
+    pretrain_lr: float = Field(3e-3, gt=0)
+    pretrain_batch_size: int = Field(32, ge=1)
     rounds: int = Field(4, ge=1)
     local_steps: int = Field(6, ge=1, description="Optimizer steps per device turn.")
     batch_size: int = Field(16, ge=1)

@@ -27,13 +27,14 @@ def _check_domains(domains: Sequence[str]) -> None:
         raise DatasetError(f"data.domains lists {repeated} more than once")
 
 
-def _spread(cfg: DataConfig, split: Split, total: int) -> list[Example]:
-    """``total`` examples of ``split`` spread evenly over ``cfg.domains`` (leftovers go first)."""
-    _check_domains(cfg.domains)
-    k = len(cfg.domains)
+def _spread(cfg: DataConfig, split: Split, total: int, domains: Sequence[str] | None = None) -> list[Example]:
+    """``total`` examples of ``split`` spread evenly over ``domains`` (leftovers go first)."""
+    domains = list(cfg.domains if domains is None else domains)
+    _check_domains(domains)
+    k = len(domains)
     return [
         ex
-        for i, d in enumerate(cfg.domains)
+        for i, d in enumerate(domains)
         for ex in sample_examples(d, split, total // k + (i < total % k), cfg.seed)
     ]
 
@@ -65,9 +66,11 @@ def device_examples(cfg: DataConfig, device_ids: Sequence[str]) -> dict[str, lis
 
 
 def public_examples(cfg: DataConfig) -> list[Example]:
-    """Examples the cloud may see: split ``public`` (builtin) or ``cfg.public_path`` (jsonl)."""
+    """Examples the cloud may see: split ``public`` of ``cfg.public_domains`` (builtin; default
+    ``cfg.domains``) or ``cfg.public_path`` (jsonl)."""
     if cfg.source == "builtin":
-        return _spread(cfg, "public", cfg.public_samples)
+        domains = cfg.domains if cfg.public_domains is None else cfg.public_domains
+        return _spread(cfg, "public", cfg.public_samples, domains) if domains else []
     return load_jsonl(cfg.public_path) if cfg.public_path else []
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config
-from ..data import eval_examples
+from ..data import eval_examples, public_examples
 from ..knowledge.aggregate import aggregate
 from ..knowledge.codec import content_hash, payload_nbytes
 from ..knowledge.store import KnowledgeStore
@@ -14,6 +14,7 @@ from ..models.build import FoundationPackage, build_foundation, family_of, save_
 from .evaluate import evaluate_domains
 from .linkmodel import transfer_s
 from .messages import EdgeUpdate, StateDict
+from .pretrain import pretrain_foundation
 
 
 class CloudCore:
@@ -23,6 +24,13 @@ class CloudCore:
         self.cfg = cfg
         run_dir = Path(run_dir)
         model, tokenizer = build_foundation(cfg.model)
+        model.to(torch_device)
+        t = cfg.training
+        self.pretrain_losses = pretrain_foundation(
+            model, tokenizer, public_examples(cfg.data), steps=t.pretrain_steps, lr=t.pretrain_lr,
+            batch_size=t.pretrain_batch_size, seq_len=cfg.model.max_seq_len, seed=t.seed,
+        )
+        model.to("cpu")
         self.model_dir = save_foundation(model, tokenizer, run_dir / "model")
         self.package = FoundationPackage.from_model(model, tokenizer)
         self.base_hash = content_hash(self.package.state_dict)

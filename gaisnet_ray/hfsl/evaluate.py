@@ -19,7 +19,8 @@ def domain_loss(model, tokenizer, examples: list[Example], seq_len: int, batch_s
     for i in range(0, batch["input_ids"].shape[0], batch_size):
         ids = batch["input_ids"][i : i + batch_size].to(device)
         labels = batch["labels"][i : i + batch_size].to(device)
-        logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V) predicts tokens 1..T-1
+        mask = (ids != tokenizer.pad_token_id).long()  # right padding; causal rows are unaffected
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V): tokens 1..T-1
         target = labels[:, 1:]
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                                        ignore_index=-100, reduction="sum"))

@@ -39,6 +39,12 @@ def family_of(model: PreTrainedModel) -> str:
     return family
 
 
+def _ready(model: PreTrainedModel) -> PreTrainedModel:
+    model.loss_type = "ForCausalLM"  # every supported family is a causal LM (silences a guess)
+    model.eval()
+    return model
+
+
 def build_foundation(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
     """The foundation model and tokenizer named by ``cfg`` (a preset, or ``cfg.path``)."""
     if cfg.path is not None:
@@ -48,8 +54,7 @@ def build_foundation(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
     config._attn_implementation = cfg.attn_implementation
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
-    model.eval()
-    return model, tokenizer
+    return _ready(model), tokenizer
 
 
 def load_foundation(path: str | Path, attn_implementation: str = "sdpa") -> tuple[PreTrainedModel, object]:
@@ -65,8 +70,7 @@ def load_foundation(path: str | Path, attn_implementation: str = "sdpa") -> tupl
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.bos_token_id is None:
         tokenizer.bos_token = tokenizer.eos_token
-    model.eval()
-    return model, tokenizer
+    return _ready(model), tokenizer
 
 
 def save_foundation(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
@@ -104,5 +108,4 @@ class FoundationPackage:
         if unexpected or set(missing) - tied:
             raise ValueError(f"foundation weights do not fit the config: missing={missing} unexpected={unexpected}")
         model.tie_weights()
-        model.eval()
-        return model
+        return _ready(model)

@@ -1,0 +1,41 @@
+"""CloudNode: the cloud as a Ray actor, a thin shell over ``hfsl.cloud.CloudCore``."""
+
+from __future__ import annotations
+
+import ray
+
+from ..config import Config
+from ..hfsl.audit import MessageAudit
+from ..hfsl.cloud import CloudCore
+from ..hfsl.messages import EdgeUpdate, StateDict
+from ..models.build import FoundationPackage
+from .placement import crosses_boundary, setup_worker
+
+
+@ray.remote
+class CloudNode:
+    def __init__(self, cfg: Config, run_dir: str):
+        torch_device = setup_worker(cfg.run.torch_threads, cfg.topology.cloud.num_gpus)
+        self._audit = MessageAudit("cloud", cfg.run.audit_messages)
+        self.core = CloudCore(cfg, run_dir, torch_device)
+
+    @crosses_boundary
+    def foundation(self) -> FoundationPackage:
+        return self.core.package
+
+    @crosses_boundary
+    def initial_knowledge(self) -> StateDict:
+        return self.core.initial_knowledge()
+
+    @crosses_boundary
+    def aggregate_round(self, round_idx: int, *updates: EdgeUpdate) -> tuple[StateDict, dict]:
+        """Call with ``.options(num_returns=2)``: (knowledge, metrics) as two objects."""
+        return self.core.aggregate_round(round_idx, list(updates))
+
+    @crosses_boundary
+    def evaluate(self) -> dict:
+        return self.core.evaluate()
+
+    def dump_audit(self, directory: str) -> str | None:
+        path = self._audit.dump(directory)
+        return str(path) if path else None

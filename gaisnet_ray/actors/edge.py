@@ -1,0 +1,50 @@
+"""EdgeNode: an edge server as a Ray actor, a thin shell over ``hfsl.edge.EdgeTrainer``.
+
+It runs out of order: calls are ordered by their data dependencies (the driver passes the
+``begin_round`` result into every ``begin_turn``), so one cluster waiting on a slow member never
+holds back another cluster's calls.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from ..config import Config
+from ..hfsl.audit import MessageAudit
+from ..hfsl.inprocess import edge_trainer
+from ..hfsl.messages import EdgeUpdate, StateDict, TurnResult
+from .placement import crosses_boundary, setup_worker
+
+
+@ray.remote
+class EdgeNode:
+    def __init__(self, edge_id: str, cfg: Config, devices: list[str], package):
+        torch_device = setup_worker(cfg.run.torch_threads, cfg.topology.edge.num_gpus)
+        self._audit = MessageAudit(edge_id, cfg.run.audit_messages)
+        self._audit.record("__init__", "in", {"devices": devices, "package": package})
+        self.core = edge_trainer(cfg, edge_id, devices, package, torch_device)
+
+    @crosses_boundary
+    def begin_round(self, knowledge: StateDict, clusters: dict[str, list[str]]) -> bool:
+        self.core.begin_round(knowledge, clusters)
+        return True
+
+    @crosses_boundary
+    def begin_turn(self, cluster_id: str, device_id: str, previous: TurnResult | None, _round_ready: bool) -> StateDict:
+        return self.core.begin_turn(cluster_id, device_id, previous)
+
+    @crosses_boundary
+    def forward(self, cluster_id: str, device_id: str, hidden):
+        return self.core.forward(cluster_id, device_id, hidden)
+
+    @crosses_boundary
+    def backward(self, cluster_id: str, device_id: str, grad):
+        return self.core.backward(cluster_id, device_id, grad)
+
+    @crosses_boundary
+    def finish_round(self, cluster_ids: list[str], *last_turns: TurnResult) -> EdgeUpdate:
+        return self.core.finish_round(dict(zip(cluster_ids, last_turns)))
+
+    def dump_audit(self, directory: str) -> str | None:
+        path = self._audit.dump(directory)
+        return str(path) if path else None

@@ -1,0 +1,50 @@
+"""EndNode: an end device as a Ray actor, a thin shell over ``hfsl.device.DeviceTrainer``."""
+
+from __future__ import annotations
+
+import ray
+
+from ..config import Config
+from ..hfsl.audit import MessageAudit
+from ..hfsl.inprocess import device_trainer
+from ..hfsl.messages import StateDict, TurnResult
+from .placement import crosses_boundary, setup_worker
+
+
+class RayEdgeLink:
+    """The device's link to its edge: each call is an actor call on the edge (object store transport)."""
+
+    def __init__(self, edge, cluster_id: str, device_id: str, timeout_s: float):
+        self.edge, self.cluster_id, self.device_id, self.timeout_s = edge, cluster_id, device_id, timeout_s
+
+    def forward(self, hidden):
+        return ray.get(self.edge.forward.remote(self.cluster_id, self.device_id, hidden), timeout=self.timeout_s)
+
+    def backward(self, grad):
+        return ray.get(self.edge.backward.remote(self.cluster_id, self.device_id, grad), timeout=self.timeout_s)
+
+
+@ray.remote
+class EndNode:
+    def __init__(self, device_id: str, cfg: Config, package):
+        torch_device = setup_worker(cfg.run.torch_threads, cfg.topology.end.num_gpus)
+        self._audit = MessageAudit(device_id, cfg.run.audit_messages)
+        self._audit.record("__init__", "in", {"package": package})
+        self.device_id = device_id
+        self.timeout_s = cfg.run.actor_timeout_s
+        # The device derives its private examples itself; they are never sent to it or from it.
+        self.core = device_trainer(cfg, device_id, package, torch_device)
+
+    @crosses_boundary
+    def profile(self) -> dict:
+        """What the edge needs for clustering: the dataset size, not the data."""
+        return {"device_id": self.device_id, "num_samples": self.core.num_samples}
+
+    @crosses_boundary
+    def train_turn(self, adapter: StateDict, edge, cluster_id: str, steps: int) -> TurnResult:
+        link = RayEdgeLink(edge, cluster_id, self.device_id, self.timeout_s)
+        return self.core.train_turn(adapter, link, cluster_id, steps)
+
+    def dump_audit(self, directory: str) -> str | None:
+        path = self._audit.dump(directory)
+        return str(path) if path else None

@@ -1,0 +1,47 @@
+"""Tier resources: every tier actor asks Ray for its tier's custom resource plus CPUs/GPUs.
+
+A real cluster's nodes declare these resources (``ray start --resources='{"gaisnet_edge": 4}'``);
+local dev mode declares them on the single node. Nothing here assumes one node.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from ..config import TierResources
+
+TIER_RESOURCES = {"cloud": "gaisnet_cloud", "edge": "gaisnet_edge", "end": "gaisnet_end"}
+
+
+def tier_options(tier: str, res: TierResources, name: str | None = None) -> dict:
+    opts = {
+        "resources": {TIER_RESOURCES[tier]: 1},
+        "num_cpus": res.num_cpus,
+        "num_gpus": res.num_gpus,
+    }
+    if name:
+        opts["name"] = name
+    return opts
+
+
+def setup_worker(torch_threads: int, num_gpus: float) -> str:
+    """Bound torch threads in this actor (many actors share few cores); pick CUDA if given a GPU."""
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def crosses_boundary(method):
+    """Record the method's arguments (in) and return value (out) in the actor's message audit."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self._audit.record(method.__name__, "in", {"args": list(args), "kwargs": kwargs})
+        out = method(self, *args, **kwargs)
+        self._audit.record(method.__name__, "out", out)
+        return out
+
+    return wrapper

@@ -1,0 +1,80 @@
+"""The ``gaisnet`` command (also ``python -m gaisnet_ray``).
+
+Exit codes: 0 success; 2 bad config or arguments (nothing was started); 1 the run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, config_to_yaml, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gaisnet", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the GaisNet fine-tuning cycle (default: local dev mode)")
+    run.add_argument("config", nargs="?", help="YAML config; omitted: the embedded default")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set training.rounds=3 (repeatable)")
+    run.add_argument("--out", help="run folder (default: run.out_dir or runs/<timestamp>)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    cfg = sub.add_parser("config", help="print the resolved config as YAML (validates it)")
+    cfg.add_argument("config", nargs="?")
+    cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    ins = sub.add_parser("inspect", help="summarize a run folder: rounds, eval, bytes, versions")
+    ins.add_argument("run_dir")
+    return p
+
+
+def _inspect(run_dir: Path) -> int:
+    from .runfolder import read_metrics
+
+    if not (run_dir / "config.yaml").exists():
+        print(f"error: '{run_dir}' is not a run folder (no config.yaml)", file=sys.stderr)
+        return 2
+    for m in read_metrics(run_dir):
+        ev = m.get("eval", {})
+        em = {d: round(v["exact_match"], 3) for d, v in ev.items()}
+        loss = {d: round(v["loss"], 3) for d, v in ev.items()}
+        print(json.dumps({"round": m["round"], "version": m["version"], "train_loss": round(m["train_loss"], 4),
+                          "eval_loss": loss, "exact_match": em, "bytes_up": m["bytes_up"],
+                          "bytes_down": m["bytes_down"], "modeled_comm_s": round(m["modeled_comm_s"], 3),
+                          "wall_s": round(m["wall_s"], 2)}))
+    versions = sorted(p.name for p in (run_dir / "knowledge").glob("v*") if p.is_dir())
+    print(f"knowledge versions: {', '.join(versions) or 'none'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "inspect":
+        return _inspect(Path(args.run_dir))
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(config_to_yaml(cfg), end="")
+        return 0
+    from .job import run_job  # imported here: Ray and torch load only when a run starts
+    from .runfolder import RunFolderError
+
+    try:
+        run_dir = run_job(cfg, args.out, progress=False if args.no_progress else None)
+    except RunFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

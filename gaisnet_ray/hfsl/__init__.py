@@ -1,0 +1,1 @@
+"""Hybrid federated split learning (HFSL): the algorithm, with no Ray import."""

@@ -1,0 +1,57 @@
+"""``gaisnet run``: the whole GaisNet fine-tuning cycle, from config to a finished run folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .cluster import connect
+from .config import Config
+from .driver import GaisNetDriver
+from .report import write_report
+from .runfolder import append_metrics, prepare_run_dir, write_summary
+
+
+def _postfix(m: dict) -> dict:
+    out = {"loss": f"{m['train_loss']:.3f}"}
+    if "eval" in m:
+        ev = m["eval"].values()
+        out["eval_loss"] = f"{sum(e['loss'] for e in ev) / len(ev):.3f}"
+        out["em"] = f"{sum(e['exact_match'] for e in ev) / len(ev):.2f}"
+    return out
+
+
+def run_job(cfg: Config, out: str | Path | None = None, progress: bool | None = None) -> Path:
+    """Run ``cfg.training.rounds`` rounds on Ray and write the run folder; returns its path.
+
+    Every finished round is on disk (metrics line, knowledge version) before the next starts.
+    """
+    run_dir = prepare_run_dir(cfg, out)
+    show = cfg.run.progress if progress is None else progress
+    started = time.perf_counter()
+    with connect(cfg) as cluster:
+        driver = GaisNetDriver(cfg, run_dir)
+        try:
+            driver.start()
+            bar = tqdm(range(1, cfg.training.rounds + 1), desc="HFSL rounds" if cfg.training.scheme == "hfsl"
+                       else f"{cfg.training.scheme.upper()} rounds", unit="round", disable=not show)
+            last = {}
+            for r in bar:
+                last = driver.run_round(r)
+                append_metrics(run_dir, last)
+                bar.set_postfix(_postfix(last))
+        finally:
+            driver.close()
+    write_report(run_dir, driver.initial_eval)
+    write_summary(run_dir, {
+        "rounds": cfg.training.rounds,
+        "scheme": cfg.training.scheme,
+        "cluster": cluster.mode,
+        "eval_initial": driver.initial_eval,
+        "eval_final": last.get("eval"),
+        "final_version": last.get("version"),
+        "wall_s": time.perf_counter() - started,
+    })
+    return run_dir

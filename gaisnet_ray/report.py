@@ -1,0 +1,58 @@
+"""report.png: training loss, per-domain eval, bytes per link, modeled vs measured time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .runfolder import REPORT_NAME, read_metrics  # noqa: E402
+
+
+def write_report(run_dir: str | Path, initial_eval: dict | None = None) -> Path:
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    rounds = [r["round"] for r in rows]
+
+    ax = axes[0, 0]
+    ax.plot(rounds, [r["train_loss"] for r in rows], marker="o")
+    ax.set(title="device training loss", xlabel="round", ylabel="loss")
+
+    evals = [(r["round"], r["eval"]) for r in rows if "eval" in r]
+    if initial_eval:
+        evals = [(0, initial_eval)] + evals
+    domains = sorted({d for _, e in evals for d in e})
+    for d in domains:
+        xs = [x for x, e in evals if d in e]
+        axes[0, 1].plot(xs, [e[d]["loss"] for x, e in evals if d in e], marker="o", label=d)
+        axes[1, 0].plot(xs, [e[d]["exact_match"] for x, e in evals if d in e], marker="o", label=d)
+    axes[0, 1].set(title="held-out loss per domain (global knowledge)", xlabel="round", ylabel="loss")
+    axes[1, 0].set(title="held-out exact match per domain", xlabel="round", ylabel="exact match")
+    for ax in (axes[0, 1], axes[1, 0]):
+        if domains:
+            ax.legend(fontsize=8)
+
+    ax = axes[1, 1]
+    if rows:
+        links = list(rows[0]["bytes"])
+        bottom = [0.0] * len(rows)
+        for link in links:
+            vals = [r["bytes"][link] / 1e6 for r in rows]
+            ax.bar(rounds, vals, bottom=bottom, label=link)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set(title="MB moved per round by link and direction", xlabel="round", ylabel="MB")
+        ax.legend(fontsize=8, loc="upper left")
+        twin = ax.twinx()
+        twin.plot(rounds, [r["modeled_comm_s"] for r in rows], "k--", marker="x", label="modeled link delay")
+        twin.plot(rounds, [r["wall_s"] for r in rows], "k-", marker="+", label="measured wall time")
+        twin.set_ylabel("seconds")
+        twin.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path = run_dir / REPORT_NAME
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
