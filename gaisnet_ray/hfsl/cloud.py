@@ -35,6 +35,7 @@ class CloudCore:
         self.package = FoundationPackage.from_model(model, tokenizer)
         self.base_hash = content_hash(self.package.state_dict)
         self.tokenizer = tokenizer
+        model.name_or_path = str(self.model_dir)  # what adapter_config.json names as the base
         self.peft = attach_lora(model, cfg.peft, family_of(model), base_name=str(self.model_dir))
         self.peft.to(torch_device)
         self.store = KnowledgeStore(run_dir / "knowledge")

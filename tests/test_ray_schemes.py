@@ -1,0 +1,79 @@
+"""Tier actors on a shared session Ray: placement by tier resources, the FL scheme on actors,
+and a clear error (not a hang) when the cluster lacks what a tier asks for."""
+
+from __future__ import annotations
+
+import pytest
+
+from gaisnet_ray.config import load_config
+
+pytestmark = pytest.mark.ray
+
+TINY = [
+    "topology.edges=1", "topology.devices_per_edge=2", "topology.cluster_size=2",
+    "data.samples_per_device=32", "data.eval_samples_per_domain=8", "data.public_samples=64",
+    "training.pretrain_steps=10", "training.local_steps=2", "training.batch_size=8", "training.rounds=2",
+    "run.progress=false",
+]
+
+
+def test_fl_scheme_on_actors_moves_only_adapters(ray_local, tmp_path):
+    from gaisnet_ray.job import run_job
+    from gaisnet_ray.knowledge import KnowledgeStore, payload_nbytes
+    from gaisnet_ray.runfolder import read_metrics
+
+    cfg = load_config(None, TINY + ["training.scheme=fl"])
+    run_dir = run_job(cfg, tmp_path / "fl")
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    store = KnowledgeStore(run_dir / "knowledge")
+    adapter_bytes = payload_nbytes(store.load(2))
+    for r in rows:
+        # FL: each of the 2 devices pulls the whole adapter and pushes it back, nothing else
+        assert r["bytes"]["end_edge_down"] == 2 * adapter_bytes
+        assert r["bytes"]["end_edge_up"] == 2 * adapter_bytes
+        assert r["clusters"] == {"edge-0": [["end-0-0"], ["end-0-1"]]}
+    assert store.lineage(2)["scheme"] == "fl"
+
+
+def _wait_until_tier_resources_free(ray, timeout_s: float = 60.0) -> None:
+    """Actors killed by an earlier test release their resources asynchronously."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    total = ray.cluster_resources()
+    while time.monotonic() < deadline:
+        free = ray.available_resources()
+        if all(free.get(k, 0) == total[k] for k in ("gaisnet_cloud", "gaisnet_edge", "gaisnet_end")):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"tier resources still held: {ray.available_resources()}")
+
+
+def test_actors_are_placed_by_tier_resources(ray_local, tmp_path):
+    import ray
+
+    from gaisnet_ray.driver import GaisNetDriver
+
+    _wait_until_tier_resources_free(ray)
+    cfg = load_config(None, TINY)
+    driver = GaisNetDriver(cfg, tmp_path / "placed")
+    driver.start()
+    try:
+        used = ray.cluster_resources()["gaisnet_end"] - ray.available_resources().get("gaisnet_end", 0)
+        assert used == 2  # one per device actor
+        assert ray.cluster_resources()["gaisnet_edge"] - ray.available_resources().get("gaisnet_edge", 0) == 1
+        assert ray.available_resources().get("gaisnet_cloud", 0) == 0
+    finally:
+        driver.close()
+
+
+def test_missing_tier_resource_fails_with_a_clear_error(ray_local, tmp_path):
+    from gaisnet_ray.driver import GaisNetDriver, PlacementError
+
+    # the session node has no GPU: a cloud asking for one can never be placed
+    cfg = load_config(None, TINY + ["topology.cloud.num_gpus=1", "run.actor_timeout_s=5"])
+    driver = GaisNetDriver(cfg, tmp_path / "unplaced")
+    with pytest.raises(PlacementError, match=r"not placed after 5s: \['cloud'\]"):
+        driver.start()
+    driver.close()

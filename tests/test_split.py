@@ -1,0 +1,358 @@
+"""The U-shaped split computes the same function, loss and LoRA gradients as the unsplit model.
+
+Device front (embeddings + blocks[0:k]) -> edge middle (blocks[k:m]) -> device back (blocks[m:L] +
+norm + head + loss), with the activations detached at each cut and the gradients passed back by
+hand, exactly as devices and edges exchange them. Tiny 4-layer presets; no Ray.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gaisnet_ray.config import ModelConfig, PeftConfig, load_config
+from gaisnet_ray.hfsl.inprocess import DirectEdgeLink, device_trainer, edge_trainer
+from gaisnet_ray.hfsl.plan import device_cut
+from gaisnet_ray.models.adapters import (
+    adapter_state,
+    attach_lora,
+    load_adapter_state,
+    trainable_parameters,
+)
+from gaisnet_ray.models.build import FoundationPackage, build_foundation
+from gaisnet_ray.models.split import Cut, SplitModel, build_tier_model, layer_of_key, select_keys
+
+torch.set_num_threads(1)
+
+FAMILIES = ["gpt2", "llama"]
+CUTS = [(1, 3), (2, 3), (1, 2)]  # (k, m) on a 4-layer model: edge runs blocks[k:m]
+PEFT = PeftConfig(r=4, alpha=8.0)
+
+
+def _randomize(peft_model, seed: int = 0, std: float = 0.05) -> None:
+    """peft starts LoRA B at zero (A gets no gradient then); give every adapter weight a value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in trainable_parameters(peft_model):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _lora_grads(peft_model) -> dict[str, torch.Tensor]:
+    """Gradients of the adapter weights, keyed like get_peft_model_state_dict (adapter name dropped)."""
+    out = {}
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{name} got no gradient"
+            out[name.replace(".default.", ".")] = p.grad.detach().clone()
+    return out
+
+
+def _batch(seed: int = 1, b: int = 3, t: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 260, (b, t), generator=g)  # (B, T)
+    labels = ids.clone()
+    labels[:, :5] = -100  # prompt positions
+    labels[0, 11:] = -100  # padding of a shorter row
+    return ids, labels
+
+
+@pytest.fixture(scope="module", params=[(f, a) for f in FAMILIES for a in ("sdpa", "eager")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def package(request):
+    family, attn = request.param
+    model, tok = build_foundation(ModelConfig(family=family, attn_implementation=attn))
+    return FoundationPackage.from_model(model, tok)
+
+
+@pytest.fixture(scope="module")
+def reference(package):
+    """Loss and LoRA gradients of the whole (unsplit) peft model on the batch, plus its adapter."""
+    whole = build_tier_model(package, PEFT, keep_layers=None, keep_embeddings=True, keep_head=True)
+    _randomize(whole.peft)
+    ids, labels = _batch()
+    whole.peft.train()
+    loss = whole.peft(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return {"loss": loss.detach(), "grads": _lora_grads(whole.peft), "adapter": adapter_state(whole.peft),
+            "logits": whole.peft(input_ids=ids).logits.detach()}
+
+
+# ------------------------------------------------------------------------------ equivalence
+@pytest.mark.parametrize("cut", CUTS, ids=lambda c: f"k{c[0]}m{c[1]}")
+def test_split_step_matches_unsplit_model(package, reference, cut):
+    """Pruned device and edge tier models, adapters loaded from the same knowledge: same loss and
+    the same gradient for every LoRA weight, each computed on the tier that holds it."""
+    k, m = cut
+    cut_obj = Cut(k, m)
+    device = build_tier_model(package, PEFT, keep_layers=cut_obj.device_layers(4), keep_embeddings=True,
+                              keep_head=True)
+    edge = build_tier_model(package, PEFT, keep_layers=cut_obj.edge_layers(), keep_embeddings=False,
+                            keep_head=False)
+    assert load_adapter_state(device.peft, reference["adapter"]) == len(adapter_state(device.peft))
+    assert load_adapter_state(edge.peft, reference["adapter"]) == len(adapter_state(edge.peft))
+    device.peft.train()
+    edge.peft.train()
+    ids, labels = _batch()
+
+    h_k = device.front(ids, k)  # (B, T, H) on the device
+    x = h_k.detach().requires_grad_()  # arrives at the edge
+    y = edge.blocks(x, k, m)  # (B, T, H) on the edge
+    h_m = y.detach().requires_grad_()  # arrives back at the device
+    logits = device.back(h_m, m)  # (B, T, V)
+    loss = device.loss(logits, labels)
+    loss.backward()
+    y.backward(h_m.grad)  # edge: dL/dh_m -> dL/dh_k
+    h_k.backward(x.grad)  # device: dL/dh_k -> front adapter grads
+
+    torch.testing.assert_close(loss.detach(), reference["loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits.detach(), reference["logits"], rtol=1e-5, atol=1e-5)
+    dev_grads, edge_grads = _lora_grads(device.peft), _lora_grads(edge.peft)
+    assert {layer_of_key(k_) for k_ in dev_grads} == cut_obj.device_layers(4)
+    assert {layer_of_key(k_) for k_ in edge_grads} == cut_obj.edge_layers()
+    assert not set(dev_grads) & set(edge_grads)
+    grads = {**dev_grads, **edge_grads}
+    assert set(grads) == set(reference["grads"])
+    for key, g in reference["grads"].items():
+        assert g.abs().max() > 0, f"{key}: gradient is zero, the test would prove nothing"
+        torch.testing.assert_close(grads[key], g, rtol=1e-5, atol=1e-7, msg=lambda s, key=key: f"{key}: {s}")
+
+
+def test_split_through_one_model_without_pruning(package, reference):
+    """SplitModel over one unpruned peft model (the serve path) gives the same logits and grads."""
+    model = package.materialize()
+    split = SplitModel(attach_lora(model, PEFT, model.config.model_type))
+    load_adapter_state(split.peft, reference["adapter"], strict=True)
+    split.peft.train()
+    ids, labels = _batch()
+    h1 = split.front(ids, 1)
+    x = h1.detach().requires_grad_()
+    y = split.blocks(x, 1, 3)
+    h3 = y.detach().requires_grad_()
+    loss = split.loss(split.back(h3, 3), labels)
+    loss.backward()
+    y.backward(h3.grad)
+    h1.backward(x.grad)
+    torch.testing.assert_close(loss.detach(), reference["loss"], rtol=1e-5, atol=1e-6)
+    grads = _lora_grads(split.peft)
+    for key, g in reference["grads"].items():
+        torch.testing.assert_close(grads[key], g, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------ cuts and adapter keys
+def test_cut_from_layers():
+    assert Cut.from_layers(4, 1, 1) == Cut(1, 3)
+    assert Cut.from_layers(4, 2, 1) == Cut(2, 3)
+    assert Cut.from_layers(6, 1, 2) == Cut(1, 4)
+    assert Cut(1, 3).device_layers(4) == {0, 3}
+    assert Cut(1, 3).edge_layers() == {1, 2}
+    assert Cut(2, 3).device_layers(4) == {0, 1, 3}
+    assert Cut(2, 3).edge_layers() == {2}
+
+
+@pytest.mark.parametrize("front, back", [(2, 2), (3, 1), (1, 3), (4, 1)])
+def test_cut_leaving_no_edge_block_is_rejected(front, back):
+    with pytest.raises(ValueError, match=rf"front_layers={front} \+ back_layers={back} leaves no block for the "
+                                         r"edge: the model has 4 blocks"):
+        Cut.from_layers(4, front, back)
+
+
+def test_device_cut_names_the_device():
+    topo = load_config(None, ["topology.device_cuts.end-1-0.front_layers=3"]).topology
+    assert device_cut(topo, "end-0-0", 4) == Cut(1, 3)
+    with pytest.raises(ValueError, match=r"topology cut for end-1-0: cut front_layers=3 \+ back_layers=1"):
+        device_cut(topo, "end-1-0", 4)
+
+
+def test_layer_of_key_on_real_peft_keys():
+    gpt2, _ = build_foundation(ModelConfig(family="gpt2"))
+    llama, _ = build_foundation(ModelConfig(family="llama"))
+    g_state = adapter_state(attach_lora(gpt2, PEFT, "gpt2"))
+    l_state = adapter_state(attach_lora(llama, PEFT, "llama"))
+    assert layer_of_key("base_model.model.transformer.h.3.mlp.c_fc.lora_A.weight") == 3
+    assert layer_of_key("base_model.model.model.layers.2.self_attn.q_proj.lora_B.weight") == 2
+    assert layer_of_key("base_model.model.model.layers.12.mlp.up_proj.lora_A.weight") == 12
+    assert layer_of_key("base_model.model.lm_head.weight") is None
+    assert layer_of_key("base_model.model.transformer.wte.weight") is None
+    # 4 blocks x (gpt2: c_attn, attn.c_proj, c_fc, mlp.c_proj | llama: q, k, v, o, gate, up, down) x (A, B)
+    assert len(g_state) == 4 * 4 * 2 == 32
+    assert len(l_state) == 4 * 7 * 2 == 56
+    for state, per_layer in ((g_state, 8), (l_state, 14)):
+        layers = [layer_of_key(k) for k in state]
+        assert sorted(set(layers)) == [0, 1, 2, 3]
+        assert all(layers.count(i) == per_layer for i in range(4))
+
+
+def test_select_keys():
+    model, _ = build_foundation(ModelConfig(family="gpt2"))
+    state = adapter_state(attach_lora(model, PEFT, "gpt2"))
+    extra = {"base_model.model.lm_head.lora_A.weight": torch.zeros(1)}  # an unlayered key
+    both = {**state, **extra}
+    picked = select_keys(both, {0, 3}, include_unlayered=False)
+    assert len(picked) == 16
+    assert {layer_of_key(k) for k in picked} == {0, 3}
+    assert all(picked[k] is both[k] for k in picked)
+    with_head = select_keys(both, {0, 3}, include_unlayered=True)
+    assert set(with_head) == set(picked) | set(extra)
+    assert select_keys(both, set(), include_unlayered=True) == extra
+    assert select_keys(both, {1, 2}, include_unlayered=False).keys() == select_keys(
+        state, {1, 2}, include_unlayered=False).keys()
+
+
+# -------------------------------------------------------------------------------------- pruning
+@pytest.mark.parametrize("family, emb", [("gpt2", "wte"), ("llama", "embed_tokens")])
+def test_pruned_tiers_hold_only_their_blocks(family, emb):
+    model, tok = build_foundation(ModelConfig(family=family))
+    pkg = FoundationPackage.from_model(model, tok)
+    whole = build_tier_model(pkg, PEFT, keep_layers=None, keep_embeddings=True, keep_head=True)
+    device = build_tier_model(pkg, PEFT, keep_layers={0, 3}, keep_embeddings=True, keep_head=True)
+    edge = build_tier_model(pkg, PEFT, keep_layers={1, 2}, keep_embeddings=False, keep_head=False)
+    assert device.held_layers() == {0, 3}
+    assert edge.held_layers() == {1, 2}
+    assert whole.held_layers() == {0, 1, 2, 3}
+
+    h = torch.zeros(2, 5, 64)  # (B, T, H)
+    with pytest.raises(RuntimeError, match=r"block 1 is not held by this tier"):
+        device.blocks(h, 1, 3)
+    with pytest.raises(RuntimeError, match=rf"{emb} is not held by this tier"):
+        edge.front(torch.ones(2, 5, dtype=torch.long), 1)
+    with pytest.raises(RuntimeError, match=r"block 3 is not held by this tier"):
+        edge.back(h, 3)
+    with pytest.raises(RuntimeError, match=r"final norm is not held by this tier"):
+        edge.back(h, 4)
+    assert edge.blocks(h, 1, 3).shape == (2, 5, 64)  # what the edge does hold still runs
+
+    per_layer = 8 if family == "gpt2" else 14
+    full = adapter_state(whole.peft)
+    dev_state, edge_state = adapter_state(device.peft), adapter_state(edge.peft)
+    assert len(dev_state) == len(edge_state) == 2 * per_layer
+    assert {layer_of_key(k) for k in dev_state} == {0, 3}
+    assert {layer_of_key(k) for k in edge_state} == {1, 2}
+    assert set(dev_state) | set(edge_state) == set(full)
+    # Pruning frees the blocks: the tiers together hold no more parameters than the whole model,
+    # plus the embeddings/head only on the device.
+    count = lambda s: sum(p.numel() for p in s.peft.parameters())  # noqa: E731
+    assert count(edge) < count(device) < count(whole)
+
+
+def test_load_adapter_state_into_pruned_model():
+    model, tok = build_foundation(ModelConfig())
+    pkg = FoundationPackage.from_model(model, tok)
+    whole = build_tier_model(pkg, PEFT, keep_layers=None, keep_embeddings=True, keep_head=True)
+    _randomize(whole.peft, seed=3)
+    state = adapter_state(whole.peft)
+    edge = build_tier_model(pkg, PEFT, keep_layers={1, 2}, keep_embeddings=False, keep_head=False)
+    assert load_adapter_state(edge.peft, state) == 16  # keys of blocks 0 and 3 are skipped
+    for k, v in adapter_state(edge.peft).items():
+        assert torch.equal(v, state[k])
+    with pytest.raises(KeyError, match=r"adapter key 'base_model.model.transformer.h.0."):
+        load_adapter_state(edge.peft, state, strict=True)
+    bad = {k: torch.zeros(3) for k in list(adapter_state(edge.peft))[:1]}
+    with pytest.raises(ValueError, match=r"shape \(3,\) != model"):
+        load_adapter_state(edge.peft, bad)
+
+
+# ------------------------------------------------------------ DeviceTrainer + EdgeTrainer, end to end
+def _tiny_cfg(family: str, *extra: str):
+    return load_config(None, [
+        f"model.family={family}", "training.pretrain_steps=0", "topology.edges=1",
+        "topology.devices_per_edge=2", "data.samples_per_device=12", "data.partition=iid",
+        "training.batch_size=4", "training.local_steps=2", "training.weight_decay=0.01", *extra,
+    ])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trainers_split_turn_equals_plain_adamw_steps(family):
+    """One device, 2 split steps through DirectEdgeLink == 2 AdamW steps of the whole peft model on
+    the same batches (AdamW is per parameter, so the device's and the edge's optimizers together
+    act like one)."""
+    cfg = _tiny_cfg(family)
+    model, tok = build_foundation(cfg.model)
+    pkg = FoundationPackage.from_model(model, tok)
+    whole = build_tier_model(pkg, cfg.peft, keep_layers=None, keep_embeddings=True, keep_head=True)
+    _randomize(whole.peft, seed=7)
+    knowledge = adapter_state(whole.peft)
+
+    edge = edge_trainer(cfg, "edge-0", ["end-0-0"], pkg)
+    dev = device_trainer(cfg, "end-0-0", pkg)
+    twin = device_trainer(cfg, "end-0-0", pkg)  # same seed and data: reproduces the batches
+    cid = "edge-0/c0"
+    edge.begin_round(knowledge, {cid: ["end-0-0"]})
+    adapter = edge.begin_turn(cid, "end-0-0", None)
+    assert {layer_of_key(k) for k in adapter} == {0, 3}  # only the device's blocks travel down
+    turn = dev.train_split_turn(adapter, DirectEdgeLink(edge, cid, "end-0-0"), cid, 2)
+    update = edge.finish_round({cid: turn})
+
+    opt = torch.optim.AdamW(trainable_parameters(whole.peft), lr=cfg.training.lr,
+                            weight_decay=cfg.training.weight_decay)
+    whole.peft.train()
+    losses = []
+    for _ in range(2):
+        ids, labels = twin._next_batch()
+        assert ids.shape == (4, 48)
+        loss = whole.peft(input_ids=ids, labels=labels).loss
+        loss.backward()
+        loss = loss.detach()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    expected = adapter_state(whole.peft)
+
+    assert turn.losses == pytest.approx(losses, rel=1e-5)
+    assert set(update.adapter) == set(expected)
+    for key, value in expected.items():
+        assert not torch.equal(value, knowledge[key]), f"{key} did not train"
+        torch.testing.assert_close(update.adapter[key], value, rtol=1e-5, atol=1e-7)
+    assert update.num_samples == 12
+    assert update.clusters == [["end-0-0"]]
+
+
+def test_cluster_relay_with_mixed_cuts_equals_reference():
+    """Two members in turn with different cuts (end-0-0: k=1,m=3; end-0-1: k=2,m=3): the second
+    member gets the first member's device blocks and the edge's block 1 via the edge. Reference:
+    one whole model where the edge's AdamW (blocks the edge ran) persists across the cluster and each
+    device's AdamW is fresh for its turn, as in the trainers."""
+    cfg = _tiny_cfg("gpt2", "topology.device_cuts.end-0-1.front_layers=2", "training.local_steps=1")
+    model, tok = build_foundation(cfg.model)
+    pkg = FoundationPackage.from_model(model, tok)
+    whole = build_tier_model(pkg, cfg.peft, keep_layers=None, keep_embeddings=True, keep_head=True)
+    _randomize(whole.peft, seed=11)
+    knowledge = adapter_state(whole.peft)
+
+    members = ["end-0-0", "end-0-1"]
+    edge = edge_trainer(cfg, "edge-0", members, pkg)
+    assert edge.split.held_layers() == {1, 2}  # union of the members' middle blocks
+    devs = {d: device_trainer(cfg, d, pkg) for d in members}
+    twins = {d: device_trainer(cfg, d, pkg) for d in members}
+    cid = "edge-0/c0"
+    edge.begin_round(knowledge, {cid: members})
+    previous = None
+    for d in members:
+        adapter = edge.begin_turn(cid, d, previous)
+        previous = devs[d].train_split_turn(adapter, DirectEdgeLink(edge, cid, d), cid, 1)
+    second_adapter_layers = {layer_of_key(k) for k in previous.adapter}
+    update = edge.finish_round({cid: previous})
+    assert second_adapter_layers == {0, 1, 3}
+
+    # Reference, parameter by parameter.
+    params = {n.replace(".default.", "."): p for n, p in whole.peft.named_parameters() if p.requires_grad}
+    by_layer = lambda layers: [p for k, p in params.items() if layer_of_key(k) in layers]  # noqa: E731
+    edge_opt = torch.optim.AdamW(by_layer({1, 2}), lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
+    whole.peft.train()
+    for d in members:
+        cut = devs[d].cut
+        dev_opt = torch.optim.AdamW(by_layer(cut.device_layers(4)), lr=cfg.training.lr,
+                                    weight_decay=cfg.training.weight_decay)
+        ids, labels = twins[d]._next_batch()
+        whole.peft(input_ids=ids, labels=labels).loss.backward()
+        dev_opt.step()
+        for k, p in params.items():  # the edge only gets gradients for the blocks it ran
+            if layer_of_key(k) not in cut.edge_layers():
+                p.grad = None
+        edge_opt.step()
+        whole.peft.zero_grad(set_to_none=True)
+    expected = adapter_state(whole.peft)
+    assert set(update.adapter) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(update.adapter[key], value, rtol=1e-5, atol=1e-7)
+    assert update.num_samples == 24
+    assert update.device_samples == {"end-0-0": 12, "end-0-1": 12}
