@@ -42,16 +42,16 @@ class ModelConfig(_Section):
         None, description="Local Hugging Face model folder; overrides family/preset when set."
     )
     max_seq_len: int = Field(48, ge=8, le=4096, description="Tokens per training sequence.")
-    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    attn_implementation: Literal["eager", "sdpa"] = Field("sdpa", description="Attention kernel.")
     seed: int = Field(0, description="Seed for the randomly initialised foundation model.")
 
 
 # ---------------------------------------------------------------------------------------- peft
 class PeftConfig(_Section):
-    method: Literal["lora"] = "lora"
+    method: Literal["lora"] = Field("lora", description="Adapter kind relayed as knowledge.")
     r: int = Field(8, ge=1, le=512, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (lora_alpha).")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; None picks the family's attention+MLP linears."
     )
@@ -59,7 +59,7 @@ class PeftConfig(_Section):
 
 # ---------------------------------------------------------------------------------------- data
 class DataConfig(_Section):
-    source: Literal["builtin", "jsonl"] = "builtin"
+    source: Literal["builtin", "jsonl"] = Field("builtin", description="Built-in domains or your JSONL files.")
     domains: list[str] = Field(
         default_factory=lambda: ["arithmetic", "strings", "units", "facts"],
         description="Built-in domains devices hold privately (source=builtin).",
@@ -70,12 +70,12 @@ class DataConfig(_Section):
     train_path: str | None = Field(None, description="JSONL of {prompt, answer, domain} (jsonl).")
     eval_path: str | None = Field(None, description="Held-out JSONL for evaluation (jsonl).")
     public_path: str | None = Field(None, description="Public JSONL for the cloud (jsonl).")
-    samples_per_device: int = Field(192, ge=1)
-    public_samples: int = Field(512, ge=0)
-    eval_samples_per_domain: int = Field(48, ge=1)
-    partition: Literal["iid", "dirichlet"] = "dirichlet"
-    dirichlet_alpha: float = Field(0.5, gt=0)
-    seed: int = 0
+    samples_per_device: int = Field(192, ge=1, description="Private examples per device (builtin).")
+    public_samples: int = Field(512, ge=0, description="Public examples the cloud pre-trains on.")
+    eval_samples_per_domain: int = Field(48, ge=1, description="Held-out examples per domain.")
+    partition: Literal["iid", "dirichlet"] = Field("dirichlet", description="How private data splits over devices.")
+    dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; small = more non-IID.")
+    seed: int = Field(0, description="Seed for sampling and partitioning data.")
 
     @model_validator(mode="after")
     def _check_source(self) -> "DataConfig":
@@ -98,8 +98,8 @@ class CutConfig(_Section):
 
 
 class TopologyConfig(_Section):
-    edges: int = Field(2, ge=1, le=256)
-    devices_per_edge: int = Field(3, ge=1, le=4096)
+    edges: int = Field(2, ge=1, le=256, description="Edge servers (one EdgeNode actor each).")
+    devices_per_edge: int = Field(3, ge=1, le=4096, description="End devices per edge (one EndNode each).")
     cluster_size: int = Field(2, ge=1, description="Devices per HFSL cluster (members train in turn).")
     clustering: Literal["balanced", "sequential"] = Field(
         "balanced",
@@ -166,24 +166,26 @@ class TrainingConfig(_Section):
         150, ge=0, description="Cloud pre-training steps of the whole foundation model on public "
         "data before round 1 (0 = use the foundation as built or loaded)."
     )
-    pretrain_lr: float = Field(3e-3, gt=0)
-    pretrain_batch_size: int = Field(32, ge=1)
-    rounds: int = Field(4, ge=1)
+    pretrain_lr: float = Field(3e-3, gt=0, description="Cloud pre-training learning rate (cosine decay).")
+    pretrain_batch_size: int = Field(32, ge=1, description="Cloud pre-training batch size.")
+    rounds: int = Field(4, ge=1, description="Fine-tuning rounds (device -> edge -> cloud).")
     local_steps: int = Field(6, ge=1, description="Optimizer steps per device turn.")
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    aggregation: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
+    batch_size: int = Field(16, ge=1, description="Device batch size per step.")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate of the adapters (device and edge).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    aggregation: Literal["fedavg", "median", "trimmed_mean"] = Field(
+        "fedavg", description="Rule at the edge (over clusters) and the cloud (over edges)."
+    )
     trim_ratio: float = Field(0.1, ge=0, lt=0.5, description="Fraction trimmed at each end.")
     clip_norm: float | None = Field(None, gt=0, description="Clip each update's L2 norm.")
-    eval_every: int = Field(1, ge=1)
-    seed: int = 0
+    eval_every: int = Field(1, ge=1, description="Evaluate every N rounds (and always the last).")
+    seed: int = Field(0, description="Seed for batch order and pre-training.")
 
 
 # ----------------------------------------------------------------------------------------- run
 class RunConfig(_Section):
     out_dir: str | None = Field(None, description="Run folder; default runs/<timestamp>.")
-    progress: bool = True
+    progress: bool = Field(True, description="Show the per-round progress bar.")
     audit_messages: bool = Field(
         False, description="Record every message crossing an actor boundary under audit/."
     )

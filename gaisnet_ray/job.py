@@ -16,7 +16,7 @@ from .runfolder import append_metrics, prepare_run_dir, write_summary
 
 def _postfix(m: dict) -> dict:
     out = {"loss": f"{m['train_loss']:.3f}"}
-    if "eval" in m:
+    if m.get("eval"):
         ev = m["eval"].values()
         out["eval_loss"] = f"{sum(e['loss'] for e in ev) / len(ev):.3f}"
         out["em"] = f"{sum(e['exact_match'] for e in ev) / len(ev):.2f}"

@@ -22,7 +22,7 @@ def write_report(run_dir: str | Path, initial_eval: dict | None = None) -> Path:
     ax.plot(rounds, [r["train_loss"] for r in rows], marker="o")
     ax.set(title="device training loss", xlabel="round", ylabel="loss")
 
-    evals = [(r["round"], r["eval"]) for r in rows if "eval" in r]
+    evals = [(r["round"], r["eval"]) for r in rows if r.get("eval")]
     if initial_eval:
         evals = [(0, initial_eval)] + evals
     domains = sorted({d for _, e in evals for d in e})

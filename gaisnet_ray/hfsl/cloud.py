@@ -81,8 +81,8 @@ class CloudCore:
         }
         self.store.publish(self.version, knowledge, self.peft.peft_config["default"], lineage)
         metrics = round_metrics(self.cfg, round_idx, self.version, updates, knowledge)
-        if round_idx % t.eval_every == 0 or round_idx == t.rounds:
-            metrics["eval"] = self.evaluate()
+        due = round_idx % t.eval_every == 0 or round_idx == t.rounds
+        metrics["eval"] = self.evaluate() if due else {}
         return knowledge, metrics
 
 
