@@ -28,6 +28,8 @@ def quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
     warnings.filterwarnings("ignore", message=".*Conv1D.*")
+    warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     try:
         from transformers.utils import logging as hf_logging
 
@@ -52,6 +54,7 @@ def host_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "processor": platform.processor() or None,
         "mem_total_gib": _mem_total_gib(),
+        "loadavg_at_start": list(os.getloadavg()),
     }
 
 
@@ -82,6 +85,8 @@ def envelope(name: str, args: dict[str, Any]) -> dict[str, Any]:
 
 def write_results(name: str, data: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if "host" in data:
+        data["host"]["loadavg_at_end"] = list(os.getloadavg())
     jpath, mpath = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
     jpath.write_text(json.dumps(data, indent=2, default=str) + "\n")
     mpath.write_text(markdown.rstrip() + "\n")

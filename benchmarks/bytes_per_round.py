@@ -300,8 +300,16 @@ def render(data: dict, default_steps: int, default_r: int) -> str:
         "- For GPT-2-family LoRA on attention+MLP (mlp = 3 x hidden) the adapter is 14 x r x hidden floats per "
         "block, so hidden cancels: HFSL moves less only when local_steps < 7 x r x (edge blocks) / (batch x seq_len). "
         "Growing the model's width (tiny -> small -> base) does not move the crossover much; more blocks on the edge "
-        "and a larger rank do. With the default r=8, batch 16, seq_len 48, HFSL moves more bytes than FL at every "
-        "local_steps >= 1 for these presets; HFSL's gain here is device memory and compute, not bytes.")
+        "and a larger rank do.")
+    default_fits = [c for c in data["crossover"] if c["r"] == default_r]
+    if default_fits and all(c["crossover_local_steps"] < 1 for c in default_fits):
+        out.append(
+            f"- At the default rank r={default_r} (batch {tr['batch_size']}, seq_len {cfg['model']['max_seq_len']}) "
+            f"HFSL moves more bytes than FL at every local_steps >= 1 for "
+            f"{', '.join(sorted({c['preset'] for c in default_fits}))}: what HFSL saves here is device memory "
+            f"and device compute (the table above), not bytes.")
+    elif default_fits:
+        out.append("- At the default rank the crossover is at or above 1 local step for some presets: see the table.")
     out.append(
         f"- Evaluation is switched off in these rounds (it moves no bytes); pre-training is off "
         f"(training.pretrain_steps=0; it moves no bytes). Every point passed the shape-only byte check: "

@@ -307,18 +307,20 @@ def test_trainers_split_turn_equals_plain_adamw_steps(family):
 
 
 def test_cluster_relay_with_mixed_cuts_equals_reference():
-    """Two members in turn with different cuts (end-0-0: k=1,m=3; end-0-1: k=2,m=3): the second
-    member gets the first member's device blocks and the edge's block 1 via the edge. Reference:
-    one whole model where the edge's AdamW (blocks the edge ran) persists across the cluster and each
-    device's AdamW is fresh for its turn, as in the trainers."""
-    cfg = _tiny_cfg("gpt2", "topology.device_cuts.end-0-1.front_layers=2", "training.local_steps=1")
+    """Three members in turn with different cuts (end-0-0 and end-0-2: k=1, m=3; end-0-1: k=2, m=3).
+    The second member gets the first member's device blocks and the edge's block 1 via the edge; the
+    third runs its middle through block 1 as the second member left it. Reference: one whole model
+    where the edge's AdamW (blocks the edge ran) persists across the cluster and each device's AdamW
+    is fresh for its turn, as in the trainers."""
+    cfg = _tiny_cfg("gpt2", "topology.devices_per_edge=3", "topology.device_cuts.end-0-1.front_layers=2",
+                    "training.local_steps=1")
     model, tok = build_foundation(cfg.model)
     pkg = FoundationPackage.from_model(model, tok)
     whole = build_tier_model(pkg, cfg.peft, keep_layers=None, keep_embeddings=True, keep_head=True)
     _randomize(whole.peft, seed=11)
     knowledge = adapter_state(whole.peft)
 
-    members = ["end-0-0", "end-0-1"]
+    members = ["end-0-0", "end-0-1", "end-0-2"]
     edge = edge_trainer(cfg, "edge-0", members, pkg)
     assert edge.split.held_layers() == {1, 2}  # union of the members' middle blocks
     devs = {d: device_trainer(cfg, d, pkg) for d in members}
@@ -326,12 +328,13 @@ def test_cluster_relay_with_mixed_cuts_equals_reference():
     cid = "edge-0/c0"
     edge.begin_round(knowledge, {cid: members})
     previous = None
+    held = []
     for d in members:
         adapter = edge.begin_turn(cid, d, previous)
+        held.append({layer_of_key(k) for k in adapter})
         previous = devs[d].train_split_turn(adapter, DirectEdgeLink(edge, cid, d), cid, 1)
-    second_adapter_layers = {layer_of_key(k) for k in previous.adapter}
     update = edge.finish_round({cid: previous})
-    assert second_adapter_layers == {0, 1, 3}
+    assert held == [{0, 3}, {0, 1, 3}, {0, 3}]
 
     # Reference, parameter by parameter.
     params = {n.replace(".default.", "."): p for n, p in whole.peft.named_parameters() if p.requires_grad}
@@ -354,5 +357,5 @@ def test_cluster_relay_with_mixed_cuts_equals_reference():
     assert set(update.adapter) == set(expected)
     for key, value in expected.items():
         torch.testing.assert_close(update.adapter[key], value, rtol=1e-5, atol=1e-7)
-    assert update.num_samples == 24
-    assert update.device_samples == {"end-0-0": 12, "end-0-1": 12}
+    assert update.num_samples == 36
+    assert update.device_samples == {"end-0-0": 12, "end-0-1": 12, "end-0-2": 12}

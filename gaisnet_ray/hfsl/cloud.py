@@ -67,8 +67,6 @@ class CloudCore:
                               reference=self.knowledge, trim_ratio=t.trim_ratio, clip_norm=t.clip_norm,
                               sources=[u.edge_id for u in updates])
         parent = self.version
-        load_adapter_state(self.peft, knowledge, strict=True)
-        self.knowledge, self.version = knowledge, parent + 1
         lineage = {
             "round": round_idx,
             "parent_version": parent,
@@ -79,7 +77,10 @@ class CloudCore:
                                   "num_samples": u.num_samples} for u in updates},
             "num_samples": sum(u.num_samples for u in updates),
         }
-        self.store.publish(self.version, knowledge, self.peft.peft_config["default"], lineage)
+        # publish first: if writing fails, the cloud stays at the last version that is on disk
+        self.store.publish(parent + 1, knowledge, self.peft.peft_config["default"], lineage)
+        load_adapter_state(self.peft, knowledge, strict=True)
+        self.knowledge, self.version = knowledge, parent + 1
         metrics = round_metrics(self.cfg, round_idx, self.version, updates, knowledge)
         due = round_idx % t.eval_every == 0 or round_idx == t.rounds
         metrics["eval"] = self.evaluate() if due else {}

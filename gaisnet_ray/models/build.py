@@ -104,7 +104,8 @@ class FoundationPackage:
         config = AutoConfig.for_model(**self.config)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=self.attn_implementation)
         missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
-        tied = set(getattr(model, "_tied_weights_keys", None) or {})
+        # transformers lists tie candidates on the class; they are tied only when the config says so
+        tied = set(getattr(model, "_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else set()
         if unexpected or set(missing) - tied:
             raise ValueError(f"foundation weights do not fit the config: missing={missing} unexpected={unexpected}")
         model.tie_weights()
