@@ -11,10 +11,11 @@ Two phases by default:
   cores=all : the host's CPUs as they are. Ray runs the clusters of both edges in parallel
               processes, the in-process baseline runs everything serially on one thread, so the
               ratio mixes Ray's overhead with the parallelism it buys.
-  cores=1   : the whole process tree (this process, raylet, every actor) pinned to one CPU with
-              sched_setaffinity, so both sides have the same compute: the ratio is Ray's overhead.
+  cores=1   : then, in the same Ray session, the whole process tree (this process, GCS, raylet,
+              every actor, thread by thread) is pinned to one CPU with sched_setaffinity, so both
+              sides have the same compute: the ratio is Ray's own overhead.
 
-    python benchmarks/overhead.py                  # both phases, 3 measured rounds, ~2-3 min on 2 cores
+    python benchmarks/overhead.py                  # both phases, 3 measured rounds each, ~3 min on 2 cores
     python benchmarks/overhead.py --rounds 5 --phases all
 
 Writes benchmarks/results/overhead.{json,md}. Exits 1 if the knowledge differs.
@@ -57,7 +58,71 @@ def compare_knowledge(a: dict, b: dict) -> dict:
     }
 
 
-def run_phase(cfg, warmup: int, rounds: int, pin_cpu: int | None) -> dict:
+def _descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (raylet, GCS, Ray workers and actors), from /proc."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, frontier = [], [root]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier]
+        out += kids
+        frontier = kids
+    return out
+
+
+def pin_tree(cpus: set[int]) -> dict:
+    """Pin this process and every descendant, thread by thread, to ``cpus`` (new threads and
+    processes inherit it). Returns what was pinned and the affinity read back."""
+    pids = [os.getpid(), *_descendants(os.getpid())]
+    tasks = 0
+    for pid in pids:
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    os.sched_setaffinity(int(tid), cpus)
+                    tasks += 1
+                except OSError:
+                    pass
+        except OSError:
+            pass
+    readback = {}
+    for pid in pids:
+        try:
+            readback[pid] = sorted(os.sched_getaffinity(pid))
+        except OSError:
+            pass
+    return {"processes": len(pids), "threads": tasks, "all_pinned": all(set(v) == cpus for v in readback.values()),
+            "affinity_by_pid": readback}
+
+
+def _summary(inproc: list[dict], onray: list[dict]) -> dict:
+    measured_in = [x["wall_s"] for x in inproc]
+    measured_ray = [x["wall_s"] for x in onray]
+    return {
+        "median_inprocess_s": statistics.median(measured_in),
+        "median_ray_s": statistics.median(measured_ray),
+        "ratio_ray_over_inprocess": statistics.median(measured_ray) / statistics.median(measured_in),
+        "paired_ratios": [b / a for a, b in zip(measured_in, measured_ray)],
+        "rounds": [x["round"] for x in inproc],
+        "wall_inprocess_s": measured_in,
+        "wall_ray_s": measured_ray,
+    }
+
+
+def run(cfg, warmup: int, rounds: int, phases: list[str]) -> dict:
+    """One in-process GaisNet and one Ray GaisNet side by side; rounds alternate between them.
+
+    Per phase: ``warmup`` unmeasured rounds then ``rounds`` measured ones. Phase 'all' uses the
+    host's CPUs as they are; phase '1' first pins this process and the whole Ray process tree to
+    one CPU. Rounds continue across phases on both sides (the same round numbers), so the final
+    knowledge compared at the end is the result of every round.
+    """
     import ray
     import torch
 
@@ -65,12 +130,10 @@ def run_phase(cfg, warmup: int, rounds: int, pin_cpu: int | None) -> dict:
     from gaisnet_ray.driver import GaisNetDriver
     from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
 
-    old_affinity = os.sched_getaffinity(0)
-    if pin_cpu is not None:
-        os.sched_setaffinity(0, {pin_cpu})  # inherited by raylet and every actor started below
     torch.set_num_threads(cfg.run.torch_threads)  # = what each actor sets (run.torch_threads)
-    out: dict = {"cores": "1 (pinned to cpu %d)" % pin_cpu if pin_cpu is not None else "all",
-                 "affinity": sorted(os.sched_getaffinity(0)), "torch_threads_in_process": torch.get_num_threads()}
+    out: dict = {"torch_threads_in_process": torch.get_num_threads(), "affinity_at_start": sorted(os.sched_getaffinity(0))}
+    old_affinity = os.sched_getaffinity(0)
+    inproc, onray, pins = [], [], {}
     try:
         with tempfile.TemporaryDirectory(prefix="gaisnet-bench-") as tmp:
             # ---- in-process: setup + the initial evaluation the driver's start() also does
@@ -78,52 +141,58 @@ def run_phase(cfg, warmup: int, rounds: int, pin_cpu: int | None) -> dict:
             g = InProcessGaisNet(cfg, os.path.join(tmp, "inprocess"))
             t1 = time.perf_counter()
             g.cloud.evaluate()
-            t2 = time.perf_counter()
             out["inprocess_setup_s"] = t1 - t0
-            out["inprocess_initial_eval_s"] = t2 - t1
+            out["inprocess_initial_eval_s"] = time.perf_counter() - t1
 
             # ---- Ray: private local instance, tier actors placed by resources
             t0 = time.perf_counter()
             with connect(cfg) as info:
                 out["ray_init_s"] = time.perf_counter() - t0
-                out["ray_mode"] = info.mode
-                out["ray_resources"] = info.resources
-                out["ray_worker_affinity"] = sorted(ray.get(
-                    ray.remote(num_cpus=0)(lambda: sorted(os.sched_getaffinity(0))).remote()))
+                out["ray_mode"], out["ray_resources"] = info.mode, info.resources
                 driver = GaisNetDriver(cfg, os.path.join(tmp, "ray"))
                 try:
                     t0 = time.perf_counter()
                     driver.start()
                     out["ray_driver_start_s"] = time.perf_counter() - t0
-
-                    inproc, onray = [], []
-                    for r in range(1, warmup + rounds + 1):
-                        # alternate which side goes first, so drift in host load hits both alike
-                        order = ("inprocess", "ray") if r % 2 else ("ray", "inprocess")
-                        for side in order:
-                            t0 = time.perf_counter()
-                            m = g.run_round(r) if side == "inprocess" else driver.run_round(r)
-                            wall = time.perf_counter() - t0
-                            rec = _round_record(m, wall)
-                            rec["round"], rec["warmup"] = r, r <= warmup
-                            (inproc if side == "inprocess" else onray).append(rec)
-                        print(f"  round {r}{' (warm-up)' if r <= warmup else ''}: in-process "
-                              f"{inproc[-1]['wall_s']:.2f}s  ray {onray[-1]['wall_s']:.2f}s", flush=True)
+                    r = 0
+                    for ph in phases:
+                        if ph == "all" and pins:  # a later 'all' phase: undo an earlier pinning
+                            pin_tree(old_affinity)
+                        if ph == "1":
+                            cpu = min(old_affinity)
+                            pins[ph] = pin_tree({cpu})
+                            print(f"pinned {pins[ph]['processes']} processes ({pins[ph]['threads']} threads) "
+                                  f"to cpu {cpu}: all pinned = {pins[ph]['all_pinned']}", flush=True)
+                        print(f"phase cores={ph}:", flush=True)
+                        for i in range(warmup + rounds):
+                            r += 1
+                            # alternate which side goes first, so drift in host load hits both alike
+                            order = ("inprocess", "ray") if r % 2 else ("ray", "inprocess")
+                            for side in order:
+                                t0 = time.perf_counter()
+                                m = g.run_round(r) if side == "inprocess" else driver.run_round(r)
+                                rec = _round_record(m, time.perf_counter() - t0)
+                                rec.update(round=r, phase=ph, warmup=i < warmup)
+                                (inproc if side == "inprocess" else onray).append(rec)
+                            print(f"  round {r}{' (warm-up)' if i < warmup else ''}: in-process "
+                                  f"{inproc[-1]['wall_s']:.2f}s  ray {onray[-1]['wall_s']:.2f}s", flush=True)
                     knowledge_ray = ray.get(driver.knowledge_ref)
                 finally:
                     driver.close()
     finally:
-        os.sched_setaffinity(0, old_affinity)
+        pin_tree(old_affinity)
 
-    measured_in = [x["wall_s"] for x in inproc if not x["warmup"]]
-    measured_ray = [x["wall_s"] for x in onray if not x["warmup"]]
     out["rounds_inprocess"], out["rounds_ray"] = inproc, onray
-    out["median_inprocess_s"] = statistics.median(measured_in)
-    out["median_ray_s"] = statistics.median(measured_ray)
-    out["ratio_ray_over_inprocess"] = out["median_ray_s"] / out["median_inprocess_s"]
-    out["paired_ratios"] = [b / a for a, b in zip(measured_in, measured_ray)]
-    out["warmup_inprocess_s"] = [x["wall_s"] for x in inproc if x["warmup"]]
-    out["warmup_ray_s"] = [x["wall_s"] for x in onray if x["warmup"]]
+    out["phases"] = {}
+    for ph in phases:
+        measured = lambda xs: [x for x in xs if x["phase"] == ph and not x["warmup"]]  # noqa: E731
+        out["phases"][ph] = {
+            "cores": "all" if ph == "all" else f"1 (whole process tree pinned to cpu {min(old_affinity)})",
+            **_summary(measured(inproc), measured(onray)),
+            "warmup_inprocess_s": [x["wall_s"] for x in inproc if x["phase"] == ph and x["warmup"]],
+            "warmup_ray_s": [x["wall_s"] for x in onray if x["phase"] == ph and x["warmup"]],
+            "pinning": pins.get(ph),
+        }
     out["knowledge"] = compare_knowledge(g.knowledge, knowledge_ray)
     out["same_train_loss_every_round"] = all(a["train_loss"] == b["train_loss"] for a, b in zip(inproc, onray))
     out["same_bytes_every_round"] = all(a["bytes"] == b["bytes"] for a, b in zip(inproc, onray))
@@ -133,10 +202,10 @@ def run_phase(cfg, warmup: int, rounds: int, pin_cpu: int | None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3, help="measured rounds per side (median; default 3)")
-    ap.add_argument("--warmup", type=int, default=1, help="warm-up rounds per side, not measured (default 1)")
+    ap.add_argument("--rounds", type=int, default=3, help="measured rounds per side and phase (median; default 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="warm-up rounds per side and phase, not measured (default 1)")
     ap.add_argument("--phases", nargs="+", choices=["all", "1"], default=["all", "1"],
-                    help="CPU sets to run: 'all' (host as is) and/or '1' (everything pinned to one CPU)")
+                    help="CPU sets, in order: 'all' (host as is) and/or '1' (everything pinned to one CPU)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override, as `gaisnet run --set` (repeatable)")
     args = ap.parse_args()
@@ -144,7 +213,8 @@ def main() -> None:
         ap.error("--rounds must be >= 1 and --warmup >= 0")
 
     quiet()
-    overrides = BASE_OVERRIDES + [f"training.rounds={args.warmup + args.rounds}"] + args.overrides
+    total = len(args.phases) * (args.warmup + args.rounds)
+    overrides = BASE_OVERRIDES + [f"training.rounds={total}"] + args.overrides
     cfg = make_config(overrides)
     if cfg.training.scheme != "hfsl":
         print(f"note: training.scheme={cfg.training.scheme} (this benchmark is meant for hfsl)")
@@ -152,18 +222,13 @@ def main() -> None:
     data = envelope(NAME, vars(args))
     data["overrides"] = overrides
     data["config"] = cfg.model_dump(mode="json")
-    phases = {}
     started = time.perf_counter()
-    for ph in args.phases:
-        pin = None if ph == "all" else min(os.sched_getaffinity(0))
-        print(f"phase cores={ph}:", flush=True)
-        phases[ph] = run_phase(cfg, args.warmup, args.rounds, pin)
-    data["phases"] = phases
+    data.update(run(cfg, args.warmup, args.rounds, args.phases))
     data["wall_s"] = time.perf_counter() - started
-    data["knowledge_equal"] = all(p["knowledge"]["equal"] for p in phases.values())
+    data["knowledge_equal"] = data["knowledge"]["equal"]
     write_results(NAME, data, render(data))
     if not data["knowledge_equal"]:
-        print("\n!!! KNOWLEDGE DIFFERS between Ray and in-process runs: see knowledge in the JSON !!!",
+        print("\n!!! KNOWLEDGE DIFFERS between the Ray and the in-process run: see 'knowledge' in the JSON !!!",
               file=sys.stderr)
         sys.exit(1)
 
@@ -174,59 +239,58 @@ def render(data: dict) -> str:
     a = data["args"]
     out = ["# Ray overhead: HFSL rounds on Ray vs one plain process", ""]
     out.append(
-        f"Default config, training.pretrain_steps=0: {cfg['model']['family']} `{cfg['model']['preset']}`, "
+        f"Default config with training.pretrain_steps=0: {cfg['model']['family']} `{cfg['model']['preset']}`, "
         f"{topo['edges']} edges x {topo['devices_per_edge']} devices, cluster_size {topo['cluster_size']}, "
         f"local_steps {tr['local_steps']}, batch {tr['batch_size']}, evaluation every {tr['eval_every']} round(s) "
         f"(inside the round on both sides). Median of {a['rounds']} rounds per side after {a['warmup']} warm-up "
         f"round(s), rounds alternating between the sides. In-process: `InProcessGaisNet.run_round` with "
         f"`torch.set_num_threads({cfg['run']['torch_threads']})`, matching each actor's run.torch_threads="
-        f"{cfg['run']['torch_threads']}. Ray: `GaisNetDriver.run_round` on a private local Ray.")
+        f"{cfg['run']['torch_threads']}. Ray: `GaisNetDriver.run_round` on a private local Ray "
+        f"(`cluster.connect`), after `GaisNetDriver.start()`.")
     out.append("")
     rows = []
     for ph, p in data["phases"].items():
         rows.append([p["cores"], f"{p['median_inprocess_s']:.2f}", f"{p['median_ray_s']:.2f}",
                      f"**{p['ratio_ray_over_inprocess']:.2f}x**",
-                     ", ".join(f"{x:.2f}" for x in p["paired_ratios"]),
-                     "yes" if p["knowledge"]["equal"] else "**NO**"])
-    out.append(md_table(["CPUs", "in-process round (s)", "Ray round (s)", "Ray / in-process", "per-round ratios",
-                         "same knowledge"], rows, "lrrrll"))
+                     ", ".join(f"{x:.2f}" for x in p["paired_ratios"])])
+    out.append(md_table(["CPUs", "in-process round (s)", "Ray round (s)", "Ray / in-process", "per-round ratios"],
+                        rows, "lrrrl"))
     out.append("")
     out.append("Start-up (not in the round times):")
     out.append("")
-    rows = []
-    for ph, p in data["phases"].items():
-        rows.append([p["cores"], f"{p['ray_init_s']:.1f}", f"{p['ray_driver_start_s']:.1f}",
-                     f"{p['inprocess_setup_s'] + p['inprocess_initial_eval_s']:.1f}",
-                     ", ".join(f"{x:.2f}" for x in p["warmup_ray_s"]) or "-",
-                     ", ".join(f"{x:.2f}" for x in p["warmup_inprocess_s"]) or "-"])
-    out.append(md_table(["CPUs", "ray.init (s)", "actor start-up: driver.start() (s)", "in-process setup (s)",
-                         "Ray warm-up round (s)", "in-process warm-up round (s)"], rows, "lrrrrr"))
+    out.append(md_table(
+        ["ray.init (s)", "actor start-up: driver.start() (s)", "in-process setup + initial eval (s)",
+         "first Ray round (s)", "first in-process round (s)"],
+        [[f"{data['ray_init_s']:.1f}", f"{data['ray_driver_start_s']:.1f}",
+          f"{data['inprocess_setup_s'] + data['inprocess_initial_eval_s']:.1f}",
+          f"{data['rounds_ray'][0]['wall_s']:.2f}", f"{data['rounds_inprocess'][0]['wall_s']:.2f}"]], "rrrrr"))
     out.append("")
     out.append(
-        "driver.start() places 1 cloud + the edge + the device actors, builds the foundation on the cloud, ships it "
-        "to every actor, and runs the initial evaluation; the in-process setup column is the same work "
-        "(InProcessGaisNet construction + one evaluation) in one process.")
+        "driver.start() places 1 cloud, the edge and the device actors (one process each), builds the foundation "
+        "on the cloud, ships it to every actor and runs the initial evaluation; the in-process column is the same "
+        "work in one process. Most of driver.start() is every actor process importing torch, transformers and "
+        "peft at once on the host's cores.")
     out.append("")
+    k = data["knowledge"]
+    same = data["same_train_loss_every_round"] and data["same_bytes_every_round"]
     out.append("Notes:")
     out.append("")
     out.append(
-        "- cores=all: Ray runs each edge's clusters in parallel actor processes; the in-process baseline is serial "
-        "on one thread. A ratio below 1 there is parallel speed-up, not negative overhead.")
+        "- cores=all: Ray runs the two edges' clusters in separate actor processes (in parallel where their "
+        "dependencies allow); the in-process baseline is serial on one thread. So this ratio is Ray's overhead "
+        "minus whatever parallel speed-up the host's cores give.")
     out.append(
-        "- cores=1: this process, the raylet and every actor are pinned to one CPU (sched_setaffinity, inherited; "
-        "the Ray workers' affinity is checked and recorded), so both sides have the same compute and the ratio is "
-        "Ray's own cost: actor calls per split step (2 per step per device), serialization through the object "
-        "store, process switches.")
-    ke = all(p["knowledge"]["equal"] for p in data["phases"].values())
-    sl = all(p["same_train_loss_every_round"] and p["same_bytes_every_round"] for p in data["phases"].values())
+        "- cores=1: after the cores=all rounds, this process and the whole Ray process tree (GCS, raylet, every "
+        "actor, thread by thread) are pinned to one CPU with sched_setaffinity (read back and recorded in the "
+        "JSON), so both sides have the same compute and the ratio is Ray's own cost: two actor calls per split "
+        "step per device, serialization through the object store, process switches.")
     out.append(
-        f"- Correctness of the comparison: final global adapter state dicts are "
-        f"{'bit-identical (torch.equal on every key)' if ke else 'NOT identical (see JSON)'}; per-round train "
-        f"loss and bytes {'identical' if sl else 'NOT identical'} on both sides.")
-    loads = [data["host"]["loadavg_at_start"][0]]
+        f"- Correctness of the comparison: after all {data['final_version']['ray']} rounds the two global adapters "
+        f"are {'bit-identical (torch.equal on all ' + str(k['num_keys']) + ' keys)' if k['equal'] else '**NOT identical** (see knowledge in the JSON)'}; "
+        f"per-round train loss and bytes are {'identical' if same else '**NOT identical**'} on both sides.")
     out.append(
-        f"- The host is shared: 1-min load average {loads[0]:.2f} at start (JSON has start and end). "
-        f"Other processes on the host inflate both sides; rerun on an idle machine for clean numbers.")
+        f"- The host may be shared: 1-min load average {data['host']['loadavg_at_start'][0]:.2f} at start (start "
+        f"and end in the JSON). Load from other processes slows both sides; rerun on an idle host for clean numbers.")
     out.append("")
     out.append(f"Command: `{data['command']}` - wall {data['wall_s']:.0f} s on {data['host']['cpu_count']} CPUs, "
                f"{data['date']}. Versions: {versions_line(data['versions'])}.")
