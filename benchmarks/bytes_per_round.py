@@ -138,12 +138,13 @@ def main() -> None:
     ap.add_argument("--ranks", nargs="+", type=int, default=[8, 64], help="peft.r values (default: 8 64)")
     ap.add_argument("--full", action="store_true",
                     help="run every preset x rank x local_steps point. Default: the full sweep on tiny; "
-                    "larger presets only at the first rank and local_steps <= 6 (keeps the default run "
-                    "within ~4 min on 2 cores; bytes are exactly linear in local_steps, which tiny checks)")
+                    "larger presets only at local_steps <= 6 (keeps the default run within ~4-5 min on "
+                    "2 cores; bytes are exactly linear in local_steps, which tiny checks)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (bytes do not depend on it; default 1, robust on shared cores)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override, as `gaisnet run --set` (repeatable)")
+    ap.add_argument("--tag", default=None, help="write results/%s-TAG.{json,md} instead (keeps the default results)" % NAME)
     args = ap.parse_args()
 
     quiet()
@@ -156,12 +157,13 @@ def main() -> None:
     grid = []
     for preset in args.presets:
         reduced = preset != "tiny" and not args.full
-        for r in (args.ranks[:1] if reduced else args.ranks):
+        for r in args.ranks:
             for steps in sorted(set(args.local_steps)):
                 if reduced and steps > 6:
                     continue
                 grid.append((preset, r, steps))
 
+    data = envelope(NAME, vars(args))
     started = time.perf_counter()
     points = []
     for preset, r, steps in grid:
@@ -187,7 +189,6 @@ def main() -> None:
             if fit:
                 fits.append({"preset": preset, "r": r, "local_steps_measured": [p["local_steps"] for p in pts], **fit})
 
-    data = envelope(NAME, vars(args))
     data.update({
         "base_overrides": BASE_OVERRIDES + args.overrides,
         "config_default_point": base_cfg.model_dump(mode="json"),
@@ -196,7 +197,7 @@ def main() -> None:
         "points": points,
         "crossover": fits,
     })
-    write_results(NAME, data, render(data, default_steps, default_r))
+    write_results(NAME + (f"-{args.tag}" if args.tag else ""), data, render(data, default_steps, default_r))
 
 
 def render(data: dict, default_steps: int, default_r: int) -> str:
@@ -238,9 +239,16 @@ def render(data: dict, default_steps: int, default_r: int) -> str:
         rows.append([p["preset"], p["r"], p["local_steps"], fmt_bytes(h["bytes"]["end_edge_up"] + h["bytes"]["end_edge_down"]),
                      fmt_bytes(f["bytes"]["end_edge_up"] + f["bytes"]["end_edge_down"]), fmt_bytes(h["total"]),
                      fmt_bytes(f["total"]), f"{p['ratio_hfsl_over_fl']['total']:.2f}",
-                     "HFSL" if h["total"] < f["total"] else "FL"])
+                     "HFSL" if h["total"] < f["total"] else "FL",
+                     f"{h['modeled_comm_s']:.2f} / {f['modeled_comm_s']:.2f}"])
     out.append(md_table(["preset", "r", "local_steps", "HFSL end-edge", "FL end-edge", "HFSL total", "FL total",
-                         "HFSL/FL", "moves less"], rows, "lrrrrrrrl"))
+                         "HFSL/FL", "moves less", "modeled link time HFSL / FL (s)"], rows, "lrrrrrrrlr"))
+    links = cfg["links"]
+    out.append("")
+    out.append(f"Modeled link time: the project's link model (`hfsl.linkmodel`, from round_metrics) with end-edge "
+               f"{links['end_edge']['bandwidth_mbps']:g} Mbit/s + {links['end_edge']['latency_ms']:g} ms per message "
+               f"and edge-cloud {links['edge_cloud']['bandwidth_mbps']:g} Mbit/s + {links['edge_cloud']['latency_ms']:g} ms; "
+               f"clusters and edges in parallel, members of a cluster in turn (under FL every device is its own cluster).")
     out.append("")
 
     if data["crossover"]:
@@ -298,16 +306,16 @@ def render(data: dict, default_steps: int, default_r: int) -> str:
         "so it is identical.")
     out.append(
         "- For GPT-2-family LoRA on attention+MLP (mlp = 3 x hidden) the adapter is 14 x r x hidden floats per "
-        "block, so hidden cancels: HFSL moves less only when local_steps < 7 x r x (edge blocks) / (batch x seq_len). "
-        "Growing the model's width (tiny -> small -> base) does not move the crossover much; more blocks on the edge "
-        "and a larger rank do.")
+        "block, so the hidden size cancels: HFSL moves less only when local_steps < 7 x r x (edge blocks) / "
+        "(batch x seq_len). The crossover grows with the blocks the edge holds (tiny/small/base have 4/6/8 blocks, "
+        "so 2/4/6 on the edge with a 1+1 cut) and with the rank, not with the width.")
     default_fits = [c for c in data["crossover"] if c["r"] == default_r]
     if default_fits and all(c["crossover_local_steps"] < 1 for c in default_fits):
         out.append(
             f"- At the default rank r={default_r} (batch {tr['batch_size']}, seq_len {cfg['model']['max_seq_len']}) "
             f"HFSL moves more bytes than FL at every local_steps >= 1 for "
             f"{', '.join(sorted({c['preset'] for c in default_fits}))}: what HFSL saves here is device memory "
-            f"and device compute (the table above), not bytes.")
+            f"and device compute (see the device memory table), not bytes.")
     elif default_fits:
         out.append("- At the default rank the crossover is at or above 1 local step for some presets: see the table.")
     out.append(

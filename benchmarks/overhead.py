@@ -208,6 +208,7 @@ def main() -> None:
                     help="CPU sets, in order: 'all' (host as is) and/or '1' (everything pinned to one CPU)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override, as `gaisnet run --set` (repeatable)")
+    ap.add_argument("--tag", default=None, help="write results/%s-TAG.{json,md} instead (keeps the default results)" % NAME)
     args = ap.parse_args()
     if args.rounds < 1 or args.warmup < 0:
         ap.error("--rounds must be >= 1 and --warmup >= 0")
@@ -226,7 +227,7 @@ def main() -> None:
     data.update(run(cfg, args.warmup, args.rounds, args.phases))
     data["wall_s"] = time.perf_counter() - started
     data["knowledge_equal"] = data["knowledge"]["equal"]
-    write_results(NAME, data, render(data))
+    write_results(NAME + (f"-{args.tag}" if args.tag else ""), data, render(data))
     if not data["knowledge_equal"]:
         print("\n!!! KNOWLEDGE DIFFERS between the Ray and the in-process run: see 'knowledge' in the JSON !!!",
               file=sys.stderr)
@@ -237,12 +238,16 @@ def render(data: dict) -> str:
     cfg = data["config"]
     topo, tr = cfg["topology"], cfg["training"]
     a = data["args"]
+    n_rounds = len(data["rounds_ray"])
+    if tr["eval_every"] > n_rounds and tr["rounds"] > n_rounds:
+        evals = "no evaluation in these rounds (training.eval_every and training.rounds set above the rounds run)"
+    else:
+        evals = f"evaluation every {tr['eval_every']} round(s), inside the round on both sides"
     out = ["# Ray overhead: HFSL rounds on Ray vs one plain process", ""]
     out.append(
         f"Default config with training.pretrain_steps=0: {cfg['model']['family']} `{cfg['model']['preset']}`, "
         f"{topo['edges']} edges x {topo['devices_per_edge']} devices, cluster_size {topo['cluster_size']}, "
-        f"local_steps {tr['local_steps']}, batch {tr['batch_size']}, evaluation every {tr['eval_every']} round(s) "
-        f"(inside the round on both sides). Median of {a['rounds']} rounds per side after {a['warmup']} warm-up "
+        f"local_steps {tr['local_steps']}, batch {tr['batch_size']}, {evals}. Median of {a['rounds']} rounds per side after {a['warmup']} warm-up "
         f"round(s), rounds alternating between the sides. In-process: `InProcessGaisNet.run_round` with "
         f"`torch.set_num_threads({cfg['run']['torch_threads']})`, matching each actor's run.torch_threads="
         f"{cfg['run']['torch_threads']}. Ray: `GaisNetDriver.run_round` on a private local Ray "
@@ -283,7 +288,8 @@ def render(data: dict) -> str:
         "- cores=1: after the cores=all rounds, this process and the whole Ray process tree (GCS, raylet, every "
         "actor, thread by thread) are pinned to one CPU with sched_setaffinity (read back and recorded in the "
         "JSON), so both sides have the same compute and the ratio is Ray's own cost: two actor calls per split "
-        "step per device, serialization through the object store, process switches.")
+        "step per device, serialization through the object store, process switches. In-process rounds are slower "
+        "in this phase too: the idle Ray processes and any other load on the host share that one CPU.")
     out.append(
         f"- Correctness of the comparison: after all {data['final_version']['ray']} rounds the two global adapters "
         f"are {'bit-identical (torch.equal on all ' + str(k['num_keys']) + ' keys)' if k['equal'] else '**NOT identical** (see knowledge in the JSON)'}; "

@@ -45,12 +45,13 @@ def write_report(run_dir: str | Path, initial_eval: dict | None = None) -> Path:
             ax.bar(rounds, vals, bottom=bottom, label=link)
             bottom = [b + v for b, v in zip(bottom, vals)]
         ax.set(title="MB moved per round by link and direction", xlabel="round", ylabel="MB")
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=7, loc="center left")
         twin = ax.twinx()
         twin.plot(rounds, [r["modeled_comm_s"] for r in rows], "k--", marker="x", label="modeled link delay")
         twin.plot(rounds, [r["wall_s"] for r in rows], "k-", marker="+", label="measured wall time")
         twin.set_ylabel("seconds")
-        twin.legend(fontsize=8, loc="upper right")
+        twin.set_ylim(bottom=0)
+        twin.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     path = run_dir / REPORT_NAME
     fig.savefig(path, dpi=100)
