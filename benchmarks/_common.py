@@ -30,13 +30,10 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=".*Conv1D.*")
     warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    try:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except Exception:  # pragma: no cover - transformers is a hard dependency
-        pass
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def make_config(overrides: list[str]):

@@ -38,7 +38,7 @@ BASE_OVERRIDES = ["training.pretrain_steps=0", "run.progress=false"]
 
 def _round_record(m: dict, wall: float) -> dict:
     return {"wall_s": wall, "train_loss": m["train_loss"], "bytes": m["bytes"], "version": m["version"],
-            "edge_wall_s": m.get("edge_wall_s"), "evaluated": "eval" in m}
+            "edge_wall_s": m.get("edge_wall_s"), "evaluated": bool(m.get("eval"))}
 
 
 def compare_knowledge(a: dict, b: dict) -> dict:
