@@ -119,3 +119,9 @@ def fmt_count(n: float) -> str:
 
 def versions_line(versions: dict[str, str]) -> str:
     return ", ".join(f"{k} {v}" for k, v in versions.items())
+
+
+def footer(data: dict[str, Any]) -> str:
+    """The closing line of a result table: command, wall time, host, date, versions."""
+    return (f"Command: `{data['command']}` - wall {data['wall_s']:.0f} s on {data['host']['cpu_count']} CPUs, "
+            f"{data['date']}. Versions: {versions_line(data['versions'])}.")

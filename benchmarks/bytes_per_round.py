@@ -19,7 +19,7 @@ import argparse
 import tempfile
 import time
 
-from _common import envelope, fmt_bytes, fmt_count, make_config, md_table, quiet, versions_line, write_results
+from _common import envelope, fmt_bytes, fmt_count, footer, make_config, md_table, quiet, write_results
 
 NAME = "bytes_per_round"
 LINKS = ["end_edge_up", "end_edge_down", "edge_cloud_up", "edge_cloud_down"]
@@ -323,8 +323,7 @@ def render(data: dict, default_steps: int, default_r: int) -> str:
         f"(training.pretrain_steps=0; it moves no bytes). Every point passed the shape-only byte check: "
         f"{'yes' if data['all_analytic_match'] else 'NO (see JSON analytic_bytes)'}.")
     out.append("")
-    out.append(f"Command: `{data['command']}` - wall {data['wall_s']:.0f} s on {data['host']['cpu_count']} CPUs, "
-               f"{data['date']}. Versions: {versions_line(data['versions'])}.")
+    out.append(footer(data))
     return "\n".join(out)
 
 

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from _common import envelope, make_config, md_table, quiet, versions_line, write_results
+from _common import envelope, footer, make_config, md_table, quiet, write_results
 
 NAME = "overhead"
 BASE_OVERRIDES = ["training.pretrain_steps=0", "run.progress=false"]
@@ -298,8 +298,7 @@ def render(data: dict) -> str:
         f"- The host may be shared: 1-min load average {data['host']['loadavg_at_start'][0]:.2f} at start (start "
         f"and end in the JSON). Load from other processes slows both sides; rerun on an idle host for clean numbers.")
     out.append("")
-    out.append(f"Command: `{data['command']}` - wall {data['wall_s']:.0f} s on {data['host']['cpu_count']} CPUs, "
-               f"{data['date']}. Versions: {versions_line(data['versions'])}.")
+    out.append(footer(data))
     return "\n".join(out)
 
 

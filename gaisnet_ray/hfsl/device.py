@@ -6,13 +6,13 @@ The device owns its examples; only hidden states, their gradients and adapter te
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from ..config import PeftConfig, TrainingConfig
 from ..data import Example, encode_examples
-from ..knowledge.codec import tensor_nbytes
+from ..knowledge.codec import payload_nbytes, tensor_nbytes
 from ..models.adapters import adapter_state, load_adapter_state, trainable_parameters
 from ..models.split import Cut, build_tier_model
 from .messages import LinkUsage, StateDict, TurnResult
@@ -66,43 +66,48 @@ class DeviceTrainer:
         return torch.optim.AdamW(trainable_parameters(self.split.peft), lr=self.training.lr,
                                  weight_decay=self.training.weight_decay)
 
-    def _result(self, cluster_id: str, losses: list[float], usage: LinkUsage, started: float) -> TurnResult:
-        adapter = adapter_state(self.split.peft)
-        usage = usage.add(LinkUsage(bytes_up=sum(map(tensor_nbytes, adapter.values())), messages_up=1))
-        return TurnResult(self.device_id, cluster_id, adapter, self.num_samples, losses, usage,
-                          time.perf_counter() - started)
-
-    def train_split_turn(self, adapter: StateDict, link: EdgeLink, cluster_id: str, steps: int) -> TurnResult:
-        """``steps`` split steps: front here -> middle on the edge -> back and loss here -> back again."""
+    def _run_turn(self, adapter: StateDict, cluster_id: str, steps: int,
+                  step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, LinkUsage]]) -> TurnResult:
+        """Pull the adapter down, run ``steps`` optimizer steps of ``step``, push the adapter up."""
         started = time.perf_counter()
-        assert self.cut is not None, "train_split_turn needs a cut"
         load_adapter_state(self.split.peft, adapter)
-        usage = LinkUsage(bytes_down=sum(map(tensor_nbytes, adapter.values())), messages_down=1)
+        usage = LinkUsage(bytes_down=payload_nbytes(adapter), messages_down=1)
         opt = self._optimizer()
         self.split.peft.train()
         losses = []
         for _ in range(steps):
-            input_ids, labels = self._next_batch()
-            h_k = self.split.front(input_ids, self.cut.front_end)  # (B, T, H)
+            loss, step_usage = step(*self._next_batch())  # gradients are in the adapter's .grad
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            usage = usage.add(step_usage)
+        self.split.peft.eval()
+        trained = adapter_state(self.split.peft)
+        usage = usage.add(LinkUsage(bytes_up=payload_nbytes(trained), messages_up=1))
+        return TurnResult(self.device_id, cluster_id, trained, self.num_samples, losses, usage,
+                          time.perf_counter() - started)
+
+    def train_split_turn(self, adapter: StateDict, link: EdgeLink, cluster_id: str, steps: int) -> TurnResult:
+        """``steps`` split steps: front here -> middle on the edge -> back and loss here -> back again."""
+        if self.cut is None:
+            raise ValueError(f"device {self.device_id} holds the whole model (FL) and has no cut")
+        cut = self.cut
+
+        def split_step(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, LinkUsage]:
+            h_k = self.split.front(input_ids, cut.front_end)  # (B, T, H)
             sent = h_k.detach().cpu()
             h_m = link.forward(sent).to(self.torch_device).requires_grad_()  # (B, T, H) from edge
-            logits = self.split.back(h_m, self.cut.back_start)  # (B, T, V)
-            loss = self.split.loss(logits, labels)
+            loss = self.split.loss(self.split.back(h_m, cut.back_start), labels)  # logits (B, T, V)
             loss.backward()
             grad_m = h_m.grad.detach().cpu()
             grad_k = link.backward(grad_m).to(self.torch_device)  # dL/dh_k from edge
             if h_k.requires_grad:
                 h_k.backward(grad_k)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            usage = usage.add(LinkUsage(
-                bytes_up=tensor_nbytes(sent) + tensor_nbytes(grad_m),
-                bytes_down=tensor_nbytes(h_m) + tensor_nbytes(grad_k),
-                messages_up=2, messages_down=2,
-            ))
-        self.split.peft.eval()
-        return self._result(cluster_id, losses, usage, started)
+            return loss, LinkUsage(bytes_up=tensor_nbytes(sent) + tensor_nbytes(grad_m),
+                                   bytes_down=tensor_nbytes(h_m) + tensor_nbytes(grad_k),
+                                   messages_up=2, messages_down=2)
+
+        return self._run_turn(adapter, cluster_id, steps, split_step)
 
     def train_turn(self, adapter: StateDict, link: EdgeLink | None, cluster_id: str, steps: int) -> TurnResult:
         """One turn under this device's scheme: split with the edge, or local (whole model, FL)."""
@@ -114,18 +119,10 @@ class DeviceTrainer:
 
     def train_local_turn(self, adapter: StateDict, cluster_id: str, steps: int) -> TurnResult:
         """Plain FL: ``steps`` steps of the whole model on this device, no edge involved."""
-        started = time.perf_counter()
-        load_adapter_state(self.split.peft, adapter)
-        usage = LinkUsage(bytes_down=sum(map(tensor_nbytes, adapter.values())), messages_down=1)
-        opt = self._optimizer()
-        self.split.peft.train()
-        losses = []
-        for _ in range(steps):
-            input_ids, labels = self._next_batch()
+
+        def local_step(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, LinkUsage]:
             loss = self.split.loss(self.split.back(self.split.front(input_ids, 0), 0), labels)
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-        self.split.peft.eval()
-        return self._result(cluster_id, losses, usage, started)
+            return loss, LinkUsage()
+
+        return self._run_turn(adapter, cluster_id, steps, local_step)
