@@ -67,6 +67,12 @@ def select_keys(state: dict[str, torch.Tensor], layers: set[int], *, include_unl
     return out
 
 
+def _causal_mask(lm, hidden, position_ids, cache, first_layer: int):
+    """The model's own causal mask; with a KV cache, sized by this segment's first cached layer."""
+    return create_causal_mask(lm.config, hidden, None, cache, position_ids=position_ids,
+                              layer_idx=first_layer if cache is not None else None)
+
+
 class _GPT2:
     @staticmethod
     def blocks(lm):
@@ -78,8 +84,8 @@ class _GPT2:
         return t.drop(t.wte(input_ids) + t.wpe(position_ids))
 
     @staticmethod
-    def block_kwargs(lm, hidden, position_ids, cache):
-        mask = create_causal_mask(lm.config, hidden, None, cache, position_ids=position_ids)
+    def block_kwargs(lm, hidden, position_ids, cache, first_layer):
+        mask = _causal_mask(lm, hidden, position_ids, cache, first_layer)
         return {"attention_mask": mask, "position_ids": position_ids, "cache": cache, "use_cache": cache is not None}
 
     @staticmethod
@@ -101,8 +107,8 @@ class _Llama:
         return lm.model.embed_tokens(input_ids)
 
     @staticmethod
-    def block_kwargs(lm, hidden, position_ids, cache):
-        mask = create_causal_mask(lm.config, hidden, None, cache, position_ids=position_ids)
+    def block_kwargs(lm, hidden, position_ids, cache, first_layer):
+        mask = _causal_mask(lm, hidden, position_ids, cache, first_layer)
         rotary = lm.model.rotary_emb(hidden, position_ids=position_ids)
         return {
             "attention_mask": mask, "position_ids": position_ids, "position_embeddings": rotary,
@@ -161,7 +167,7 @@ class SplitModel:
         if start >= end:
             return hidden
         pos = self._positions(hidden, past_len)
-        kwargs = self._f.block_kwargs(self.lm, hidden, pos, cache)
+        kwargs = self._f.block_kwargs(self.lm, hidden, pos, cache, start)
         for block in self._f.blocks(self.lm)[start:end]:
             hidden = block(hidden, **kwargs)
         return hidden
