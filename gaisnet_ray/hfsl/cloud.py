@@ -11,7 +11,7 @@ from ..knowledge.codec import content_hash, payload_nbytes
 from ..knowledge.store import KnowledgeStore
 from ..models.adapters import adapter_state, attach_lora, load_adapter_state
 from ..models.build import FoundationPackage, build_foundation, family_of, save_foundation
-from .evaluate import evaluate_domains
+from .evaluate import domain_loss, evaluate_domains
 from .linkmodel import transfer_s
 from .messages import EdgeUpdate, StateDict
 from .pretrain import pretrain_foundation
@@ -39,6 +39,7 @@ class CloudCore:
         self.peft = attach_lora(model, cfg.peft, family_of(model), base_name=str(self.model_dir))
         self.peft.to(torch_device)
         self.store = KnowledgeStore(run_dir / "knowledge")
+        self.edges_root = run_dir / "knowledge" / "edges"  # each edge's own adapter, for serving
         self.eval_sets = eval_examples(cfg.data)
         self.version = 0
         self.knowledge: StateDict = {}
@@ -81,10 +82,29 @@ class CloudCore:
         self.store.publish(parent + 1, knowledge, self.peft.peft_config["default"], lineage)
         load_adapter_state(self.peft, knowledge, strict=True)
         self.knowledge, self.version = knowledge, parent + 1
+        self._publish_edges(parent + 1, round_idx, updates)
         metrics = round_metrics(self.cfg, round_idx, self.version, updates, knowledge)
         due = round_idx % t.eval_every == 0 or round_idx == t.rounds
         metrics["eval"] = self.evaluate() if due else {}
         return knowledge, metrics
+
+
+    def _publish_edges(self, version: int, round_idx: int, updates: list[EdgeUpdate]) -> None:
+        """Store each edge's adapter beside the global one, with its held-out loss per domain
+        (measured here on the public eval sets), so serving can route a domain to its best edge."""
+        for u in updates:
+            try:
+                load_adapter_state(self.peft, u.adapter, strict=True)
+                losses = {d: domain_loss(self.peft, self.tokenizer, ex, self.cfg.model.max_seq_len)
+                          for d, ex in self.eval_sets.items()}
+            finally:
+                load_adapter_state(self.peft, self.knowledge, strict=True)  # back to the global knowledge
+            KnowledgeStore(self.edges_root / u.edge_id).publish(
+                version, u.adapter, self.peft.peft_config["default"],
+                {"round": round_idx, "edge": u.edge_id, "global_version": version, **self._base_lineage(),
+                 "clusters": u.clusters, "device_samples": u.device_samples, "num_samples": u.num_samples,
+                 "eval_loss": losses},
+            )
 
 
 def round_metrics(cfg: Config, round_idx: int, version: int, updates: list[EdgeUpdate], knowledge: StateDict) -> dict:

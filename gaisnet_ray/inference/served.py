@@ -1,0 +1,75 @@
+"""A finished (or running) run folder as the serving side sees it: base model, knowledge versions,
+the edges' adapters, and which edge knows which domain best."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..knowledge.store import KnowledgeStore
+
+GLOBAL = "global"
+
+
+class UnknownAdapterError(KeyError):
+    def __init__(self, name: str, known: list[str]):
+        super().__init__(f"unknown adapter '{name}': served adapters are {known}")
+        self.name, self.known = name, known
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.known))
+
+
+class ServedRun:
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.model_dir = self.run_dir / "model"
+        if not (self.model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"'{self.run_dir}' is not a run folder with a model/ (no model/config.json)")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.store = KnowledgeStore(self.run_dir / "knowledge")
+        self.edges_root = self.run_dir / "knowledge" / "edges"
+
+    def latest_version(self) -> int | None:
+        return self.store.latest_version()
+
+    def edge_ids(self) -> list[str]:
+        if not self.edges_root.is_dir():
+            return []
+        return sorted(p.name for p in self.edges_root.iterdir() if KnowledgeStore(p).latest_version() is not None)
+
+    def adapter_names(self) -> list[str]:
+        return [GLOBAL, *self.edge_ids()]
+
+    def adapter_store(self, name: str) -> KnowledgeStore:
+        if name == GLOBAL:
+            return self.store
+        if name not in self.edge_ids():
+            raise UnknownAdapterError(name, self.adapter_names())
+        return KnowledgeStore(self.edges_root / name)
+
+    def domain_adapters(self) -> dict[str, str]:
+        """Domain -> the edge adapter with the lowest held-out loss on it (from the edges' lineage)."""
+        best: dict[str, tuple[float, str]] = {}
+        for edge in self.edge_ids():
+            store = KnowledgeStore(self.edges_root / edge)
+            for domain, loss in store.lineage(store.latest_version()).get("eval_loss", {}).items():
+                if domain not in best or loss < best[domain][0]:
+                    best[domain] = (loss, edge)
+        return {d: e for d, (_, e) in best.items()}
+
+    def load_base(self):
+        return AutoModelForCausalLM.from_pretrained(self.model_dir).eval()
+
+    def load_model(self, adapter: str = GLOBAL, version: int | None = None) -> tuple[PeftModel, int]:
+        """Base + the adapter's given (default: latest) version, as plain peft loads it."""
+        store = self.adapter_store(adapter)
+        version = store.latest_version() if version is None else version
+        if version is None:
+            raise FileNotFoundError(f"no knowledge version of '{adapter}' in {self.run_dir}")
+        return PeftModel.from_pretrained(self.load_base(), store.path(version)).eval(), version
