@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .cloudengine.settings import CloudEngineConfig
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -204,6 +206,7 @@ class Config(_Section):
     topology: TopologyConfig = TopologyConfig()
     links: LinksConfig = LinksConfig()
     training: TrainingConfig = TrainingConfig()
+    cloud: CloudEngineConfig = CloudEngineConfig()
     run: RunConfig = RunConfig()
 
 

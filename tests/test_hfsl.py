@@ -23,7 +23,7 @@ from gaisnet_ray.hfsl.inprocess import DirectEdgeLink, InProcessGaisNet, device_
 from gaisnet_ray.hfsl.linkmodel import clusters_comm_s, transfer_s, turn_comm_s
 from gaisnet_ray.hfsl.messages import EdgeUpdate, LinkUsage
 from gaisnet_ray.hfsl.plan import device_compute, devices_by_edge, plan_clusters
-from gaisnet_ray.hfsl.pretrain import pretrain_foundation
+from gaisnet_ray.cloudengine import CloudTrainer
 from gaisnet_ray.knowledge import KeyMismatchError, KnowledgeStore, NonFiniteUpdateError
 from gaisnet_ray.models.adapters import adapter_state
 from gaisnet_ray.models.build import FoundationPackage, build_foundation
@@ -457,15 +457,16 @@ def test_edge_and_device_misuse_errors(small_package):
 
 
 # ---------------------------------------------------------------------------- pretrain and eval
-def test_pretrain_zero_steps_leaves_model_alone(small_package):
+def test_cloud_pretraining_zero_steps_leaves_model_alone(small_package):
     model = small_package.materialize()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ex = [Example(prompt="1+1=", answer="2", domain="arithmetic")]
     tok = small_package.tokenizer
-    assert pretrain_foundation(model, tok, ex, steps=0, lr=1e-3, batch_size=2, seq_len=16, seed=0) == []
-    assert pretrain_foundation(model, tok, [], steps=5, lr=1e-3, batch_size=2, seq_len=16, seed=0) == []
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    losses = pretrain_foundation(model, tok, ex * 4, steps=8, lr=1e-2, batch_size=2, seq_len=16, seed=0)
+    with CloudTrainer(model, lr=1e-2) as trainer:
+        assert trainer.train(ex, tok, steps=0, batch_size=2, seq_len=16, seed=0) == []
+        assert trainer.train([], tok, steps=5, batch_size=2, seq_len=16, seed=0) == []
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        losses = trainer.train(ex * 4, tok, steps=8, batch_size=2, seq_len=16, seed=0)
     assert len(losses) == 8
     assert losses[-1] < losses[0]
     assert not model.training

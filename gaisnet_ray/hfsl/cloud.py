@@ -10,11 +10,11 @@ from ..knowledge.aggregate import aggregate
 from ..knowledge.codec import content_hash, payload_nbytes
 from ..knowledge.store import KnowledgeStore
 from ..models.adapters import adapter_state, attach_lora, load_adapter_state
-from ..models.build import FoundationPackage, build_foundation, family_of, save_foundation
+from ..cloudengine import CloudTrainer
+from ..models.build import FoundationPackage, build_foundation, family_of, load_foundation, save_foundation
 from .evaluate import domain_loss, evaluate_domains
 from .linkmodel import transfer_s
 from .messages import EdgeUpdate, StateDict
-from .pretrain import pretrain_foundation
 
 
 class CloudCore:
@@ -24,14 +24,13 @@ class CloudCore:
         self.cfg = cfg
         run_dir = Path(run_dir)
         model, tokenizer = build_foundation(cfg.model)
-        model.to(torch_device)
-        t = cfg.training
-        self.pretrain_losses = pretrain_foundation(
-            model, tokenizer, public_examples(cfg.data), steps=t.pretrain_steps, lr=t.pretrain_lr,
-            batch_size=t.pretrain_batch_size, seq_len=cfg.model.max_seq_len, seed=t.seed,
-        )
-        model.to("cpu")
-        self.model_dir = save_foundation(model, tokenizer, run_dir / "model")
+        self.pretrain_losses = self._pretrain(model, tokenizer, run_dir, torch_device)
+        if self.pretrain_losses and cfg.cloud.engine == "deepspeed":
+            # the engine exported a consolidated fp32 folder (ZeRO-3 leaves the module partitioned)
+            self.model_dir = run_dir / "model"
+            model, tokenizer = load_foundation(self.model_dir, cfg.model.attn_implementation)
+        else:
+            self.model_dir = save_foundation(model, tokenizer, run_dir / "model")
         self.package = FoundationPackage.from_model(model, tokenizer)
         self.base_hash = content_hash(self.package.state_dict)
         self.tokenizer = tokenizer
@@ -43,6 +42,22 @@ class CloudCore:
         self.eval_sets = eval_examples(cfg.data)
         self.version = 0
         self.knowledge: StateDict = {}
+
+    def _pretrain(self, model, tokenizer, run_dir: Path, torch_device: str) -> list[float]:
+        """Pre-train the whole foundation on the cloud's public data (torch or DeepSpeed engine)."""
+        t, public = self.cfg.training, public_examples(self.cfg.data)
+        if t.pretrain_steps <= 0 or not public:
+            return []
+        model.to(torch_device)
+        with CloudTrainer(model, self.cfg.cloud, lr=t.pretrain_lr, total_steps=t.pretrain_steps,
+                          micro_batch_size=t.pretrain_batch_size) as trainer:
+            losses = trainer.train(public, tokenizer, steps=t.pretrain_steps, batch_size=t.pretrain_batch_size,
+                                   seq_len=self.cfg.model.max_seq_len, seed=t.seed,
+                                   checkpoint_dir=run_dir / "cloud" / "checkpoints")
+            if self.cfg.cloud.engine == "deepspeed":
+                trainer.export_hf(run_dir / "model", tokenizer)
+        model.to("cpu")
+        return losses
 
     def _base_lineage(self) -> dict:
         return {"base": {"path": "model", "content_hash": self.base_hash}}
