@@ -1,0 +1,193 @@
+"""Wiring: the Serve application over a run folder, and starting it from the CLI.
+
+- ``build_app(run_dir, settings)``: the application (edge, cloud, end, ingress), each deployment
+  placed by its tier resource and sized by the settings.
+- ``app_builder(args)``: the same for ``serve run deploy/serve_config.yaml`` (``args``: ``run_dir``,
+  optional ``settings``).
+- ``serve_run_dir(run_dir, settings)``: ``gaisnet serve``: Ray (local dev mode unless one is up)
+  + Serve on ``settings.host:port``; blocks until Ctrl-C.
+- ``start_serving(run_dir, settings)``: the non-blocking start ``gaisnet run --serve`` uses while
+  its own Ray is up; the training loop keeps publishing versions and the deployments pick them up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from ray import serve
+from ray.serve.config import BackpressureConfig
+
+from .cloud import CloudTier
+from .edge import EdgeTier
+from .end import EndTier
+from .ingress import Router
+from .settings import TIER_RESOURCE_SHARE, TIER_RESOURCES, ServeSettings, ServeTier
+
+APP_NAME = "gaisnet"
+
+
+def deployment_options(tier: str, res: ServeTier, s: ServeSettings) -> dict:
+    """Replicas, placement by tier resource, and the request limits that turn overload into 503s."""
+    actor: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    if tier in TIER_RESOURCES:
+        actor["resources"] = {TIER_RESOURCES[tier]: TIER_RESOURCE_SHARE}
+    limits = (s.max_ongoing_requests, s.max_queued_requests) if tier in TIER_RESOURCES else (
+        s.ingress_max_ongoing_requests, s.ingress_max_queued_requests)
+    return {
+        "num_replicas": res.num_replicas,
+        "ray_actor_options": actor,
+        "max_ongoing_requests": limits[0],
+        "max_queued_requests": limits[1],
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s),
+    }
+
+
+def _check_run_dir(run_dir: str | Path) -> str:
+    path = Path(run_dir).resolve()
+    if not (path / "model" / "config.json").is_file():
+        raise FileNotFoundError(f"'{run_dir}' is not a run folder to serve: no model/config.json in it")
+    if not (path / "knowledge").is_dir():
+        raise FileNotFoundError(f"'{run_dir}' has no knowledge/ folder: nothing to serve yet")
+    return str(path)
+
+
+def build_app(run_dir: str | Path, settings: ServeSettings | dict | None = None) -> serve.Application:
+    """The tiered application over ``run_dir`` (checked now, loaded by each replica)."""
+    s = settings if isinstance(settings, ServeSettings) else ServeSettings.model_validate(settings or {})
+    run_dir = _check_run_dir(run_dir)
+    raw = s.model_dump(mode="json")
+    edge = EdgeTier.options(**deployment_options("edge", s.edge, s)).bind(run_dir, raw)
+    cloud = CloudTier.options(**deployment_options("cloud", s.cloud, s)).bind(run_dir, raw)
+    end = EndTier.options(**deployment_options("end", s.end, s)).bind(edge, run_dir, raw)
+    return Router.options(**deployment_options("ingress", s.ingress, s)).bind(edge, cloud, end, run_dir, raw)
+
+
+class AppArgs(BaseModel):
+    """``args`` of the ``serve run`` config: the run folder and optional serve settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    run_dir: str
+    settings: dict = {}
+
+
+def app_builder(args: dict) -> serve.Application:
+    """Entry point for Serve config files: ``import_path: gaisnet_ray.serve.app:app_builder``."""
+    try:
+        parsed = AppArgs.model_validate(args)
+        settings = ServeSettings.model_validate(parsed.settings)
+    except ValidationError as e:
+        raise ValueError(f"invalid gaisnet serve args: {e}") from None
+    return build_app(parsed.run_dir, settings)
+
+
+@dataclass
+class ServingHandle:
+    """A running app: where it listens, and how to stop it (Serve, then Ray if we started it)."""
+
+    url: str
+    app_name: str = APP_NAME
+    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
+
+    def shutdown(self) -> None:
+        serve.delete(self.app_name)
+        serve.shutdown()
+        self._stack.close()
+
+
+def start_serving(run_dir: str | Path, settings: ServeSettings | dict | None = None) -> ServingHandle:
+    """Start Serve on the Ray this process is connected to and deploy the app; returns once every
+    replica is up. Ray must already be initialised (``cluster.connect``): the caller owns it."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("start_serving needs a connected Ray (gaisnet_ray.cluster.connect); "
+                           "use serve_run_dir to start one")
+    s = settings if isinstance(settings, ServeSettings) else ServeSettings.model_validate(settings or {})
+    app = build_app(run_dir, s)
+    serve.start(http_options={"host": s.host, "port": s.port})
+    _run_or_explain(app, s)
+    return ServingHandle(f"http://{s.host}:{s.port}")
+
+
+class ServeStartupError(RuntimeError):
+    """The app did not come up in time; the message names the deployments and what Serve says."""
+
+
+def _run_or_explain(app: serve.Application, s: ServeSettings) -> None:
+    """``serve.run`` waits for every replica; a replica that can never be placed (a tier resource no
+    node declares) would make that wait endless. Wait at most ``startup_timeout_s``, then say what
+    is missing."""
+    import ray
+
+    timeout_s = s.startup_timeout_s
+    done, box = threading.Event(), {}
+
+    def run() -> None:
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        except BaseException as e:  # handed to the caller's thread below
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="gaisnet-serve-run", daemon=True).start()
+    if done.wait(timeout_s):
+        if "error" in box:
+            raise box["error"]
+        return
+    status = serve.status().applications.get(APP_NAME)
+    deployments = status.deployments.items() if status else []
+    waiting = {name: getattr(d.status, "value", str(d.status)) + (f" ({d.message})" if d.message else "")
+               for name, d in deployments if getattr(d.status, "value", str(d.status)) != "HEALTHY"}
+    asks = {name: {**opts["ray_actor_options"].get("resources", {}), "CPU": opts["ray_actor_options"]["num_cpus"]}
+            for name, opts in (("edge", deployment_options("edge", s.edge, s)),
+                               ("cloud", deployment_options("cloud", s.cloud, s)),
+                               ("end", deployment_options("end", s.end, s)))}
+    free = ray.available_resources()
+    serve.shutdown()
+    raise ServeStartupError(
+        f"the serving app did not start within {timeout_s:g} s; deployments not running: {waiting or 'unknown'}; "
+        f"each replica asks for {asks}; free cluster resources: {free}. Declare the tier resources on the "
+        f"nodes (local dev mode does) or lower serve.<tier>.num_cpus")
+
+
+def serve_run_dir(run_dir: str | Path, settings: ServeSettings | dict | None = None, cfg=None,
+                  blocking: bool = True) -> ServingHandle | None:
+    """``gaisnet serve RUN_DIR``: connect to Ray (a private local dev-mode node declaring the tier
+    resources, sized by ``cfg``, the run's own config by default) and serve until Ctrl-C.
+
+    With ``blocking=False`` it returns the ``ServingHandle``; its ``shutdown()`` also stops the Ray
+    started here.
+    """
+    from ..cluster import connect
+    from ..config import default_config, load_config
+
+    if cfg is None:
+        cfg_path = Path(run_dir) / "config.yaml"
+        cfg = load_config(cfg_path) if cfg_path.is_file() else default_config()
+    stack = contextlib.ExitStack()
+    stack.enter_context(connect(cfg))
+    try:
+        handle = start_serving(run_dir, settings)
+    except BaseException:
+        stack.close()
+        raise
+    handle._stack = stack
+    print(f"serving {Path(run_dir).resolve()} at {handle.url} (OpenAI-compatible API under {handle.url}/v1)",
+          flush=True)
+    if not blocking:
+        return handle
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        handle.shutdown()
+    return None

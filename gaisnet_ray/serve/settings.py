@@ -1,0 +1,88 @@
+"""Settings of the serving layer: the ``serve:`` section of the run config (pydantic, no Ray).
+
+Every field has a description (it feeds the README's config table) and unknown keys are errors,
+like every other section of ``gaisnet_ray.config``.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Share of its tier resource each replica asks for: a node declaring ``gaisnet_edge: 1`` hosts up to
+# 100 edge replicas, a node declaring none hosts none (placement by tier, as for the actors).
+TIER_RESOURCE_SHARE = 0.01
+TIER_RESOURCES = {"cloud": "gaisnet_cloud", "edge": "gaisnet_edge", "end": "gaisnet_end"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServeTier(_Section):
+    num_replicas: int = Field(1, ge=1, description="Replicas of this deployment.")
+    num_cpus: float = Field(0.25, ge=0, description="Logical CPUs each replica asks for.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; >0 serves on CUDA.")
+
+
+class RoutingSettings(_Section):
+    max_mean_entropy: float = Field(
+        2.5, ge=0, description="Escalate to the cloud when the edge answer's mean token entropy (nats) is above this."
+    )
+    min_token_prob: float = Field(
+        0.05, ge=0, le=1, description="Escalate to the cloud when any token the edge emitted had a lower probability."
+    )
+
+
+class ServeSettings(_Section):
+    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port of the Serve proxy.")
+    max_new_tokens: int = Field(64, ge=1, description="Most tokens one request may generate.")
+    default_new_tokens: int = Field(16, ge=1, description="Tokens generated when a request does not say.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt in tokens (BOS included); None: the model's context minus one."
+    )
+    routing: RoutingSettings = RoutingSettings()
+    max_ongoing_requests: int = Field(4, ge=1, description="Concurrent requests per tier replica.")
+    max_queued_requests: int = Field(
+        8, ge=1, description="Requests waiting for a busy tier before new ones get 503 + Retry-After."
+    )
+    ingress_max_ongoing_requests: int = Field(64, ge=1, description="Concurrent HTTP requests per ingress replica.")
+    ingress_max_queued_requests: int = Field(
+        64, ge=1, description="HTTP requests waiting for the ingress before Serve answers 503."
+    )
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After (seconds) sent with a 503 on overload.")
+    poll_interval_s: float = Field(
+        2.0, gt=0, description="How often deployments look for a new knowledge version (hot swap)."
+    )
+    split_front_layers: int | None = Field(
+        None, ge=1, description="Blocks in the device front for split inference; None: the run's topology.cut.front_layers."
+    )
+    split_session_ttl_s: float = Field(300.0, gt=0, description="Drop an idle split-inference session (its KV cache) after this.")
+    split_max_payload_bytes: int = Field(
+        16 * 2**20, ge=1024, description="Largest activation payload POST /v1/split/forward accepts."
+    )
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica.")
+    startup_timeout_s: float = Field(
+        600.0, gt=0, description="Give up starting the app after this, naming the deployments not running and why."
+    )
+    ingress: ServeTier = ServeTier(num_cpus=0.1)
+    end: ServeTier = ServeTier(num_cpus=0.25)
+    edge: ServeTier = ServeTier(num_cpus=0.5)
+    cloud: ServeTier = ServeTier(num_cpus=0.5)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeSettings":
+        if self.default_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"serve.default_new_tokens ({self.default_new_tokens}) must be <= serve.max_new_tokens "
+                f"({self.max_new_tokens})"
+            )
+        return self
+
+    def required_resources(self) -> dict[str, float]:
+        """What the serving deployments ask of Ray, to add to a local dev-mode node's resources."""
+        tiers = {"end": self.end, "edge": self.edge, "cloud": self.cloud}
+        out = {TIER_RESOURCES[t]: TIER_RESOURCE_SHARE * r.num_replicas for t, r in tiers.items()}
+        out["CPU"] = sum(r.num_cpus * r.num_replicas for r in (*tiers.values(), self.ingress))
+        out["GPU"] = sum(r.num_gpus * r.num_replicas for r in (*tiers.values(), self.ingress))
+        return out
