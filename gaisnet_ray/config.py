@@ -138,6 +138,10 @@ class TopologyConfig(_Section):
         return self.device_cuts.get(device, self.cut)
 
 
+# The custom Ray resource each tier's actors and deployments ask for; nodes declare them.
+TIER_RESOURCES = {"cloud": "gaisnet_cloud", "edge": "gaisnet_edge", "end": "gaisnet_end"}
+
+
 def device_id(edge: int, index: int) -> str:
     """Stable id of the ``index``-th device of edge ``edge`` (e.g. ``end-1-2``)."""
     return f"end-{edge}-{index}"

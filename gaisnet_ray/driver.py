@@ -14,7 +14,7 @@ import ray
 from ray.exceptions import GetTimeoutError
 
 from .actors import CloudNode, EdgeNode, EndNode, tier_options
-from .config import Config
+from .config import TIER_RESOURCES, Config
 from .hfsl.plan import devices_by_edge, plan_clusters
 
 
@@ -60,7 +60,7 @@ class GaisNetDriver:
             names = sorted(refs[r] for r in pending)
             raise PlacementError(
                 f"{len(names)} actor(s) not placed after {self.timeout:.0f}s: {names[:8]}; they ask for "
-                f"tier resources {sorted(a for a in ('gaisnet_cloud', 'gaisnet_edge', 'gaisnet_end'))} "
+                f"tier resources {sorted(TIER_RESOURCES.values())} "
                 f"and CPUs/GPUs per topology.*; the cluster has {ray.available_resources()}. "
                 f"Check num_cpus/num_gpus per tier and the nodes' declared resources."
             )

@@ -9,9 +9,7 @@ from __future__ import annotations
 import functools
 import os
 
-from ..config import TierResources
-
-TIER_RESOURCES = {"cloud": "gaisnet_cloud", "edge": "gaisnet_edge", "end": "gaisnet_end"}
+from ..config import TIER_RESOURCES, TierResources
 
 
 def tier_options(tier: str, res: TierResources, name: str | None = None) -> dict:

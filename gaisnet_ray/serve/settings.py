@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..config import TIER_RESOURCES
+
 # Share of its tier resource each replica asks for: a node declaring ``gaisnet_edge: 1`` hosts up to
 # 100 edge replicas, a node declaring none hosts none (placement by tier, as for the actors).
 TIER_RESOURCE_SHARE = 0.01
-TIER_RESOURCES = {"cloud": "gaisnet_cloud", "edge": "gaisnet_edge", "end": "gaisnet_end"}
 
 
 class _Section(BaseModel):
