@@ -209,20 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     from gaisnet_ray.config import load_config
     from gaisnet_ray.data import sample_examples
     from gaisnet_ray.serve.app import serve_run_dir
-    from gaisnet_ray.serve.settings import ServeSettings
-
-    cfg = load_config(run_dir / "config.yaml")
+    
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = ServeSettings(port=port, max_new_tokens=max(64, args.max_new_tokens))
+    cfg = load_config(run_dir / "config.yaml", [f"serve.port={port}", f"serve.max_new_tokens={max(64, args.max_new_tokens)}"])
+    settings = cfg.serve
     data["config"] = cfg.model_dump(mode="json")
     data["serve_settings"] = settings.model_dump(mode="json")
     domains = list(cfg.data.domains)
     rng = random.Random(args.seed)
 
     t0 = time.perf_counter()
-    handle = serve_run_dir(run_dir, settings, cfg, blocking=False)
+    handle = serve_run_dir(run_dir, cfg, blocking=False)
     data["serve_start_s"] = time.perf_counter() - t0
     print(f"app up in {data['serve_start_s']:.1f} s at {handle.url}", flush=True)
     try:

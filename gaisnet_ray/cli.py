@@ -1,12 +1,14 @@
 """The ``gaisnet`` command (also ``python -m gaisnet_ray``).
 
-Exit codes: 0 success; 2 bad config or arguments (nothing was started); 1 the run failed.
+Exit codes: 0 success; 2 bad config or arguments (nothing was started); 1 the run failed;
+130 interrupted (Ctrl-C or SIGTERM; what was finished stays on disk).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -23,6 +25,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config key, e.g. --set training.rounds=3 (repeatable)")
     run.add_argument("--out", help="run folder (default: run.out_dir or runs/<timestamp>)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--serve", action="store_true",
+                     help="also serve tiered inference (serve.* settings) while training, hot-swapping each new "
+                          "knowledge version; keeps serving after the last round until Ctrl-C")
+
+    srv = sub.add_parser("serve", help="serve a run folder's model and knowledge over HTTP (Ray Serve)")
+    srv.add_argument("run_dir")
+    srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key of the run's config, e.g. --set serve.port=8080 (repeatable)")
+    srv.add_argument("--host", help="bind address (same as --set serve.host=...)")
+    srv.add_argument("--port", type=int, help="HTTP port (same as --set serve.port=...)")
 
     cfg = sub.add_parser("config", help="print the resolved config as YAML (validates it)")
     cfg.add_argument("config", nargs="?")
@@ -52,10 +64,53 @@ def _inspect(run_dir: Path) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        print(f"error: '{run_dir}' is not a run folder (no config.yaml)", file=sys.stderr)
+        return 2
+    overrides = list(args.overrides)
+    if args.host is not None:
+        overrides.append(f"serve.host={args.host}")
+    if args.port is not None:
+        overrides.append(f"serve.port={args.port}")
+    try:
+        cfg = load_config(run_dir / "config.yaml", overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from .serve.app import serve_run_dir
+    from .serve.errors import PortInUseError
+
+    try:
+        serve_run_dir(run_dir, cfg)
+    except (FileNotFoundError, PortInUseError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "inspect":
         return _inspect(Path(args.run_dir))
+    # `kill` and container runtimes send SIGTERM: unwind like Ctrl-C, so actors, Serve and a local
+    # Ray started here are shut down and every finished round stays on disk
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(args) -> int:
+    if args.command == "serve":
+        return _serve(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -66,10 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .job import run_job  # imported here: Ray and torch load only when a run starts
     from .runfolder import RunFolderError
+    from .serve.errors import PortInUseError
 
     try:
-        run_dir = run_job(cfg, args.out, progress=False if args.no_progress else None)
+        run_dir = run_job(cfg, args.out, progress=False if args.no_progress else None, serve=args.serve)
     except RunFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except PortInUseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"run folder: {run_dir}")

@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .cloudengine.settings import CloudEngineConfig
+from .serve.settings import ServeSettings
+from .tiers import TIER_RESOURCES
 
 __all__ = [
     "Config",
@@ -138,8 +140,6 @@ class TopologyConfig(_Section):
         return self.device_cuts.get(device, self.cut)
 
 
-# The custom Ray resource each tier's actors and deployments ask for; nodes declare them.
-TIER_RESOURCES = {"cloud": "gaisnet_cloud", "edge": "gaisnet_edge", "end": "gaisnet_end"}
 
 
 def device_id(edge: int, index: int) -> str:
@@ -211,6 +211,7 @@ class Config(_Section):
     links: LinksConfig = LinksConfig()
     training: TrainingConfig = TrainingConfig()
     cloud: CloudEngineConfig = CloudEngineConfig()
+    serve: ServeSettings = ServeSettings()
     run: RunConfig = RunConfig()
 
 

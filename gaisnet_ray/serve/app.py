@@ -4,8 +4,8 @@
   placed by its tier resource and sized by the settings.
 - ``app_builder(args)``: the same for ``serve run deploy/serve_config.yaml`` (``args``: ``run_dir``,
   optional ``settings``).
-- ``serve_run_dir(run_dir, settings)``: ``gaisnet serve``: Ray (local dev mode unless one is up)
-  + Serve on ``settings.host:port``; blocks until Ctrl-C.
+- ``serve_run_dir(run_dir, cfg)``: ``gaisnet serve``: Ray (local dev mode unless one is up)
+  + Serve on ``cfg.serve.host:port``; blocks until Ctrl-C or SIGTERM.
 - ``start_serving(run_dir, settings)``: the non-blocking start ``gaisnet run --serve`` uses while
   its own Ray is up; the training loop keeps publishing versions and the deployments pick them up.
 """
@@ -26,6 +26,7 @@ from ray.serve.config import BackpressureConfig
 from .cloud import CloudTier
 from .edge import EdgeTier
 from .end import EndTier
+from .errors import PortInUseError, check_port_free
 from .ingress import Router
 from .settings import TIER_RESOURCE_SHARE, TIER_RESOURCES, ServeSettings, ServeTier
 
@@ -157,10 +158,10 @@ def _run_or_explain(app: serve.Application, s: ServeSettings) -> None:
         f"nodes (local dev mode does) or lower serve.<tier>.num_cpus")
 
 
-def serve_run_dir(run_dir: str | Path, settings: ServeSettings | dict | None = None, cfg=None,
-                  blocking: bool = True) -> ServingHandle | None:
+def serve_run_dir(run_dir: str | Path, cfg=None, blocking: bool = True) -> ServingHandle | None:
     """``gaisnet serve RUN_DIR``: connect to Ray (a private local dev-mode node declaring the tier
-    resources, sized by ``cfg``, the run's own config by default) and serve until Ctrl-C.
+    resources the deployments ask for, unless this process is already connected) and serve with
+    ``cfg.serve`` (``cfg``: the run's own config.yaml by default) until Ctrl-C.
 
     With ``blocking=False`` it returns the ``ServingHandle``; its ``shutdown()`` also stops the Ray
     started here.
@@ -171,23 +172,35 @@ def serve_run_dir(run_dir: str | Path, settings: ServeSettings | dict | None = N
     if cfg is None:
         cfg_path = Path(run_dir) / "config.yaml"
         cfg = load_config(cfg_path) if cfg_path.is_file() else default_config()
+    _check_run_dir(run_dir)  # before starting Ray: a wrong path or a taken port fail in milliseconds
+    check_port_free(cfg.serve.host, cfg.serve.port)
     stack = contextlib.ExitStack()
-    stack.enter_context(connect(cfg))
+    stack.enter_context(connect(cfg, training=False, serving=True))
     try:
-        handle = start_serving(run_dir, settings)
+        handle = start_serving(run_dir, cfg.serve)
     except BaseException:
         stack.close()
         raise
     handle._stack = stack
-    print(f"serving {Path(run_dir).resolve()} at {handle.url} (OpenAI-compatible API under {handle.url}/v1)",
-          flush=True)
+    announce(run_dir, handle)
     if not blocking:
         return handle
+    try:
+        wait_for_interrupt()
+    finally:
+        handle.shutdown()
+    return None
+
+
+def announce(run_dir: str | Path, handle: ServingHandle) -> None:
+    print(f"serving {Path(run_dir).resolve()} at {handle.url} (OpenAI-compatible API under {handle.url}/v1)",
+          flush=True)
+
+
+def wait_for_interrupt() -> None:
+    """Block until Ctrl-C (the CLI turns SIGTERM into the same, so cleanup runs on ``kill`` too)."""
     try:
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
         print("stopping", flush=True)
-    finally:
-        handle.shutdown()
-    return None

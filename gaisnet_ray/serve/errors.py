@@ -8,6 +8,7 @@ exception class). No Ray import here.
 from __future__ import annotations
 
 import math
+import socket
 
 
 class ServeError(Exception):
@@ -40,3 +41,19 @@ def prompt_too_long(prompt_tokens: int, limit: int, param: str = "prompt") -> Se
 def overloaded(message: str, retry_after_s: float) -> ServeError:
     return ServeError(503, "overloaded", f"{message}; retry after {retry_after_s:g} s", None,
                       {"Retry-After": str(max(0, math.ceil(retry_after_s)))})
+
+
+class PortInUseError(OSError):
+    """The HTTP address to serve on is taken; raised before anything starts."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail fast, naming the address, instead of a Serve proxy that retries binding forever."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise PortInUseError(f"cannot serve on {host}:{port}: {e.strerror or e}; "
+                                 f"choose another with --port or --set serve.port=...") from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import TIER_RESOURCES
+from ..tiers import TIER_RESOURCES
 
 # Share of its tier resource each replica asks for: a node declaring ``gaisnet_edge: 1`` hosts up to
 # 100 edge replicas, a node declaring none hosts none (placement by tier, as for the actors).
