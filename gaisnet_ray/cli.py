@@ -55,12 +55,20 @@ def _inspect(run_dir: Path) -> int:
         ev = m.get("eval", {})
         em = {d: round(v["exact_match"], 3) for d, v in ev.items()}
         loss = {d: round(v["loss"], 3) for d, v in ev.items()}
-        print(json.dumps({"round": m["round"], "version": m["version"], "train_loss": round(m["train_loss"], 4),
-                          "eval_loss": loss, "exact_match": em, "bytes_up": m["bytes_up"],
-                          "bytes_down": m["bytes_down"], "modeled_comm_s": round(m["modeled_comm_s"], 3),
-                          "wall_s": round(m["wall_s"], 2)}))
+        row = {"round": m["round"], "version": m["version"], "train_loss": round(m["train_loss"], 4),
+               "eval_loss": loss, "exact_match": em, "bytes_up": m["bytes_up"], "bytes_down": m["bytes_down"],
+               "modeled_comm_s": round(m["modeled_comm_s"], 3), "wall_s": round(m["wall_s"], 2)}
+        if m.get("relay"):
+            rel = m["relay"]
+            row["relay"] = {"policy": rel["policy"], "base_version": rel["base_version"],
+                            **{f"cloud_loss_{k}": {d: round(v["loss"], 3) for d, v in rel[f"cloud_{k}"].items()}
+                               for k in ("before", "after")}}
+        print(json.dumps(row))
     versions = sorted(p.name for p in (run_dir / "knowledge").glob("v*") if p.is_dir())
     print(f"knowledge versions: {', '.join(versions) or 'none'}")
+    bases = sorted(p.name for p in (run_dir / "knowledge" / "bases").glob("b*") if p.is_dir())
+    if bases:
+        print(f"base versions: {', '.join(bases)} (model/ = {bases[-1]})")
     return 0
 
 

@@ -188,6 +188,27 @@ class TrainingConfig(_Section):
     seed: int = Field(0, description="Seed for batch order and pre-training.")
 
 
+# --------------------------------------------------------------------------------------- relay
+class RelayConfig(_Section):
+    policy: Literal["none", "merge", "distill"] = Field(
+        "merge", description="How the cloud absorbs each round's relayed knowledge into its foundation model, "
+        "data-free: none (the base stays fixed); merge (fold the global adapter into the base weights); distill "
+        "(the base learns, by KL in the cloud engine, the edges' adapters on inputs the cloud generates itself). "
+        "The new base goes back down to edges and devices and the next round starts from it."
+    )
+    distill_samples: int = Field(96, ge=1, description="Self-generated training inputs per distillation.")
+    distill_heldout: int = Field(32, ge=1, description="Self-generated held-out inputs the KL is measured on.")
+    distill_steps: int = Field(30, ge=1, description="Optimizer steps of each distillation.")
+    distill_batch_size: int = Field(16, ge=1, description="Inputs per distillation step.")
+    distill_lr: float = Field(1e-3, gt=0, description="Learning rate of the distilled base (cosine decay).")
+    distill_temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature of the teachers when they generate the inputs."
+    )
+    distill_seq_len: int | None = Field(
+        None, ge=2, description="Tokens per self-generated input; None: model.max_seq_len."
+    )
+
+
 # ----------------------------------------------------------------------------------------- run
 class RunConfig(_Section):
     out_dir: str | None = Field(None, description="Run folder; default runs/<timestamp>.")
@@ -211,6 +232,7 @@ class Config(_Section):
     links: LinksConfig = LinksConfig()
     training: TrainingConfig = TrainingConfig()
     cloud: CloudEngineConfig = CloudEngineConfig()
+    relay: RelayConfig = RelayConfig()
     serve: ServeSettings = ServeSettings()
     run: RunConfig = RunConfig()
 

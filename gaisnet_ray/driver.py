@@ -15,6 +15,7 @@ from ray.exceptions import GetTimeoutError
 
 from .actors import CloudNode, EdgeNode, EndNode, tier_options
 from .config import TIER_RESOURCES, Config
+from .hfsl.inprocess import relay_down_bytes
 from .hfsl.plan import devices_by_edge, plan_clusters
 
 
@@ -89,8 +90,19 @@ class GaisNetDriver:
             raise TimeoutError(f"round {round_idx} did not finish within run.actor_timeout_s="
                                f"{self.timeout:.0f}s") from None
         self.knowledge_ref = knowledge_ref
+        if "relay" in metrics:
+            metrics["relay"]["bytes_down"] = self._relay_down()
         metrics["wall_s"] = time.perf_counter() - started
         return metrics
+
+    def _relay_down(self) -> dict:
+        """Send the cloud's new base (one object, pulled by each node) to every edge and device and
+        wait until all hold it, so the next round runs on it everywhere."""
+        package = self.cloud.foundation.remote()
+        nodes = {**self.edges, **self.devices}
+        refs = {name: a.update_base.remote(package) for name, a in nodes.items()}
+        written = ray.get(list(refs.values()), timeout=self.timeout)
+        return relay_down_bytes(dict(zip(refs, written)))
 
     # ------------------------------------------------------------------------------ closing
     def close(self) -> None:

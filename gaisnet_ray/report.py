@@ -1,4 +1,5 @@
-"""report.png: training loss, per-domain eval, bytes per link, modeled vs measured time."""
+"""report.png: training loss, per-domain eval, bytes per link, modeled vs measured time, and (with a
+relay) the cloud foundation model's eval before and after each round's relay."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from .runfolder import REPORT_NAME, read_metrics  # noqa: E402
 def write_report(run_dir: str | Path, initial_eval: dict | None = None) -> Path:
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    relays = [(r["round"], r["relay"]) for r in rows if r.get("relay")]
+    fig, axes = plt.subplots(3 if relays else 2, 2, figsize=(11, 12 if relays else 8))
     rounds = [r["round"] for r in rows]
 
     ax = axes[0, 0]
@@ -52,8 +54,29 @@ def write_report(run_dir: str | Path, initial_eval: dict | None = None) -> Path:
         twin.set_ylabel("seconds")
         twin.set_ylim(bottom=0)
         twin.legend(fontsize=7, loc="center right")
+    if relays:
+        _plot_relay(axes[2, 0], axes[2, 1], relays)
     fig.tight_layout()
     path = run_dir / REPORT_NAME
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _plot_relay(ax_loss, ax_em, relays: list[tuple[int, dict]]) -> None:
+    """Per domain: the foundation model alone before (dashed) and after (solid) each relay."""
+    policy = relays[0][1].get("policy", "?")
+    domains = sorted({d for _, rel in relays for d in rel.get("cloud_after", {})})
+    for i, d in enumerate(domains):
+        color = f"C{i}"
+        xs = [r for r, _ in relays]
+        for key, style, label in (("cloud_before", "--", "before"), ("cloud_after", "-", "after")):
+            for ax, metric in ((ax_loss, "loss"), (ax_em, "exact_match")):
+                ax.plot(xs, [rel[key][d][metric] for _, rel in relays], style, color=color, marker="o",
+                        label=f"{d} {label}")
+    ax_loss.set(title=f"cloud foundation model, held-out loss: before / after relay ({policy})", xlabel="round",
+                ylabel="loss")
+    ax_em.set(title="cloud foundation model, exact match: before / after relay", xlabel="round",
+              ylabel="exact match")
+    for ax in (ax_loss, ax_em):
+        ax.legend(fontsize=6, ncol=2)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-# What the session's local Ray node declares: enough tier resources for the small test topologies.
-RAY_TEST_RESOURCES = {"gaisnet_cloud": 1, "gaisnet_edge": 2, "gaisnet_end": 4}
+# What the session's local Ray node declares: enough tier resources for the small test topologies
+# (two cloud units: a 2-worker cloud world).
+RAY_TEST_RESOURCES = {"gaisnet_cloud": 2, "gaisnet_edge": 2, "gaisnet_end": 4}
 
 
 @pytest.fixture(scope="session")

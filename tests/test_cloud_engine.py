@@ -90,14 +90,14 @@ def test_settings_defaults_are_plain_torch():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(engine="deepspeed", zero_stage=2, offload_params=True),
      r"cloud\.offload_params \(true\) needs cloud\.zero_stage 3, got cloud\.zero_stage 2"),
-    (dict(engine="deepspeed", workers=2), r"cloud\.workers \(2\) > 1 is not supported yet"),
+    (dict(engine="torch", workers=2), r"cloud\.workers \(2\) > 1 needs cloud\.engine 'deepspeed'"),
     (dict(engine="deepspeed", offload_optimizer=True), r"cloud\.offload_optimizer .* needs cloud\.zero_stage >= 1"),
     (dict(engine="torch", zero_stage=2), r"cloud\.zero_stage \(2\) need cloud\.engine 'deepspeed'"),
     (dict(engine="torch", precision="bf16"), r"cloud\.precision \('bf16'\) need cloud\.engine 'deepspeed'"),
     (dict(zero_stage=4), r"less than or equal to 3"),
     (dict(grad_accum_steps=0), r"greater than or equal to 1"),
     (dict(stage=2), r"Extra inputs are not permitted"),
-], ids=["offload_params-without-zero3", "workers-2", "offload_optimizer-zero0", "torch-with-zero",
+], ids=["offload_params-without-zero3", "workers-2-torch", "offload_optimizer-zero0", "torch-with-zero",
         "torch-with-bf16", "zero_stage-4", "grad_accum-0", "unknown-key"])
 def test_bad_settings_name_the_fields(kwargs, match):
     with pytest.raises(ValidationError, match=match):

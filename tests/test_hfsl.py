@@ -38,6 +38,7 @@ TINY = [
     "data.samples_per_device=16", "data.partition=iid", "data.eval_samples_per_domain=4",
     "data.domains=[arithmetic, strings]", "data.public_domains=[arithmetic]", "training.batch_size=8",
     "training.local_steps=4", "training.rounds=3", "training.lr=0.003",
+    "relay.policy=none",  # the HFSL mechanics on one fixed base; tests/test_relay.py covers the relay
 ]
 B, T, H, STEPS = 8, 48, 64, 4
 ACT = B * T * H * 4  # one float32 (B, T, H) activation or gradient: 98304 bytes

@@ -191,7 +191,7 @@ def test_health_and_models(served):
     h = r.json()
     assert h["status"] == "ok" and h["knowledge_version"] == 1 and h["served_version"] == 1
     assert set(h["tiers"]) == {"edge", "cloud", "end"}
-    assert h["adapters"] == {"base": None, "global": 1, "edge-0": 1, "edge-1": 1}
+    assert h["adapters"] == {"base": 1, "global": 1, "edge-0": 1, "edge-1": 1} and h["base_version"] == 1
 
     ids = [m["id"] for m in served.http.get("/v1/models").json()["data"]]
     assert ids[0] == "gaisnet"
@@ -214,7 +214,7 @@ def test_generate_reports_tier_reason_and_version(served):
     assert r.headers["x-gaisnet-tier"] == "edge" and r.headers["x-gaisnet-adapter"] == "edge-1"
 
     base = gen(adapter="base").json()
-    assert base["adapter"] == "base" and base["version"] is None
+    assert base["adapter"] == "base" and base["version"] == 1  # the base after round 1's relay (merge)
 
     routed = gen(prompt="3 km in m=", tier="edge").json()
     assert routed["domain"] == "units" and routed["adapter"] == served_domain_adapter(served, "units")

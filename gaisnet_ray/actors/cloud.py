@@ -17,7 +17,12 @@ class CloudNode:
     def __init__(self, cfg: Config, run_dir: str):
         torch_device = setup_worker(cfg.run.torch_threads, cfg.topology.cloud.num_gpus)
         self._audit = MessageAudit("cloud", cfg.run.audit_messages)
-        self.core = CloudCore(cfg, run_dir, torch_device)
+        peers = None
+        if cfg.cloud.workers > 1:
+            from .cloudworld import RayCloudPeers
+
+            peers = RayCloudPeers(cfg, run_dir)  # ranks 1.. of the cloud's DeepSpeed world
+        self.core = CloudCore(cfg, run_dir, torch_device, peers)
 
     @crosses_boundary
     def foundation(self) -> FoundationPackage:
@@ -35,6 +40,10 @@ class CloudNode:
     @crosses_boundary
     def evaluate(self) -> dict:
         return self.core.evaluate()
+
+    def peer_reports(self) -> list:
+        """What the peer ranks returned from each job (their losses), for logs and tests."""
+        return self.core.peer_reports
 
     def dump_audit(self, directory: str) -> str | None:
         path = self._audit.dump(directory)

@@ -45,6 +45,11 @@ class EdgeNode:
     def finish_round(self, cluster_ids: list[str], *last_turns: TurnResult) -> EdgeUpdate:
         return self.core.finish_round(dict(zip(cluster_ids, last_turns)))
 
+    @crosses_boundary
+    def update_base(self, package) -> int:
+        """Relay down: load the new foundation weights this node holds; returns the bytes taken."""
+        return self.core.update_base(package.state_dict)
+
     def dump_audit(self, directory: str) -> str | None:
         path = self._audit.dump(directory)
         return str(path) if path else None

@@ -45,6 +45,11 @@ class EndNode:
         link = RayEdgeLink(edge, cluster_id, self.device_id, self.timeout_s)
         return self.core.train_turn(adapter, link, cluster_id, steps)
 
+    @crosses_boundary
+    def update_base(self, package) -> int:
+        """Relay down: load the new foundation weights this node holds; returns the bytes taken."""
+        return self.core.update_base(package.state_dict)
+
     def dump_audit(self, directory: str) -> str | None:
         path = self._audit.dump(directory)
         return str(path) if path else None

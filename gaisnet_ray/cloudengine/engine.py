@@ -29,7 +29,7 @@ import torch
 
 from ..data import Example, encode_examples
 from .settings import CloudEngineConfig
-from .world import World, close_world, ensure_accelerator, open_world
+from .world import World, WorldSpec, close_world, ensure_accelerator, open_world
 
 __all__ = ["CheckpointError", "CloudTrainer", "deepspeed_config"]
 
@@ -38,6 +38,7 @@ META_NAME = "cloud_engine.json"  # beside each checkpoint tag: settings, steps, 
 TORCH_STATE_NAME = "trainer_state.pt"  # the torch engine's checkpoint inside a tag folder
 
 KeySelection = Iterable[str] | Callable[[str], bool] | None
+LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]  # (logits, batch) -> scalar loss
 
 
 def _rank() -> int:
@@ -94,12 +95,18 @@ class CloudTrainer:
     ``DeepSpeedCPUAdam`` only for optimizer offload on a non-CPU accelerator, torch AdamW otherwise;
     ``cpu_adam`` forces it (its op compiles on first use, ~50 s on 2 cores).
     ``deepspeed_overrides`` is merged into the generated DeepSpeed config (see ``deepspeed_config``).
+    ``world``: this process's rank in a ``cloud.workers``-process world (``WorldSpec``); every rank
+    builds the same model and makes the same calls (DeepSpeed averages gradients across ranks, so
+    parameters stay identical), each on its own batches. None: one process.
     """
 
     def __init__(self, model: torch.nn.Module, settings: CloudEngineConfig | None = None, *, lr: float,
                  weight_decay: float = 0.01, total_steps: int | None = None, micro_batch_size: int = 1,
-                 optimizer: Literal["auto", "torch", "cpu_adam"] = "auto", deepspeed_overrides: dict | None = None):
+                 optimizer: Literal["auto", "torch", "cpu_adam"] = "auto", deepspeed_overrides: dict | None = None,
+                 world: WorldSpec | None = None):
         self.settings = settings or CloudEngineConfig()
+        self.world_spec = world
+        self.rank = world.rank if world is not None else 0
         self.micro_steps = 0  # micro-batches seen (across checkpoints)
         self._world: World | None = None
         self._engine = None
@@ -115,6 +122,8 @@ class CloudTrainer:
             return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
 
         if self.settings.engine == "torch":
+            if world is not None and world.size > 1:
+                raise ValueError("a multi-worker world needs cloud.engine 'deepspeed'")
             if optimizer == "cpu_adam" or deepspeed_overrides:
                 raise ValueError("optimizer='cpu_adam' and deepspeed_overrides need cloud.engine 'deepspeed'")
             self._module = model
@@ -125,12 +134,12 @@ class CloudTrainer:
             self.optimizer_kind = "torch.optim.AdamW"
         else:
             ds_config = deepspeed_config(self.settings, micro_batch_size, deepspeed_overrides)
-            self._build_deepspeed(model, params, lr, weight_decay, schedule, ds_config, optimizer)
+            self._build_deepspeed(model, params, lr, weight_decay, schedule, ds_config, optimizer, world)
 
     # ------------------------------------------------------------------------------- building
-    def _build_deepspeed(self, model, params, lr, weight_decay, schedule, ds_config, optimizer) -> None:
+    def _build_deepspeed(self, model, params, lr, weight_decay, schedule, ds_config, optimizer, world) -> None:
         accelerator = ensure_accelerator()
-        self._world = open_world(self.settings.workers)
+        self._world = open_world(self.settings.workers, world)
         try:
             import deepspeed
 
@@ -172,19 +181,27 @@ class CloudTrainer:
             return float(self._engine.get_lr()[0])
         return float(self._optimizer.param_groups[0]["lr"])
 
-    def step(self, batch: dict[str, torch.Tensor]) -> float:
+    def step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn | None = None) -> float:
         """Forward + backward one micro-batch (``input_ids``, ``labels`` ...; (B, T) each); the
-        optimizer steps after every ``grad_accum_steps``-th call. Returns the micro-batch loss."""
+        optimizer steps after every ``grad_accum_steps``-th call. Returns the micro-batch loss.
+
+        ``loss_fn(logits, batch)`` replaces the model's own LM loss (e.g. a distillation KL against
+        teacher probabilities carried in ``batch``); the model then sees only ``input_ids`` and
+        ``attention_mask``. The loss is backpropagated through the engine either way, so ZeRO,
+        offload, bf16 and accumulation apply unchanged."""
         self._check_open()
         self._module.train()
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        model_in = batch if loss_fn is None else {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
         accum = self.settings.grad_accum_steps
         if self._engine is not None:
-            loss = self._engine(**batch).loss
+            out = self._engine(**model_in)
+            loss = out.loss if loss_fn is None else loss_fn(out.logits, batch)
             self._engine.backward(loss)  # divides by grad_accum_steps
             self._engine.step()  # optimizer + schedule only at the accumulation boundary
         else:
-            loss = self._module(**batch).loss
+            out = self._module(**model_in)
+            loss = out.loss if loss_fn is None else loss_fn(out.logits, batch)
             (loss / accum if accum > 1 else loss).backward()
             if (self.micro_steps + 1) % accum == 0:
                 self._optimizer.step()
@@ -200,7 +217,8 @@ class CloudTrainer:
         """``steps`` optimizer steps on ``examples``; returns each step's mean micro-batch loss.
 
         Batches are drawn as in ``pretrain_foundation``: one ``torch.Generator`` seeded with
-        ``seed``, ``batch_size`` row indices with replacement per micro-batch. The stream is a
+        ``seed`` (plus the rank in a multi-worker world, so each rank trains on its own batches),
+        ``batch_size`` row indices with replacement per micro-batch. The stream is a
         function of (seed, micro-batches already seen), so a trainer resumed from a checkpoint
         continues it where the saved run stopped (given the same examples and batch size). With
         ``checkpoint_dir``, saves every ``checkpoint_every`` optimizer steps and at the end.
@@ -210,7 +228,7 @@ class CloudTrainer:
         data = encode_examples(examples, tokenizer, seq_len)  # input_ids, labels: (N, T)
         n = data["input_ids"].shape[0]
         b = min(batch_size, n)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed + 1_000_003 * self.rank)
         for _ in range(self.micro_steps):  # skip the batches an earlier (saved) run consumed
             torch.randint(0, n, (b,), generator=gen)
         every = self.settings.checkpoint_every

@@ -38,7 +38,8 @@ class CloudEngineConfig(BaseModel):
         "micro-batch mean losses' gradients (DeepSpeed's convention, used by both engines)."
     )
     workers: int = Field(
-        1, ge=1, description="Cloud workers in one training world; this version supports 1 (a single-process world)."
+        1, ge=1, description="Cloud workers in one DeepSpeed world (data parallel; ZeRO partitions over them). "
+        "Worker 0 is the CloudNode actor, the others CloudWorker actors asking for the same cloud resources."
     )
     checkpoint_every: int = Field(
         0, ge=0, description="Save a resumable checkpoint every N optimizer steps of cloud training "
@@ -47,10 +48,10 @@ class CloudEngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "CloudEngineConfig":
-        if self.workers > 1:
+        if self.workers > 1 and self.engine != "deepspeed":
             raise ValueError(
-                f"cloud.workers ({self.workers}) > 1 is not supported yet: this version trains the cloud "
-                "model in a single-process world (set cloud.workers=1)"
+                f"cloud.workers ({self.workers}) > 1 needs cloud.engine 'deepspeed'; cloud.engine 'torch' "
+                "trains in one process"
             )
         if self.offload_params and self.zero_stage != 3:
             raise ValueError(

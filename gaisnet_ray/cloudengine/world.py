@@ -1,10 +1,13 @@
-"""The training world of the cloud engine: one process here (rank 0 of 1), set up safely.
+"""The training world of the cloud engine: one process, or several cloud workers in one group.
 
 DeepSpeed needs a ``torch.distributed`` process group even for one process. ``open_world`` joins a
-group that already exists (a launcher's, or one a test opened), or creates a single-process gloo
-group (nccl on CUDA) and says so, so that only its creator tears it down (``close_world``:
-barrier, then destroy; without the barrier multi-process worlds sometimes abort at exit).
-Environment variables are set only where absent, and those this module set are removed again.
+group that already exists (a launcher's, or one a test opened), or creates one: a single-process
+group for one worker, or, given a ``WorldSpec`` (rank, size, rendezvous address), this process's
+rank of a multi-process group: gloo on CPU (DS_ACCELERATOR=cpu), nccl on CUDA. Whoever created the
+group tears it down (``close_world``: barrier, then destroy; without the barrier multi-process
+worlds sometimes abort at exit). Environment variables are set only where absent, and those this
+module set are removed again. Who starts the other ranks is the caller's business
+(``actors/cloudworld.py`` starts them as Ray actors).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import socket
 import warnings
 from dataclasses import dataclass, field
 
-__all__ = ["World", "WorldError", "close_world", "ensure_accelerator", "open_world"]
+__all__ = ["World", "WorldError", "WorldSpec", "close_world", "ensure_accelerator", "open_world"]
 
 # torch 2.13 deprecates the collectives DeepSpeed 0.19 calls and warns on every call (seen at
 # ZeRO 1-3 on one rank: all_gather_into_tensor every step, reduce_scatter_tensor at build);
@@ -27,6 +30,21 @@ _DEPRECATED_COLLECTIVES = (
 
 class WorldError(RuntimeError):
     """The process-group environment does not fit a single-process cloud world."""
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """This process's place in a multi-process cloud world: rank ``rank`` of ``size``, meeting the
+    others at ``master_addr:master_port`` (rank 0's host and a port free there)."""
+
+    rank: int
+    size: int
+    master_addr: str
+    master_port: int
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.size:
+            raise WorldError(f"rank {self.rank} is outside a world of {self.size}")
 
 
 @dataclass
@@ -58,8 +76,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def open_world(workers: int = 1) -> World:
-    """Join the existing process group, or create a single-process one."""
+def open_world(workers: int = 1, spec: WorldSpec | None = None, timeout_s: float = 300.0) -> World:
+    """Join the existing process group, or create this process's part of a new one.
+
+    ``workers`` is ``cloud.workers``; more than one needs ``spec`` (rank and rendezvous), and every
+    rank must call this within ``timeout_s`` of the others.
+    """
+    import datetime
+
     import torch.distributed as dist
 
     quiet_collective_warnings()
@@ -68,14 +92,26 @@ def open_world(workers: int = 1) -> World:
         if size != workers:
             raise WorldError(f"the process group has {size} ranks but cloud.workers is {workers}")
         return World(backend=str(dist.get_backend()), created=False)
-    if workers != 1:
-        raise WorldError(f"cloud.workers ({workers}) > 1 needs a launcher that forms the world; "
-                         "this version creates single-process worlds only")
+    if spec is None and workers != 1:
+        raise WorldError(f"cloud.workers ({workers}) > 1 needs each worker's rank and the rendezvous address "
+                         "(a WorldSpec; the Ray runtime's cloud world provides them)")
+    if spec is not None and spec.size != workers:
+        raise WorldError(f"the world spec has {spec.size} ranks but cloud.workers is {workers}")
     size = os.environ.get("WORLD_SIZE")
-    if size is not None and size != "1":
+    if spec is None and size is not None and size != "1":
         raise WorldError(f"WORLD_SIZE is {size} in the environment but cloud.workers is 1; "
                          "unset it or start the engine under the launcher that set it")
-    wanted = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": None, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    if spec is None:
+        wanted = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": None, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    else:  # the spec decides: stale values from an earlier world must not leak into this one
+        wanted = {"MASTER_ADDR": spec.master_addr, "MASTER_PORT": str(spec.master_port), "RANK": str(spec.rank),
+                  "WORLD_SIZE": str(spec.size), "LOCAL_RANK": "0"}
+        clash = {k: os.environ[k] for k, v in wanted.items() if k in os.environ and os.environ[k] != v}
+        if clash:
+            raise WorldError(f"the environment already sets {clash}, which contradicts this worker's world spec "
+                             f"{spec}; unset them")
+        if spec.master_addr in ("127.0.0.1", "localhost"):
+            wanted["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo's own connections on loopback too
     env_set = []
     for name, value in wanted.items():
         if name not in os.environ:
@@ -85,7 +121,13 @@ def open_world(workers: int = 1) -> World:
     import deepspeed
 
     backend = "gloo" if accelerator == "cpu" else None  # None: the accelerator's own (nccl on CUDA)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    try:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+    except BaseException:
+        for name in env_set:
+            os.environ.pop(name, None)
+        raise
     return World(backend=str(dist.get_backend()), created=True, env_set=env_set)
 
 

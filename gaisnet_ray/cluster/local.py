@@ -26,7 +26,8 @@ class ClusterInfo:
 
 
 def required_resources(cfg: Config, training: bool = True, serving: bool = False) -> dict[str, float]:
-    """What a run asks of Ray: one tier resource per actor plus the tiers' CPUs and GPUs when
+    """What a run asks of Ray: one tier resource per actor (``cloud.workers`` for the cloud) plus the
+    tiers' CPUs and GPUs when
     ``training``, and the Serve deployments' share of them when ``serving``.
 
     Tier resources are rounded up to whole units: a node declares ``gaisnet_edge: 2``, not 2.03.
@@ -35,11 +36,12 @@ def required_resources(cfg: Config, training: bool = True, serving: bool = False
     need = {TIER_RESOURCES["cloud"]: 0.0, TIER_RESOURCES["edge"]: 0.0, TIER_RESOURCES["end"]: 0.0,
             "CPU": 0.0, "GPU": 0.0}
     if training:
-        need[TIER_RESOURCES["cloud"]] += 1
+        workers = cfg.cloud.workers  # the CloudNode and its peer CloudWorkers
+        need[TIER_RESOURCES["cloud"]] += workers
         need[TIER_RESOURCES["edge"]] += t.edges
         need[TIER_RESOURCES["end"]] += t.num_devices
-        need["CPU"] += t.cloud.num_cpus + t.edges * t.edge.num_cpus + t.num_devices * t.end.num_cpus
-        need["GPU"] += t.cloud.num_gpus + t.edges * t.edge.num_gpus + t.num_devices * t.end.num_gpus
+        need["CPU"] += workers * t.cloud.num_cpus + t.edges * t.edge.num_cpus + t.num_devices * t.end.num_cpus
+        need["GPU"] += workers * t.cloud.num_gpus + t.edges * t.edge.num_gpus + t.num_devices * t.end.num_gpus
     if serving:
         for k, v in cfg.serve.required_resources().items():
             need[k] += v

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from ..config import Config
-from ..data import eval_examples, public_examples
-from ..knowledge.aggregate import aggregate
+from ..data import eval_examples
+from ..knowledge.aggregate import aggregate, check_finite
+from ..knowledge.bases import BaseStore, refresh_model_dir
 from ..knowledge.codec import content_hash, payload_nbytes
 from ..knowledge.store import KnowledgeStore
-from ..models.adapters import adapter_state, attach_lora, load_adapter_state
-from ..cloudengine import CloudTrainer
+from ..models.adapters import adapter_state, attach_lora, load_adapter_state, load_base_state, merged_base_state
 from ..models.build import FoundationPackage, build_foundation, family_of, load_foundation, save_foundation
+from .cloudjobs import CloudPeers, peer_start, pretrain
 from .evaluate import domain_loss, evaluate_domains
 from .linkmodel import transfer_s
 from .messages import EdgeUpdate, StateDict
@@ -20,8 +22,10 @@ from .messages import EdgeUpdate, StateDict
 class CloudCore:
     """Builds the foundation model, writes it to ``run_dir/model``, and owns the global knowledge."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, torch_device: str = "cpu"):
+    def __init__(self, cfg: Config, run_dir: str | Path, torch_device: str = "cpu", peers: CloudPeers | None = None):
         self.cfg = cfg
+        self.peers = peers  # ranks 1.. of the cloud world when cloud.workers > 1 (hfsl.cloudjobs)
+        self.peer_reports: list = []
         run_dir = Path(run_dir)
         model, tokenizer = build_foundation(cfg.model)
         self.pretrain_losses = self._pretrain(model, tokenizer, run_dir, torch_device)
@@ -34,6 +38,14 @@ class CloudCore:
         self.package = FoundationPackage.from_model(model, tokenizer)
         self.base_hash = content_hash(self.package.state_dict)
         self.tokenizer = tokenizer
+        self.run_dir = run_dir
+        self.torch_device = torch_device
+        # with a relay the base itself is versioned (knowledge/bases/bNNNN); without one it is model/
+        self.bases = BaseStore(run_dir / "knowledge" / "bases") if cfg.relay.policy != "none" else None
+        self.base_version = 0
+        if self.bases is not None:  # before attach_lora, which injects LoRA layers into `model`
+            self.bases.publish(0, model, tokenizer, {"parent_version": None, "policy": None, "round": 0,
+                                                     "content_hash": self.base_hash})
         model.name_or_path = str(self.model_dir)  # what adapter_config.json names as the base
         self.peft = attach_lora(model, cfg.peft, family_of(model), base_name=str(self.model_dir))
         self.peft.to(torch_device)
@@ -42,29 +54,29 @@ class CloudCore:
         self.eval_sets = eval_examples(cfg.data)
         self.version = 0
         self.knowledge: StateDict = {}
+        self.fresh_adapter: StateDict = adapter_state(self.peft)  # LoRA B = 0: base + it == base
+        # with a relay the base itself is versioned (knowledge/bases/bNNNN); without one it is model/
 
     def _pretrain(self, model, tokenizer, run_dir: Path, torch_device: str) -> list[float]:
-        """Pre-train the whole foundation on the cloud's public data (torch or DeepSpeed engine)."""
-        t, public = self.cfg.training, public_examples(self.cfg.data)
-        if t.pretrain_steps <= 0 or not public:
-            return []
-        model.to(torch_device)
-        with CloudTrainer(model, self.cfg.cloud, lr=t.pretrain_lr, total_steps=t.pretrain_steps,
-                          micro_batch_size=t.pretrain_batch_size) as trainer:
-            losses = trainer.train(public, tokenizer, steps=t.pretrain_steps, batch_size=t.pretrain_batch_size,
-                                   seq_len=self.cfg.model.max_seq_len, seed=t.seed,
-                                   checkpoint_dir=run_dir / "cloud" / "checkpoints")
-            if self.cfg.cloud.engine == "deepspeed":
-                trainer.export_hf(run_dir / "model", tokenizer)
-        model.to("cpu")
+        """Pre-train the whole foundation on the cloud's public data (with the peer ranks, if any)."""
+        world, wait = None, None
+        if self.cfg.training.pretrain_steps > 0:
+            world, wait = peer_start(self.cfg, self.peers, "pretrain")
+        losses = pretrain(self.cfg, model, tokenizer, run_dir, torch_device, world)
+        if wait is not None:
+            self.peer_reports.append(wait())
         return losses
 
     def _base_lineage(self) -> dict:
-        return {"base": {"path": "model", "content_hash": self.base_hash}}
+        """Which base an adapter version applies to (``base.path`` is relative to the run folder)."""
+        if self.bases is None:
+            return {"base": {"version": 0, "path": "model", "content_hash": self.base_hash}}
+        path = self.bases.path(self.base_version).relative_to(self.run_dir)
+        return {"base": {"version": self.base_version, "path": str(path), "content_hash": self.base_hash}}
 
     def initial_knowledge(self) -> StateDict:
         """Version 0: the freshly initialised adapter (LoRA B = 0, so it equals the base model)."""
-        self.knowledge = adapter_state(self.peft)
+        self.knowledge = dict(self.fresh_adapter)
         self.store.publish(0, self.knowledge, self.peft.peft_config["default"],
                            {"round": 0, "parent_version": None, **self._base_lineage()})
         return self.knowledge
@@ -101,7 +113,63 @@ class CloudCore:
         metrics = round_metrics(self.cfg, round_idx, self.version, updates, knowledge)
         due = round_idx % t.eval_every == 0 or round_idx == t.rounds
         metrics["eval"] = self.evaluate() if due else {}
-        return knowledge, metrics
+        if self.bases is not None:
+            metrics["relay"] = self.relay(round_idx, updates)
+        return self.knowledge, metrics
+
+    # ------------------------------------------------------------------------------- relay
+    def evaluate_base(self) -> dict[str, dict[str, float]]:
+        """The foundation model alone (no adapter), on every domain's held-out set."""
+        with self.peft.disable_adapter():
+            return self.evaluate()
+
+    def relay(self, round_idx: int, updates: list[EdgeUpdate]) -> dict:
+        """Relay up, data-free: absorb this round's knowledge into the base (``relay.policy``); then
+        version the new base and make it current here (relay down starts from ``self.package``):
+        the next round trains a fresh adapter on it. Returns what it did and the effect per domain.
+
+        Nothing changes if the new weights are not finite: the error names the policy and round.
+        """
+        r = self.cfg.relay
+        started = time.perf_counter()
+        before = self.evaluate_base()
+        out: dict = {"policy": r.policy, "knowledge_version": self.version, "parent_base": self.base_version}
+        if r.policy == "merge":
+            state = merged_base_state(self.peft)
+        else:
+            from ..relay.distill import distill
+
+            def peers(data):
+                world, wait = peer_start(self.cfg, self.peers, "distill", package=self.package, data=data)
+                return world, (None if wait is None else lambda: self.peer_reports.append(wait()))
+
+            result = distill(
+                self.package.materialize().to(self.torch_device), self.peft, self.tokenizer,
+                [u.adapter for u in updates], [float(u.num_samples) for u in updates], engine=self.cfg.cloud,
+                num_inputs=r.distill_samples, num_heldout=r.distill_heldout,
+                seq_len=r.distill_seq_len or self.cfg.model.max_seq_len, steps=r.distill_steps,
+                batch_size=r.distill_batch_size, lr=r.distill_lr, temperature=r.distill_temperature,
+                seed=self.cfg.training.seed * 1_000_003 + round_idx, restore=self.knowledge, peers=peers)
+            state = result.state
+            out["distill"] = result.summary()
+        check_finite(state, source=f"the relayed base of round {round_idx} (relay.policy={r.policy})")
+        package = FoundationPackage(self.package.config, state, self.tokenizer, self.package.attn_implementation)
+        new_base = package.materialize()
+        load_base_state(self.peft, state)
+        load_adapter_state(self.peft, self.fresh_adapter, strict=True)
+        after = self.evaluate_base()
+        self.package, self.base_hash = package, content_hash(state)
+        self.base_version += 1
+        out.update(base_version=self.base_version, cloud_before=before, cloud_after=after)
+        folder = self.bases.publish(self.base_version, new_base, self.tokenizer, {
+            "parent_version": self.base_version - 1, "policy": r.policy, "round": round_idx,
+            "knowledge_version": self.version, "content_hash": self.base_hash,
+            "effect": {"cloud_before": before, "cloud_after": after, **({"distill": out["distill"]}
+                                                                          if "distill" in out else {})}})
+        refresh_model_dir(self.run_dir, folder)
+        self.knowledge = dict(self.fresh_adapter)  # the next round starts from a fresh adapter on the new base
+        out["wall_s"] = time.perf_counter() - started
+        return out
 
 
     def _publish_edges(self, version: int, round_idx: int, updates: list[EdgeUpdate]) -> None:

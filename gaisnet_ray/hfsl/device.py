@@ -13,7 +13,7 @@ import torch
 from ..config import PeftConfig, TrainingConfig
 from ..data import Example, encode_examples
 from ..knowledge.codec import payload_nbytes, tensor_nbytes
-from ..models.adapters import adapter_state, load_adapter_state, trainable_parameters
+from ..models.adapters import adapter_state, load_adapter_state, load_base_state, trainable_parameters
 from ..models.split import Cut, build_tier_model
 from .messages import LinkUsage, StateDict, TurnResult
 
@@ -61,6 +61,11 @@ class DeviceTrainer:
             self._order = torch.randperm(self.num_samples, generator=self._gen)
         idx, self._order = self._order[:b], self._order[b:]
         return self._input_ids[idx].to(self.torch_device), self._labels[idx].to(self.torch_device)
+
+    def update_base(self, base_state: StateDict) -> int:
+        """Relay down: the new foundation weights for the segments this device holds (the
+        cloud sends the whole package; a device keeps only its front and back). Returns bytes."""
+        return load_base_state(self.split.peft, base_state)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(trainable_parameters(self.split.peft), lr=self.training.lr,

@@ -15,7 +15,7 @@ import torch
 
 from ..config import LinkConfig, PeftConfig, TrainingConfig
 from ..knowledge.aggregate import aggregate
-from ..models.adapters import adapter_state, load_adapter_state, trainable_parameters
+from ..models.adapters import adapter_state, load_adapter_state, load_base_state, trainable_parameters
 from ..models.split import Cut, SplitModel, build_tier_model, select_keys
 from .linkmodel import clusters_comm_s
 from .messages import EdgeUpdate, LinkUsage, StateDict, TurnResult
@@ -50,6 +50,11 @@ class EdgeTrainer:
         self._clusters: dict[str, _ClusterState] = {}
         self._round_started = 0.0
         self._compute_s = 0.0
+
+    def update_base(self, base_state: StateDict) -> int:
+        """Relay down: the new foundation weights for the middle blocks this edge runs (none under
+        FL, where devices hold the whole model). Returns the bytes written."""
+        return load_base_state(self.split.peft, base_state) if self.split is not None else 0
 
     # -------------------------------------------------------------------------------- round
     def begin_round(self, global_knowledge: StateDict, clusters: dict[str, list[str]]) -> None:

@@ -44,6 +44,13 @@ def device_trainer(cfg: Config, device: str, package, torch_device: str = "cpu")
                          device_seed(cfg, device), torch_device)
 
 
+def relay_down_bytes(written: dict[str, int]) -> dict:
+    """Bytes of the new base each edge and device took (each keeps only the segments it runs)."""
+    edges = sum(v for k, v in written.items() if k.startswith("edge-"))
+    ends = sum(v for k, v in written.items() if k.startswith("end-"))
+    return {"edge_cloud_down": edges, "end_edge_down": ends, "per_node": written}
+
+
 class DirectEdgeLink:
     """EdgeLink over a direct method call (same process)."""
 
@@ -84,4 +91,9 @@ class InProcessGaisNet:
     def run_round(self, round_idx: int) -> dict:
         updates = [self.edge_round(e) for e in self.by_edge]
         self.knowledge, metrics = self.cloud.aggregate_round(round_idx, updates)
+        if "relay" in metrics:  # relay down: the next round runs on the new base everywhere
+            state = self.cloud.package.state_dict
+            metrics["relay"]["bytes_down"] = relay_down_bytes(
+                {**{e: t.update_base(state) for e, t in self.edges.items()},
+                 **{d: t.update_base(state) for d, t in self.devices.items()}})
         return metrics

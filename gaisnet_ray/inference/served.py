@@ -8,6 +8,7 @@ from pathlib import Path
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..knowledge.bases import BaseStore
 from ..knowledge.store import KnowledgeStore
 
 GLOBAL = "global"
@@ -34,6 +35,7 @@ class ServedRun:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.store = KnowledgeStore(self.run_dir / "knowledge")
         self.edges_root = self.run_dir / "knowledge" / "edges"
+        self.bases = BaseStore(self.run_dir / "knowledge" / "bases")
 
     def latest_version(self) -> int | None:
         return self.store.latest_version()
@@ -63,13 +65,35 @@ class ServedRun:
                     best[domain] = (loss, edge)
         return {d: e for d, (_, e) in best.items()}
 
-    def load_base(self):
-        return AutoModelForCausalLM.from_pretrained(self.model_dir).eval()
+    def latest_base_version(self) -> int | None:
+        """Newest base version a relay wrote (None: the run keeps one base, ``model/``)."""
+        return self.bases.latest_version()
+
+    def base_dir(self, version: int | None) -> Path:
+        return self.bases.path(version) if version is not None else self.model_dir
+
+    def latest_base_dir(self) -> Path:
+        """The newest foundation: the last base version a relay wrote, else ``model/``."""
+        return self.base_dir(self.latest_base_version())
+
+    def base_dir_for(self, store: KnowledgeStore, version: int) -> Path:
+        """The base an adapter version applies to, as its lineage names it (a relay changes the
+        base between versions); runs written before base versioning used ``model/``."""
+        path = store.lineage(version).get("base", {}).get("path")
+        folder = self.run_dir / path if path else self.model_dir
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"version {version} of {store.root} applies to base '{folder}', which is missing")
+        return folder
+
+    def load_base(self, folder: Path | None = None):
+        return AutoModelForCausalLM.from_pretrained(folder or self.latest_base_dir()).eval()
 
     def load_model(self, adapter: str = GLOBAL, version: int | None = None) -> tuple[PeftModel, int]:
-        """Base + the adapter's given (default: latest) version, as plain peft loads it."""
+        """The adapter's given (default: latest) version on the base it applies to, as plain peft
+        loads it."""
         store = self.adapter_store(adapter)
         version = store.latest_version() if version is None else version
         if version is None:
             raise FileNotFoundError(f"no knowledge version of '{adapter}' in {self.run_dir}")
-        return PeftModel.from_pretrained(self.load_base(), store.path(version)).eval(), version
+        base = self.load_base(self.base_dir_for(store, version))
+        return PeftModel.from_pretrained(base, store.path(version)).eval(), version

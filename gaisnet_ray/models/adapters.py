@@ -74,3 +74,44 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor], *, stri
 
 def trainable_parameters(model: PeftModel) -> list[torch.nn.Parameter]:
     return list(_state_key_to_param(model).values())
+
+
+def base_key(name: str) -> str:
+    """The foundation's state-dict name of a peft base-model tensor (peft inserts ``base_layer``)."""
+    return name.replace(".base_layer.", ".")
+
+
+def load_base_state(model: PeftModel, base_state: dict[str, torch.Tensor]) -> int:
+    """Overwrite the frozen foundation weights ``model`` holds (a pruned tier model holds a subset)
+    with ``base_state`` (the foundation's own state-dict names); adapter weights are untouched.
+    Returns the bytes written (tied weights counted once).
+
+    This is how a new base version reaches edges and devices after a relay: in place, so the
+    tier's adapter, optimizer references and pruning stay as they are.
+    """
+    written, seen = 0, set()
+    with torch.no_grad():
+        for name, tensor in model.get_base_model().state_dict(keep_vars=True).items():
+            if "lora_" in name or id(tensor) in seen:
+                continue
+            key = base_key(name)
+            value = base_state.get(key)
+            if value is None:
+                if isinstance(tensor, torch.nn.Parameter):
+                    raise KeyError(f"the new base has no '{key}', which this model holds")
+                continue  # a non-persistent buffer the foundation's state dict does not carry
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise ValueError(f"base key '{key}': shape {tuple(value.shape)} != model {tuple(tensor.shape)}")
+            seen.add(id(tensor))
+            tensor.data.copy_(value.to(tensor.device, tensor.dtype))
+            written += tensor.numel() * tensor.element_size()
+    return written
+
+
+def merged_base_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The foundation's weights with the active adapter folded in (W + scale * B @ A), under the
+    foundation's own state-dict names; ``model`` itself is left unchanged (peft merges a copy)."""
+    import copy
+
+    merged = copy.deepcopy(model).merge_and_unload()
+    return {k: v.detach().to("cpu", copy=True) for k, v in merged.state_dict().items()}

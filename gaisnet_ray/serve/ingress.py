@@ -44,7 +44,7 @@ from .api import (
 )
 from .errors import ServeError, overloaded, unknown_model
 from .settings import ServeSettings
-from .slots import BASE, GenerationRequest, StreamStart, TierAnswer
+from .slots import BASE, GenerationRequest, StreamStart, TierAnswer, latest_of
 
 log = logging.getLogger(__name__)
 api = FastAPI(title="gaisnet", description="Tiered inference over GaisNet's relayed knowledge")
@@ -127,7 +127,7 @@ class Catalog:
 
 def read_catalog(run: ServedRun) -> Catalog:
     adapters = [BASE, *run.adapter_names()]
-    versions = {a: (None if a == BASE else run.adapter_store(a).latest_version()) for a in adapters}
+    versions = {a: latest_of(run, a) for a in adapters}
     domain_adapters = run.domain_adapters()
     domains = list(BUILTIN_DOMAINS)
     cfg_path = run.run_dir / "config.yaml"
@@ -332,6 +332,7 @@ class Router:
         body = {
             "status": "ok" if ok else "degraded",
             "model": str(self.run.model_dir),
+            "base_version": catalog.versions.get(BASE),
             "knowledge_version": catalog.versions.get(GLOBAL),
             "served_version": (tiers.get("cloud") or {}).get("adapters_loaded", {}).get(GLOBAL),
             "adapters": catalog.versions,
@@ -352,7 +353,8 @@ class Router:
                       description="edge first with the domain's adapter; low confidence escalates to the cloud")]
         data += [entry(DOMAIN_PREFIX + d, kind="domain", domain=d, adapter=c.domain_adapters.get(d, GLOBAL))
                  for d in c.domains]
-        data.append(entry(BASE, kind="base", tier="edge", path=str(self.run.model_dir), version=None))
+        data.append(entry(BASE, kind="base", tier="edge", path=str(self.run.latest_base_dir()),
+                          version=c.versions.get(BASE)))
         for a in c.adapters:
             if a != BASE:
                 best = sorted(d for d, e in c.domain_adapters.items() if e == a)

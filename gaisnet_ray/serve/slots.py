@@ -117,8 +117,9 @@ class ServedModel:
 def load_served(run: ServedRun, adapter: str, version: int | None, *, max_prompt_tokens: int | None,
                 torch_device: str = "cpu") -> ServedModel:
     """Load ``adapter`` (``base``, ``global`` or an edge id) at ``version`` (None: latest)."""
-    if adapter == BASE:
-        model, version = run.load_base(), None
+    if adapter == BASE:  # versioned when a relay updates the base (None: one fixed base)
+        version = run.latest_base_version() if version is None else version
+        model = run.load_base(run.base_dir(version))
     else:
         model, version = run.load_model(adapter, version)
     model.to(torch_device)
@@ -129,9 +130,10 @@ def load_served(run: ServedRun, adapter: str, version: int | None, *, max_prompt
 
 
 def latest_of(run: ServedRun, adapter: str) -> int | None:
-    """Newest published version of an adapter (None for the base model, which has none)."""
+    """Newest published version of an adapter; for the base model, its newest base version (None
+    when the run has one fixed base)."""
     if adapter == BASE:
-        return None
+        return run.latest_base_version()
     return run.adapter_store(adapter).latest_version()
 
 
