@@ -94,6 +94,10 @@ class DataConfig(_Section):
 class TierResources(_Section):
     num_cpus: float = Field(0.5, ge=0, description="Logical CPUs each actor of this tier asks for.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; >0 runs the tier on CUDA.")
+    node_labels: dict[str, str] = Field(
+        default_factory=dict, description="Ray node labels this tier's actors must land on (label_selector, "
+        "e.g. {gaisnet/tier: edge}), in addition to the tier resource; {}: the resource alone decides."
+    )
 
 
 class CutConfig(_Section):

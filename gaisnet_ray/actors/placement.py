@@ -18,6 +18,8 @@ def tier_options(tier: str, res: TierResources, name: str | None = None) -> dict
         "num_cpus": res.num_cpus,
         "num_gpus": res.num_gpus,
     }
+    if res.node_labels:  # Ray's label-based scheduling: only nodes started with these labels qualify
+        opts["label_selector"] = dict(res.node_labels)
     if name:
         opts["name"] = name
     return opts
