@@ -213,6 +213,23 @@ class RelayConfig(_Section):
     )
 
 
+# -------------------------------------------------------------------------------------- faults
+class FaultConfig(_Section):
+    turn_timeout_s: float | None = Field(
+        None, gt=0, description="Drop a device whose turn has not finished after this many seconds (it sits out "
+        "the round; its cluster goes on from the last member that finished); None: run.actor_timeout_s."
+    )
+    edge_failure: Literal["reassign", "sit_out"] = Field(
+        "reassign", description="When an edge dies, its devices join the surviving edge with the fewest devices "
+        "from the next round on (reassign), or sit out the rest of the run (sit_out). The round it died in "
+        "completes without it."
+    )
+    min_edge_updates: int = Field(
+        1, ge=1, description="A round needs at least this many edge updates to aggregate; fewer stops the run "
+        "(every finished round stays on disk; `gaisnet run --resume` continues)."
+    )
+
+
 # ----------------------------------------------------------------------------------------- run
 class RunConfig(_Section):
     out_dir: str | None = Field(None, description="Run folder; default runs/<timestamp>.")
@@ -237,6 +254,7 @@ class Config(_Section):
     training: TrainingConfig = TrainingConfig()
     cloud: CloudEngineConfig = CloudEngineConfig()
     relay: RelayConfig = RelayConfig()
+    faults: FaultConfig = FaultConfig()
     serve: ServeSettings = ServeSettings()
     run: RunConfig = RunConfig()
 

@@ -7,11 +7,12 @@ small metrics dict each round returns.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from .actors import CloudNode, EdgeNode, EndNode, tier_options
 from .config import TIER_RESOURCES, Config
@@ -19,8 +20,15 @@ from .hfsl.inprocess import relay_down_bytes
 from .hfsl.plan import devices_by_edge, plan_clusters
 
 
+log = logging.getLogger(__name__)
+
+
 class PlacementError(RuntimeError):
     """Tier actors could not be placed: the cluster lacks the tier resources they ask for."""
+
+
+class RoundFailedError(RuntimeError):
+    """Too few edges delivered an update for the round to aggregate (``faults.min_edge_updates``)."""
 
 
 class GaisNetDriver:
@@ -28,6 +36,9 @@ class GaisNetDriver:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.by_edge = devices_by_edge(cfg.topology)
+        self.members = {e: list(ds) for e, ds in self.by_edge.items()}  # changes when an edge is lost
+        self.dead_devices: set[str] = set()
+        self.dead_edges: set[str] = set()
         self.timeout = cfg.run.actor_timeout_s
         self.cloud = None
         self.edges: dict = {}
@@ -37,10 +48,12 @@ class GaisNetDriver:
         self.initial_eval: dict | None = None
 
     # ---------------------------------------------------------------------------- placement
-    def start(self) -> None:
-        """Place 1 cloud, the edges and the end devices by their tier resources, wait until ready."""
+    def start(self, resume_round: int | None = None) -> None:
+        """Place 1 cloud, the edges and the end devices by their tier resources, wait until ready.
+        ``resume_round``: the last round a resumed run has on disk (the cloud starts from it)."""
         t = self.cfg.topology
-        self.cloud = CloudNode.options(**tier_options("cloud", t.cloud)).remote(self.cfg, str(self.run_dir))
+        self.cloud = CloudNode.options(**tier_options("cloud", t.cloud)).remote(self.cfg, str(self.run_dir),
+                                                                               resume_round)
         self._wait_ready({"cloud": self.cloud})
         package = self.cloud.foundation.remote()  # one object, pulled by every edge and device
         for e, devices in self.by_edge.items():
@@ -68,21 +81,71 @@ class GaisNetDriver:
 
     # ------------------------------------------------------------------------------- rounds
     def run_round(self, round_idx: int) -> dict:
+        """One round, surviving device and edge failures.
+
+        Each cluster's members train in turn: the driver starts a member's turn when the previous
+        one finished (its result goes to the edge by reference, never through the driver). A member
+        whose actor died, whose turn raised, or who ran past ``faults.turn_timeout_s`` sits the round
+        out: the edge undoes its partial turn and the next member goes on from the last one that
+        finished. An edge that dies takes its clusters out of the round. The cloud aggregates the
+        edges that delivered, weighted by the samples that were actually trained on.
+        """
         started = time.perf_counter()
-        steps = self.cfg.training.local_steps
-        updates = []
-        for e, devices in self.by_edge.items():
+        cfg = self.cfg
+        steps, timeout_s = cfg.training.local_steps, cfg.faults.turn_timeout_s or self.timeout
+        plans = {}
+        for e, devices in self.members.items():
+            live = [d for d in devices if d not in self.dead_devices]
+            if e not in self.dead_edges and live:
+                plans[e] = plan_clusters(cfg, e, {d: self.sample_counts[d] for d in live})
+        ready = {e: self.edges[e].begin_round.remote(self.knowledge_ref, clusters) for e, clusters in plans.items()}
+        queues = {(e, cid): list(members) for e, clusters in plans.items() for cid, members in clusters.items()}
+        unabsorbed: dict[tuple[str, str], object] = {}  # cluster -> its last finished turn not yet at the edge
+        running: dict = {}  # status ref -> (edge, cluster, device, deadline)
+        dropped: dict[str, str] = {}
+        lost_edges: set[str] = set()
+
+        def start_next(key: tuple[str, str], previous) -> None:
+            e, cid = key
+            if e in lost_edges:
+                return
+            if not queues[key]:
+                unabsorbed[key] = previous
+                return
+            d = queues[key].pop(0)
             edge = self.edges[e]
-            clusters = plan_clusters(self.cfg, e, {d: self.sample_counts[d] for d in devices})
-            round_ready = edge.begin_round.remote(self.knowledge_ref, clusters)
-            last = {}
-            for cid, members in clusters.items():
-                previous = None  # members train in turn: each turn depends on the one before
-                for d in members:
-                    adapter = edge.begin_turn.remote(cid, d, previous, round_ready)
-                    previous = self.devices[d].train_turn.remote(adapter, edge, cid, steps)
-                last[cid] = previous
-            updates.append(edge.finish_round.remote(list(last), *last.values()))
+            adapter = edge.begin_turn.remote(cid, d, previous, ready[e])
+            result, status = self.devices[d].train_turn.options(num_returns=2).remote(
+                adapter, edge, cid, steps, round_idx)
+            running[status] = (e, cid, d, time.monotonic() + timeout_s, result)
+
+        for key in queues:
+            start_next(key, None)
+        while running:
+            wait_s = max(0.0, min(v[3] for v in running.values()) - time.monotonic())
+            done, _ = ray.wait(list(running), num_returns=1, timeout=wait_s)
+            for ref in done:
+                e, cid, d, _, result = running.pop(ref)
+                try:
+                    ray.get(ref)  # the turn's small status; the result itself stays in the object store
+                except RayError as err:
+                    self._turn_failed(e, cid, d, err, dropped, lost_edges)
+                    start_next((e, cid), None)  # the last finished turn was absorbed at this one's start
+                else:
+                    start_next((e, cid), result)
+            now = time.monotonic()
+            for ref, (e, cid, d, deadline, _) in list(running.items()):
+                if now >= deadline:
+                    running.pop(ref)
+                    dropped[d] = f"timed out after {timeout_s:g}s"
+                    self.edges[e].drop_turn.remote(cid, d, dropped[d])
+                    start_next((e, cid), None)
+        updates = self._finish_edges(plans, unabsorbed, lost_edges, dropped)
+        if len(updates) < cfg.faults.min_edge_updates:
+            raise RoundFailedError(
+                f"round {round_idx}: {len(updates)} edge update(s), faults.min_edge_updates is "
+                f"{cfg.faults.min_edge_updates}; dropped devices: {dropped or 'none'}; lost edges: "
+                f"{sorted(lost_edges) or 'none'}. Finished rounds are on disk: `gaisnet run --resume` continues")
         knowledge_ref, metrics_ref = self.cloud.aggregate_round.options(num_returns=2).remote(round_idx, *updates)
         try:
             metrics = ray.get(metrics_ref, timeout=self.timeout)
@@ -90,24 +153,104 @@ class GaisNetDriver:
             raise TimeoutError(f"round {round_idx} did not finish within run.actor_timeout_s="
                                f"{self.timeout:.0f}s") from None
         self.knowledge_ref = knowledge_ref
+        reassigned = self._after_edge_loss(lost_edges)
+        metrics["faults"] = {"dropped": dropped, "lost_edges": sorted(lost_edges), "reassigned": reassigned,
+                             "dead_devices": sorted(self.dead_devices), "dead_edges": sorted(self.dead_edges)}
         if "relay" in metrics:
             metrics["relay"]["bytes_down"] = self._relay_down()
         metrics["wall_s"] = time.perf_counter() - started
         return metrics
 
+    def _alive(self, actor) -> bool:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=min(30.0, self.timeout))
+            return True
+        except (RayActorError, GetTimeoutError):
+            return False
+
+    def _turn_failed(self, e: str, cid: str, d: str, err: Exception, dropped: dict, lost_edges: set) -> None:
+        """Tell a dead edge from a dead or failing device, and record which it was."""
+        if e not in lost_edges and not self._alive(self.edges[e]):
+            lost_edges.add(e)
+            self.dead_edges.add(e)
+            log.warning("edge %s died in the round; its clusters sit the round out", e)
+        if e in lost_edges:
+            dropped[d] = f"its edge {e} died"
+            return
+        if not self._alive(self.devices[d]):
+            self.dead_devices.add(d)
+            dropped[d] = f"died: {type(err).__name__}"
+        else:
+            dropped[d] = f"turn failed: {str(err).strip().splitlines()[-1][:300]}"
+        log.warning("device %s sits out the round: %s", d, dropped[d])
+        self.edges[e].drop_turn.remote(cid, d, dropped[d])
+
+    def _finish_edges(self, plans: dict, unabsorbed: dict, lost_edges: set, dropped: dict) -> list:
+        """Each surviving edge's update ref (only edges that delivered one)."""
+        pending = {}
+        for e, clusters in plans.items():
+            if e in lost_edges:
+                continue
+            cids = list(clusters)
+            update, status = self.edges[e].finish_round.options(num_returns=2).remote(
+                cids, *[unabsorbed.get((e, c)) for c in cids])
+            pending[status] = (e, update)
+        updates = []
+        for status, (e, update) in pending.items():
+            try:
+                ray.get(status, timeout=self.timeout)
+                updates.append(update)
+            except RayError as err:
+                if not self._alive(self.edges[e]):
+                    lost_edges.add(e)
+                    self.dead_edges.add(e)
+                log.warning("edge %s delivers no update this round: %s", e, str(err).strip().splitlines()[-1][:300])
+        return updates
+
+    def _after_edge_loss(self, lost_edges: set) -> dict[str, str]:
+        """``faults.edge_failure``: move a lost edge's devices to the surviving edge with the fewest
+        devices (reassign), or let them sit out the rest of the run (sit_out)."""
+        moved: dict[str, str] = {}
+        if not lost_edges or self.cfg.faults.edge_failure != "reassign":
+            return moved
+        survivors = [e for e in self.members if e not in self.dead_edges]
+        for lost in sorted(lost_edges):
+            for d in self.members.pop(lost, []):
+                if d in self.dead_devices or not survivors:
+                    continue
+                target = min(survivors, key=lambda e: (len(self.members[e]), e))
+                try:
+                    ray.get(self.edges[target].add_devices.remote([d]), timeout=self.timeout)
+                except RayError as err:
+                    log.warning("cannot move %s to %s: %s", d, target, err)
+                    continue
+                self.members[target].append(d)
+                moved[d] = target
+        return moved
+
     def _relay_down(self) -> dict:
         """Send the cloud's new base (one object, pulled by each node) to every edge and device and
         wait until all hold it, so the next round runs on it everywhere."""
         package = self.cloud.foundation.remote()
-        nodes = {**self.edges, **self.devices}
+        nodes = {**{e: a for e, a in self.edges.items() if e not in self.dead_edges},
+                 **{d: a for d, a in self.devices.items() if d not in self.dead_devices}}
         refs = {name: a.update_base.remote(package) for name, a in nodes.items()}
-        written = ray.get(list(refs.values()), timeout=self.timeout)
-        return relay_down_bytes(dict(zip(refs, written)))
+        written = {}
+        for name, ref in refs.items():
+            try:
+                written[name] = ray.get(ref, timeout=self.timeout)
+            except RayActorError:  # died since the round: it is out from now on, like in a round
+                (self.dead_edges if name in self.edges else self.dead_devices).add(name)
+        return relay_down_bytes(written)
 
     # ------------------------------------------------------------------------------ closing
     def close(self) -> None:
         actors = [a for a in [self.cloud, *self.edges.values(), *self.devices.values()] if a is not None]
         if self.cfg.run.audit_messages:
-            ray.get([a.dump_audit.remote(str(self.run_dir / "audit")) for a in actors], timeout=self.timeout)
+            for a in actors:
+                try:
+                    ray.get(a.dump_audit.remote(str(self.run_dir / "audit")), timeout=self.timeout)
+                except RayActorError:
+                    pass  # a dead node's audit died with it
         for a in actors:
             ray.kill(a)

@@ -24,14 +24,109 @@ def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def prepare_run_dir(cfg: Config, out: str | Path | None) -> Path:
-    """Create the run folder and write the resolved config; never overwrite an earlier run."""
+def resolve_run_dir(cfg: Config, out: str | Path | None) -> Path:
+    """Where the run folder goes (``out``, else ``run.out_dir``, else runs/<timestamp>); refuses a
+    folder that already holds a run. Creates nothing."""
     run_dir = Path(out or cfg.run.out_dir or default_run_dir())
     if (run_dir / METRICS_NAME).exists() or (run_dir / "knowledge").exists():
         raise RunFolderError(f"run folder '{run_dir}' already holds a run; choose another --out")
+    return run_dir
+
+
+def prepare_run_dir(cfg: Config, out: str | Path | None) -> Path:
+    """Create the run folder and write the resolved config; never overwrite an earlier run."""
+    run_dir = resolve_run_dir(cfg, out)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_NAME).write_text(config_to_yaml(cfg))
     return run_dir
+
+
+INITIAL_EVAL_NAME = "cloud/initial_eval.json"  # the eval before round 1, kept for a resumed run's summary
+
+
+def resume_run_dir(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[Config, int]:
+    """Get a run folder ready to continue: (its config, the last round that completed).
+
+    A round is complete when its metrics line is on disk (written after the round's knowledge,
+    base and edge versions). Whatever a killed driver left of a later round (a version folder, a
+    base version, a half-written metrics line) is moved to ``orphaned/<time>/``, not deleted, and
+    ``model/`` is reset to the base of the last complete round. ``overrides`` may change only
+    ``training.rounds`` (to extend the run) and ``run.*``/``serve.*``/``faults.*`` keys: anything
+    else would make the continuation differ from the run it continues.
+    """
+    from .config import ConfigError, load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise RunFolderError(f"'{run_dir}' is not a run folder to resume (no {CONFIG_NAME})")
+    allowed = ("training.rounds=", "run.", "serve.", "faults.")
+    bad = [o for o in overrides or [] if not o.strip().startswith(allowed)]
+    if bad:
+        raise ConfigError(f"--resume keeps the run's config; only training.rounds, run.*, serve.* and faults.* may "
+                          f"change, not {bad}")
+    cfg = load_config(run_dir / CONFIG_NAME, overrides)
+    stash = run_dir / "orphaned" / time.strftime("%Y%m%d-%H%M%S")
+    rows = _complete_metrics(run_dir, stash)
+    if [r["round"] for r in rows] != list(range(1, len(rows) + 1)):
+        raise RunFolderError(f"'{run_dir}/{METRICS_NAME}' does not hold rounds 1..n in order: cannot resume")
+    done = len(rows)
+    if done == 0 and not (run_dir / "knowledge" / "v0000").is_dir():
+        raise RunFolderError(f"'{run_dir}' never finished its start (no knowledge/v0000): start it again "
+                             "instead of resuming")
+    _stash_later_versions(run_dir, done, stash)
+    (run_dir / CONFIG_NAME).write_text(config_to_yaml(cfg))
+    return cfg, done
+
+
+def _complete_metrics(run_dir: Path, stash: Path) -> list[dict]:
+    path = run_dir / METRICS_NAME
+    if not path.exists():
+        return []
+    rows, lines = [], path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            stash.mkdir(parents=True, exist_ok=True)
+            (stash / METRICS_NAME).write_text("\n".join(lines[i:]) + "\n")
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            break
+    return rows
+
+
+def _stash_later_versions(run_dir: Path, done: int, stash: Path) -> None:
+    import re
+    import shutil
+
+    knowledge = run_dir / "knowledge"
+    stores = [(knowledge, "v"), (knowledge / "bases", "b")]
+    if (knowledge / "edges").is_dir():
+        stores += [(p, "v") for p in sorted((knowledge / "edges").iterdir()) if p.is_dir()]
+    for root, prefix in stores:
+        if not root.is_dir():
+            continue
+        for folder in sorted(root.iterdir()):
+            m = re.fullmatch(rf"{prefix}(\d{{4,}})", folder.name)
+            stale_tmp = folder.name.startswith(".tmp-")
+            if (m and int(m.group(1)) > done) or stale_tmp:
+                target = stash / folder.relative_to(run_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(folder), str(target))
+        history = root / "lineage.jsonl"
+        if history.is_file():
+            keep, later = [], []
+            for line in history.read_text().splitlines():
+                (later if json.loads(line).get("version", 0) > done else keep).append(line)
+            if later:
+                target = stash / history.relative_to(run_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text("\n".join(later) + "\n")
+                history.write_text("".join(x + "\n" for x in keep))
+    bases = knowledge / "bases"
+    if (bases / f"b{done:04d}").is_dir():  # model/ may already hold a later round's base
+        from .knowledge.bases import refresh_model_dir
+
+        refresh_model_dir(run_dir, bases / f"b{done:04d}")
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:

@@ -448,10 +448,15 @@ def test_edge_and_device_misuse_errors(small_package):
     with pytest.raises(ValueError, match=r"edge-0: cluster edge-0/c0 names devices it does not serve: \['end-1-0'\]"):
         edge.begin_round({}, {"edge-0/c0": ["end-1-0"]})
     edge.begin_round({}, {"edge-0/c0": ["end-0-0"]})
+    with pytest.raises(RuntimeError, match="end-0-0 has no running turn in cluster edge-0/c0"):
+        edge.backward("edge-0/c0", "end-0-0", torch.zeros(1, 4, 64))  # before its turn began
+    edge.begin_turn("edge-0/c0", "end-0-0", None)
     with pytest.raises(RuntimeError, match="backward from end-0-0 without a forward"):
         edge.backward("edge-0/c0", "end-0-0", torch.zeros(1, 4, 64))
-    with pytest.raises(ValueError, match="no result for cluster edge-0/c0"):
+    with pytest.raises(ValueError, match="edge-0: no device finished a turn this round"):
         edge.finish_round({})
+    with pytest.raises(ValueError, match=r"results for clusters it does not run: \['edge-0/c9'\]"):
+        edge.finish_round({"edge-0/c9": None})
     dev = device_trainer(cfg, "end-0-0", small_package)
     with pytest.raises(ValueError, match="device end-0-0 trains split and needs a link to its edge"):
         dev.train_turn({}, None, "edge-0/c0", 1)

@@ -14,7 +14,7 @@ from .placement import crosses_boundary, setup_worker
 
 @ray.remote
 class CloudNode:
-    def __init__(self, cfg: Config, run_dir: str):
+    def __init__(self, cfg: Config, run_dir: str, resume_round: int | None = None):
         torch_device = setup_worker(cfg.run.torch_threads, cfg.topology.cloud.num_gpus)
         self._audit = MessageAudit("cloud", cfg.run.audit_messages)
         peers = None
@@ -22,7 +22,7 @@ class CloudNode:
             from .cloudworld import RayCloudPeers
 
             peers = RayCloudPeers(cfg, run_dir)  # ranks 1.. of the cloud's DeepSpeed world
-        self.core = CloudCore(cfg, run_dir, torch_device, peers)
+        self.core = CloudCore(cfg, run_dir, torch_device, peers, resume_round)
 
     @crosses_boundary
     def foundation(self) -> FoundationPackage:

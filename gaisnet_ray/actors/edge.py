@@ -11,7 +11,8 @@ import ray
 
 from ..config import Config
 from ..hfsl.audit import MessageAudit
-from ..hfsl.inprocess import edge_trainer
+from ..hfsl.inprocess import edge_trainer, num_layers_of
+from ..hfsl.plan import device_cut
 from ..hfsl.messages import EdgeUpdate, StateDict, TurnResult
 from .placement import crosses_boundary, setup_worker
 
@@ -23,6 +24,7 @@ class EdgeNode:
         self._audit = MessageAudit(edge_id, cfg.run.audit_messages)
         self._audit.record("__init__", "in", {"devices": devices, "package": package})
         self.core = edge_trainer(cfg, edge_id, devices, package, torch_device)
+        self._cfg, self._package = cfg, package
 
     @crosses_boundary
     def begin_round(self, knowledge: StateDict, clusters: dict[str, list[str]]) -> bool:
@@ -42,8 +44,20 @@ class EdgeNode:
         return self.core.backward(cluster_id, device_id, grad)
 
     @crosses_boundary
-    def finish_round(self, cluster_ids: list[str], *last_turns: TurnResult) -> EdgeUpdate:
-        return self.core.finish_round(dict(zip(cluster_ids, last_turns)))
+    def finish_round(self, cluster_ids: list[str], *last_turns: TurnResult | None) -> tuple[EdgeUpdate, dict]:
+        """Call with ``.options(num_returns=2)``: the update, and a small status the driver reads."""
+        update = self.core.finish_round(dict(zip(cluster_ids, last_turns)))
+        return update, {"edge": update.edge_id, "num_samples": update.num_samples, "dropped": update.dropped}
+
+    @crosses_boundary
+    def drop_turn(self, cluster_id: str, device_id: str, reason: str) -> None:
+        self.core.drop_turn(cluster_id, device_id, reason)
+
+    @crosses_boundary
+    def add_devices(self, device_ids: list[str]) -> None:
+        """Take over devices of an edge that died (from the next round on)."""
+        n = num_layers_of(self._package)
+        self.core.add_devices({d: device_cut(self._cfg.topology, d, n) for d in device_ids})
 
     @crosses_boundary
     def update_base(self, package) -> int:

@@ -41,9 +41,13 @@ class EndNode:
         return {"device_id": self.device_id, "num_samples": self.core.num_samples}
 
     @crosses_boundary
-    def train_turn(self, adapter: StateDict, edge, cluster_id: str, steps: int) -> TurnResult:
+    def train_turn(self, adapter: StateDict, edge, cluster_id: str, steps: int,
+                   round_idx: int | None = None) -> tuple[TurnResult, dict]:
+        """Call with ``.options(num_returns=2)``: the turn's result (for the edge), and a small
+        status the driver waits on."""
         link = RayEdgeLink(edge, cluster_id, self.device_id, self.timeout_s)
-        return self.core.train_turn(adapter, link, cluster_id, steps)
+        result = self.core.train_turn(adapter, link, cluster_id, steps, round_idx)
+        return result, {"device": self.device_id, "steps": len(result.losses)}
 
     @crosses_boundary
     def update_base(self, package) -> int:

@@ -22,14 +22,24 @@ from .messages import EdgeUpdate, StateDict
 class CloudCore:
     """Builds the foundation model, writes it to ``run_dir/model``, and owns the global knowledge."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, torch_device: str = "cpu", peers: CloudPeers | None = None):
+    def __init__(self, cfg: Config, run_dir: str | Path, torch_device: str = "cpu", peers: CloudPeers | None = None,
+                 resume_round: int | None = None):
+        """``resume_round``: continue a run whose rounds 1..resume_round are on disk (see
+        ``runfolder.resume_run_dir``): no pre-training, the base and knowledge as that round left them."""
         self.cfg = cfg
         self.peers = peers  # ranks 1.. of the cloud world when cloud.workers > 1 (hfsl.cloudjobs)
         self.peer_reports: list = []
+        self.resume_round = resume_round
         run_dir = Path(run_dir)
-        model, tokenizer = build_foundation(cfg.model)
-        self.pretrain_losses = self._pretrain(model, tokenizer, run_dir, torch_device)
-        if self.pretrain_losses and cfg.cloud.engine == "deepspeed":
+        if resume_round is not None:
+            model, tokenizer = self._resumed_base(run_dir, resume_round)
+            self.pretrain_losses = []
+        else:
+            model, tokenizer = build_foundation(cfg.model)
+            self.pretrain_losses = self._pretrain(model, tokenizer, run_dir, torch_device)
+        if resume_round is not None:
+            self.model_dir = run_dir / "model"
+        elif self.pretrain_losses and cfg.cloud.engine == "deepspeed":
             # the engine exported a consolidated fp32 folder (ZeRO-3 leaves the module partitioned)
             self.model_dir = run_dir / "model"
             model, tokenizer = load_foundation(self.model_dir, cfg.model.attn_implementation)
@@ -43,7 +53,9 @@ class CloudCore:
         # with a relay the base itself is versioned (knowledge/bases/bNNNN); without one it is model/
         self.bases = BaseStore(run_dir / "knowledge" / "bases") if cfg.relay.policy != "none" else None
         self.base_version = 0
-        if self.bases is not None:  # before attach_lora, which injects LoRA layers into `model`
+        if self.bases is not None and resume_round is not None:
+            self.base_version = self.bases.latest_version()
+        elif self.bases is not None:  # before attach_lora, which injects LoRA layers into `model`
             self.bases.publish(0, model, tokenizer, {"parent_version": None, "policy": None, "round": 0,
                                                      "content_hash": self.base_hash})
         model.name_or_path = str(self.model_dir)  # what adapter_config.json names as the base
@@ -55,7 +67,11 @@ class CloudCore:
         self.version = 0
         self.knowledge: StateDict = {}
         self.fresh_adapter: StateDict = adapter_state(self.peft)  # LoRA B = 0: base + it == base
-        # with a relay the base itself is versioned (knowledge/bases/bNNNN); without one it is model/
+        if resume_round is not None:  # the very adapter v0 was, and the knowledge the last round left
+            self.fresh_adapter = self.store.load(0)
+            self.version = resume_round
+            self.knowledge = dict(self.fresh_adapter) if self.bases is not None else self.store.load(resume_round)
+            load_adapter_state(self.peft, self.knowledge, strict=True)
 
     def _pretrain(self, model, tokenizer, run_dir: Path, torch_device: str) -> list[float]:
         """Pre-train the whole foundation on the cloud's public data (with the peer ranks, if any)."""
@@ -74,8 +90,20 @@ class CloudCore:
         path = self.bases.path(self.base_version).relative_to(self.run_dir)
         return {"base": {"version": self.base_version, "path": str(path), "content_hash": self.base_hash}}
 
+    def _resumed_base(self, run_dir: Path, done: int):
+        """The base round ``done`` left: its relayed base version, or model/ without a relay."""
+        folder = run_dir / "model"
+        if self.cfg.relay.policy != "none":
+            folder = BaseStore(run_dir / "knowledge" / "bases").path(done)
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(f"cannot resume after round {done}: its base {folder} is missing")
+        return load_foundation(folder, self.cfg.model.attn_implementation)
+
     def initial_knowledge(self) -> StateDict:
-        """Version 0: the freshly initialised adapter (LoRA B = 0, so it equals the base model)."""
+        """Version 0: the freshly initialised adapter (LoRA B = 0, so it equals the base model).
+        A resumed run: the knowledge its last complete round left (nothing is published)."""
+        if self.resume_round is not None:
+            return self.knowledge
         self.knowledge = dict(self.fresh_adapter)
         self.store.publish(0, self.knowledge, self.peft.peft_config["default"],
                            {"round": 0, "parent_version": None, **self._base_lineage()})

@@ -47,8 +47,10 @@ class DeviceTrainer:
         batch = encode_examples(examples, package.tokenizer, seq_len)
         self._input_ids = batch["input_ids"]  # (N, T) private, never leaves this object
         self._labels = batch["labels"]  # (N, T) private, never leaves this object
+        self._seed = seed
         self._gen = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.long)
+        self._round: int | None = None
 
     @property
     def num_samples(self) -> int:
@@ -66,6 +68,15 @@ class DeviceTrainer:
         """Relay down: the new foundation weights for the segments this device holds (the
         cloud sends the whole package; a device keeps only its front and back). Returns bytes."""
         return load_base_state(self.split.peft, base_state)
+
+    def _start_round(self, round_idx: int | None) -> None:
+        """Batch order as a function of (seed, round): a device restarted, or a run resumed, draws
+        the same batches in round r as an uninterrupted one. Within a round, epochs reshuffle."""
+        if round_idx is None or round_idx == self._round:
+            return
+        self._round = round_idx
+        self._gen = torch.Generator().manual_seed(self._seed * 1_000_003 + round_idx)
+        self._order = torch.empty(0, dtype=torch.long)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(trainable_parameters(self.split.peft), lr=self.training.lr,
@@ -114,8 +125,11 @@ class DeviceTrainer:
 
         return self._run_turn(adapter, cluster_id, steps, split_step)
 
-    def train_turn(self, adapter: StateDict, link: EdgeLink | None, cluster_id: str, steps: int) -> TurnResult:
-        """One turn under this device's scheme: split with the edge, or local (whole model, FL)."""
+    def train_turn(self, adapter: StateDict, link: EdgeLink | None, cluster_id: str, steps: int,
+                   round_idx: int | None = None) -> TurnResult:
+        """One turn under this device's scheme: split with the edge, or local (whole model, FL).
+        ``round_idx`` reseeds the batch order for that round (see ``_start_round``)."""
+        self._start_round(round_idx)
         if self.cut is None:
             return self.train_local_turn(adapter, cluster_id, steps)
         if link is None:

@@ -29,6 +29,9 @@ class _ClusterState:
     knowledge: StateDict  # the cluster's whole adapter, kept current as members finish
     turns: list[TurnResult] = field(default_factory=list)
     pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    active: str | None = None  # the member whose turn runs now; others' split calls are refused
+    snapshot: StateDict | None = None  # the middle adapter before the active turn (restored on a drop)
+    dropped: dict[str, str] = field(default_factory=dict)  # member -> why it sat out
 
 
 class EdgeTrainer:
@@ -84,23 +87,58 @@ class EdgeTrainer:
         st.knowledge.update(turn.adapter)
         st.turns.append(turn)
 
+    def add_devices(self, device_cuts: dict[str, Cut]) -> None:
+        """Serve more devices from the next round on (an edge that died had them). Their cuts must
+        need no block this edge pruned."""
+        if self.split is not None:
+            held = self.split.held_layers()
+            for d, cut in device_cuts.items():
+                if not cut.edge_layers() <= held:
+                    raise ValueError(f"{self.edge_id} cannot take {d}: its cut needs blocks "
+                                     f"{sorted(cut.edge_layers() - held)} this edge does not hold")
+        self.device_cuts.update(device_cuts)
+
     def begin_turn(self, cluster_id: str, device_id: str, previous: TurnResult | None) -> StateDict:
         """The adapter keys ``device_id`` trains this turn, after absorbing the previous member."""
         st = self._clusters[cluster_id]
         if previous is not None:
             self._absorb(st, previous)
+        st.active = device_id
         if st.split is not None:
-            st.knowledge.update(adapter_state(st.split.peft))
+            st.snapshot = adapter_state(st.split.peft)
+            st.knowledge.update(st.snapshot)
         if self.split is None:  # FL: the device holds and trains the whole adapter
             return dict(st.knowledge)
         layers = self.device_cuts[device_id].device_layers(self.num_layers)
         return select_keys(st.knowledge, layers, include_unlayered=True)
 
+    def drop_turn(self, cluster_id: str, device_id: str, reason: str) -> None:
+        """``device_id`` died or timed out during its turn: undo what its turn did to the middle
+        adapter, so the cluster goes on from the last member that finished, as if it had not run."""
+        st = self._clusters.get(cluster_id)
+        if st is None:
+            return
+        st.dropped[device_id] = reason
+        st.pending.pop(device_id, None)
+        if st.active == device_id:
+            if st.split is not None and st.snapshot is not None:
+                load_adapter_state(st.split.peft, st.snapshot, strict=True)
+                st.optimizer = torch.optim.AdamW(trainable_parameters(st.split.peft), lr=self.training.lr,
+                                                 weight_decay=self.training.weight_decay)
+            st.active = None
+
+    def _cluster_for(self, cluster_id: str, device_id: str) -> _ClusterState:
+        st = self._clusters.get(cluster_id)
+        if st is None or st.active != device_id:
+            raise RuntimeError(f"{self.edge_id}: {device_id} has no running turn in cluster {cluster_id} "
+                               "(dropped, or the round ended)")
+        return st
+
     # --------------------------------------------------------------------------- split step
     def forward(self, cluster_id: str, device_id: str, hidden: torch.Tensor) -> torch.Tensor:
         """h_k (B, T, H) from the device -> h_m (B, T, H) back to it; keeps the graph for backward."""
         t0 = time.perf_counter()
-        st = self._clusters[cluster_id]
+        st = self._cluster_for(cluster_id, device_id)
         cut = self.device_cuts[device_id]
         x = hidden.to(self.torch_device).requires_grad_()
         st.split.peft.train()
@@ -112,7 +150,7 @@ class EdgeTrainer:
     def backward(self, cluster_id: str, device_id: str, grad: torch.Tensor) -> torch.Tensor:
         """dL/dh_m from the device -> dL/dh_k back to it; steps the cluster's middle adapter."""
         t0 = time.perf_counter()
-        st = self._clusters[cluster_id]
+        st = self._cluster_for(cluster_id, device_id)
         if device_id not in st.pending:
             raise RuntimeError(f"{self.edge_id}: backward from {device_id} without a forward")
         x, y = st.pending.pop(device_id)
@@ -123,20 +161,28 @@ class EdgeTrainer:
         return x.grad.detach().cpu()
 
     # -------------------------------------------------------------------------- aggregation
-    def finish_round(self, last_turns: dict[str, TurnResult]) -> EdgeUpdate:
+    def finish_round(self, last_turns: dict[str, TurnResult | None]) -> EdgeUpdate:
         """Close every cluster with its last member's result and aggregate the clusters, weighted
         by their members' samples, into the edge's update. (Under FL every cluster is one device.)
         """
-        for cid, st in self._clusters.items():
-            if cid not in last_turns:
-                raise ValueError(f"{self.edge_id}: no result for cluster {cid}")
-            self._absorb(st, last_turns[cid])
-        states = list(self._clusters.values())
+        unknown = sorted(set(last_turns) - set(self._clusters))
+        if unknown:
+            raise ValueError(f"{self.edge_id}: results for clusters it does not run: {unknown}")
+        for cid, turn in last_turns.items():
+            if turn is not None:  # None: the cluster's last finished turn was absorbed already
+                self._absorb(self._clusters[cid], turn)
+        # a cluster where every member dropped has nothing to give: it is left out, and the
+        # sample weights below renormalize over the turns that finished
+        included = [cid for cid, st in self._clusters.items() if st.turns]
+        if not included:
+            raise ValueError(f"{self.edge_id}: no device finished a turn this round")
+        states = [self._clusters[cid] for cid in included]
+        dropped = {d: why for st in self._clusters.values() for d, why in st.dropped.items()}
         weights = [sum(t.num_samples for t in st.turns) for st in states]
         knowledge = aggregate(
             self.training.aggregation, [st.knowledge for st in states], weights, reference=self._global,
             trim_ratio=self.training.trim_ratio, clip_norm=self.training.clip_norm,
-            sources=[f"{self.edge_id}/{cid}" for cid in self._clusters],
+            sources=[f"{self.edge_id}/{cid}" for cid in included],
         )
         turns = [t for st in states for t in st.turns]
         usage = LinkUsage()
@@ -146,13 +192,14 @@ class EdgeTrainer:
             edge_id=self.edge_id,
             adapter=knowledge,
             num_samples=int(sum(weights)),
-            clusters=[list(st.members) for st in states],
+            clusters=[[t.device_id for t in st.turns] for st in states],
             device_samples={t.device_id: t.num_samples for t in turns},
             losses=[x for t in turns for x in t.losses],
             end_edge=usage,
             modeled_comm_s=clusters_comm_s([[t.link for t in st.turns] for st in states], self.link),
             wall_s=time.perf_counter() - self._round_started,
             edge_compute_s=self._compute_s,
+            dropped=dropped,
         )
         self._clusters = {}
         return update

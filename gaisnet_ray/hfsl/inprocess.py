@@ -74,7 +74,7 @@ class InProcessGaisNet:
         self.devices = {d: device_trainer(cfg, d, package) for ds in self.by_edge.values() for d in ds}
         self.knowledge: StateDict = self.cloud.initial_knowledge()
 
-    def edge_round(self, edge: str) -> EdgeUpdate:
+    def edge_round(self, edge: str, round_idx: int | None = None) -> EdgeUpdate:
         trainer = self.edges[edge]
         clusters = plan_clusters(self.cfg, edge, {d: self.devices[d].num_samples for d in self.by_edge[edge]})
         trainer.begin_round(self.knowledge, clusters)
@@ -84,12 +84,12 @@ class InProcessGaisNet:
             for d in members:
                 adapter = trainer.begin_turn(cid, d, previous)
                 previous = self.devices[d].train_turn(adapter, DirectEdgeLink(trainer, cid, d), cid,
-                                                      self.cfg.training.local_steps)
+                                                      self.cfg.training.local_steps, round_idx)
             last[cid] = previous
         return trainer.finish_round(last)
 
     def run_round(self, round_idx: int) -> dict:
-        updates = [self.edge_round(e) for e in self.by_edge]
+        updates = [self.edge_round(e, round_idx) for e in self.by_edge]
         self.knowledge, metrics = self.cloud.aggregate_round(round_idx, updates)
         if "relay" in metrics:  # relay down: the next round runs on the new base everywhere
             state = self.cloud.package.state_dict

@@ -6,7 +6,7 @@ here ever holds a token id, a label or a raw sample.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,3 +56,4 @@ class EdgeUpdate:
     modeled_comm_s: float  # end-edge part of the link model, clusters in parallel
     wall_s: float
     edge_compute_s: float = 0.0
+    dropped: dict[str, str] = field(default_factory=dict)  # device -> why it sat out (died, timed out)
