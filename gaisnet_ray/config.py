@@ -122,6 +122,10 @@ class TopologyConfig(_Section):
         default_factory=lambda: [1.0, 0.5],
         description="Relative compute speed of devices, cycled over device ids (for clustering).",
     )
+    end_workers: int | None = Field(
+        None, ge=1, description="Run the end devices as logical devices on this many EndWorker actors (each holds "
+        "its devices' data and one model per cut, and runs one turn at a time); None: one EndNode actor per device."
+    )
     cloud: TierResources = TierResources()
     edge: TierResources = TierResources()
     end: TierResources = TierResources(num_cpus=0.25)
@@ -179,6 +183,9 @@ class TrainingConfig(_Section):
     pretrain_lr: float = Field(3e-3, gt=0, description="Cloud pre-training learning rate (cosine decay).")
     pretrain_batch_size: int = Field(32, ge=1, description="Cloud pre-training batch size.")
     rounds: int = Field(4, ge=1, description="Fine-tuning rounds (device -> edge -> cloud).")
+    participants_per_edge: int | None = Field(
+        None, ge=1, description="Devices sampled (seeded per round) to train in each round at each edge; None: all."
+    )
     local_steps: int = Field(6, ge=1, description="Optimizer steps per device turn.")
     batch_size: int = Field(16, ge=1, description="Device batch size per step.")
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate of the adapters (device and edge).")

@@ -14,10 +14,10 @@ from pathlib import Path
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from .actors import CloudNode, EdgeNode, EndNode, tier_options
+from .actors import CloudNode, EdgeNode, EndNode, EndWorker, tier_options
 from .config import TIER_RESOURCES, Config
 from .hfsl.inprocess import relay_down_bytes
-from .hfsl.plan import devices_by_edge, plan_clusters
+from .hfsl.plan import devices_by_edge, participants, plan_clusters
 
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ class GaisNetDriver:
         self.members = {e: list(ds) for e, ds in self.by_edge.items()}  # changes when an edge is lost
         self.dead_devices: set[str] = set()
         self.dead_edges: set[str] = set()
+        self.end_actors: dict = {}  # EndNode per device, or the EndWorker pool (topology.end_workers)
+        self.dead_end_actors: set[str] = set()
         self.timeout = cfg.run.actor_timeout_s
         self.cloud = None
         self.edges: dict = {}
@@ -58,10 +60,23 @@ class GaisNetDriver:
         package = self.cloud.foundation.remote()  # one object, pulled by every edge and device
         for e, devices in self.by_edge.items():
             self.edges[e] = EdgeNode.options(**tier_options("edge", t.edge)).remote(e, self.cfg, devices, package)
-            for d in devices:
-                self.devices[d] = EndNode.options(**tier_options("end", t.end)).remote(d, self.cfg, package)
-        self._wait_ready({**self.edges, **self.devices})
-        profiles = ray.get([a.profile.remote() for a in self.devices.values()], timeout=self.timeout)
+        all_devices = [d for ds in self.by_edge.values() for d in ds]
+        if t.end_workers:  # logical devices on a bounded pool, dealt round-robin
+            for w in range(min(t.end_workers, len(all_devices))):
+                hosted = all_devices[w::t.end_workers]
+                name = f"end-worker-{w}"
+                self.end_actors[name] = EndWorker.options(**tier_options("end", t.end)).remote(
+                    name, self.cfg, hosted, package)
+                self.devices.update({d: self.end_actors[name] for d in hosted})
+            self._wait_ready({**self.edges, **self.end_actors})
+            profiles = [p for ps in ray.get([a.profiles.remote() for a in self.end_actors.values()],
+                                            timeout=self.timeout) for p in ps]
+        else:
+            for d in all_devices:
+                self.devices[d] = self.end_actors[d] = EndNode.options(**tier_options("end", t.end)).remote(
+                    d, self.cfg, package)
+            self._wait_ready({**self.edges, **self.devices})
+            profiles = ray.get([a.profile.remote() for a in self.devices.values()], timeout=self.timeout)
         self.sample_counts = {p["device_id"]: p["num_samples"] for p in profiles}
         self.knowledge_ref = self.cloud.initial_knowledge.remote()
         self.initial_eval = ray.get(self.cloud.evaluate.remote(), timeout=self.timeout)
@@ -95,7 +110,7 @@ class GaisNetDriver:
         steps, timeout_s = cfg.training.local_steps, cfg.faults.turn_timeout_s or self.timeout
         plans = {}
         for e, devices in self.members.items():
-            live = [d for d in devices if d not in self.dead_devices]
+            live = participants(cfg, e, [d for d in devices if d not in self.dead_devices], round_idx)
             if e not in self.dead_edges and live:
                 plans[e] = plan_clusters(cfg, e, {d: self.sample_counts[d] for d in live})
         ready = {e: self.edges[e].begin_round.remote(self.knowledge_ref, clusters) for e, clusters in plans.items()}
@@ -116,7 +131,7 @@ class GaisNetDriver:
             edge = self.edges[e]
             adapter = edge.begin_turn.remote(cid, d, previous, ready[e])
             result, status = self.devices[d].train_turn.options(num_returns=2).remote(
-                adapter, edge, cid, steps, round_idx)
+                adapter, edge, cid, steps, round_idx, d)
             running[status] = (e, cid, d, time.monotonic() + timeout_s, result)
 
         for key in queues:
@@ -233,19 +248,24 @@ class GaisNetDriver:
         wait until all hold it, so the next round runs on it everywhere."""
         package = self.cloud.foundation.remote()
         nodes = {**{e: a for e, a in self.edges.items() if e not in self.dead_edges},
-                 **{d: a for d, a in self.devices.items() if d not in self.dead_devices}}
+                 **{n: a for n, a in self.end_actors.items()
+                    if n not in self.dead_devices and n not in self.dead_end_actors}}
         refs = {name: a.update_base.remote(package) for name, a in nodes.items()}
         written = {}
         for name, ref in refs.items():
             try:
                 written[name] = ray.get(ref, timeout=self.timeout)
             except RayActorError:  # died since the round: it is out from now on, like in a round
-                (self.dead_edges if name in self.edges else self.dead_devices).add(name)
+                if name in self.edges:
+                    self.dead_edges.add(name)
+                else:  # an EndNode, or a pool worker with every device it hosted
+                    self.dead_end_actors.add(name)
+                    self.dead_devices |= {d for d, a in self.devices.items() if a is self.end_actors[name]}
         return relay_down_bytes(written)
 
     # ------------------------------------------------------------------------------ closing
     def close(self) -> None:
-        actors = [a for a in [self.cloud, *self.edges.values(), *self.devices.values()] if a is not None]
+        actors = [a for a in [self.cloud, *self.edges.values(), *self.end_actors.values()] if a is not None]
         if self.cfg.run.audit_messages:
             for a in actors:
                 try:

@@ -207,7 +207,7 @@ def test_yaml_round_trip(tmp_path):
     assert back == cfg
     assert back.topology.cut_for("end-0-1").back_layers == 2
     # The YAML is the whole tree, plain data only.
-    assert set(yaml.safe_load(text)) == {"model", "peft", "data", "topology", "links", "training", "cloud", "relay", "serve", "run"}
+    assert set(yaml.safe_load(text)) == {"model", "peft", "data", "topology", "links", "training", "cloud", "relay", "faults", "serve", "run"}
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -2,7 +2,7 @@
 
 from .cloud import CloudNode
 from .edge import EdgeNode
-from .end import EndNode
+from .end import EndNode, EndWorker
 from .placement import TIER_RESOURCES, tier_options
 
-__all__ = ["CloudNode", "EdgeNode", "EndNode", "TIER_RESOURCES", "tier_options"]
+__all__ = ["CloudNode", "EdgeNode", "EndNode", "EndWorker", "TIER_RESOURCES", "tier_options"]

@@ -1,4 +1,10 @@
-"""EndNode: an end device as a Ray actor, a thin shell over ``hfsl.device.DeviceTrainer``."""
+"""End devices as Ray actors, thin shells over ``hfsl.device.DeviceTrainer``.
+
+- ``EndNode``: one device, one actor (the default).
+- ``EndWorker``: a pool worker hosting many logical devices (``topology.end_workers``): each
+  device's data and batch order stay its own, one tier model per cut is shared, and the worker runs
+  one turn at a time. Private data never leaves the worker, as it never leaves an EndNode.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import ray
 
 from ..config import Config
 from ..hfsl.audit import MessageAudit
-from ..hfsl.inprocess import device_trainer
+from ..hfsl.inprocess import device_trainer, device_trainers
 from ..hfsl.messages import StateDict, TurnResult
 from .placement import crosses_boundary, setup_worker
 
@@ -42,9 +48,11 @@ class EndNode:
 
     @crosses_boundary
     def train_turn(self, adapter: StateDict, edge, cluster_id: str, steps: int,
-                   round_idx: int | None = None) -> tuple[TurnResult, dict]:
+                   round_idx: int | None = None, device_id: str | None = None) -> tuple[TurnResult, dict]:
         """Call with ``.options(num_returns=2)``: the turn's result (for the edge), and a small
         status the driver waits on."""
+        if device_id not in (None, self.device_id):
+            raise ValueError(f"{self.device_id} was asked to train as {device_id}")
         link = RayEdgeLink(edge, cluster_id, self.device_id, self.timeout_s)
         result = self.core.train_turn(adapter, link, cluster_id, steps, round_idx)
         return result, {"device": self.device_id, "steps": len(result.losses)}
@@ -53,6 +61,42 @@ class EndNode:
     def update_base(self, package) -> int:
         """Relay down: load the new foundation weights this node holds; returns the bytes taken."""
         return self.core.update_base(package.state_dict)
+
+    def dump_audit(self, directory: str) -> str | None:
+        path = self._audit.dump(directory)
+        return str(path) if path else None
+
+
+@ray.remote
+class EndWorker:
+    def __init__(self, worker_id: str, cfg: Config, device_ids: list[str], package):
+        torch_device = setup_worker(cfg.run.torch_threads, cfg.topology.end.num_gpus)
+        self._audit = MessageAudit(worker_id, cfg.run.audit_messages)
+        self._audit.record("__init__", "in", {"devices": device_ids, "package": package})
+        self.worker_id = worker_id
+        self.timeout_s = cfg.run.actor_timeout_s
+        # every logical device derives its own private examples here; none are sent in or out
+        self.cores = device_trainers(cfg, device_ids, package, torch_device, share_model=True)
+
+    @crosses_boundary
+    def profiles(self) -> list[dict]:
+        return [{"device_id": d, "num_samples": c.num_samples} for d, c in self.cores.items()]
+
+    @crosses_boundary
+    def train_turn(self, adapter: StateDict, edge, cluster_id: str, steps: int, round_idx: int | None,
+                   device_id: str) -> tuple[TurnResult, dict]:
+        core = self.cores.get(device_id)
+        if core is None:
+            raise ValueError(f"{self.worker_id} does not host {device_id}")
+        link = RayEdgeLink(edge, cluster_id, device_id, self.timeout_s)
+        result = core.train_turn(adapter, link, cluster_id, steps, round_idx)
+        return result, {"device": device_id, "steps": len(result.losses)}
+
+    @crosses_boundary
+    def update_base(self, package) -> int:
+        """Relay down into each shared tier model once; returns the bytes taken."""
+        splits = {id(c.split): c for c in self.cores.values()}
+        return sum(c.update_base(package.state_dict) for c in splits.values())
 
     def dump_audit(self, directory: str) -> str | None:
         path = self._audit.dump(directory)

@@ -33,7 +33,9 @@ class DeviceTrainer:
 
     def __init__(self, device_id: str, package, peft_cfg: PeftConfig, training: TrainingConfig,
                  examples: list[Example], seq_len: int, cut: Cut | None, seed: int,
-                 torch_device: str = "cpu"):
+                 torch_device: str = "cpu", split=None):
+        """``split``: a tier model to share with other logical devices of the same cut (a pool
+        worker runs one turn at a time, and every turn loads all of its adapter keys first)."""
         if not examples:
             raise ValueError(f"device {device_id} has no private examples")
         self.device_id = device_id
@@ -42,8 +44,8 @@ class DeviceTrainer:
         num_layers = package.config.get("n_layer", package.config.get("num_hidden_layers"))
         self.cut = cut
         keep = None if cut is None else cut.device_layers(num_layers)
-        self.split = build_tier_model(package, peft_cfg, keep_layers=keep, keep_embeddings=True,
-                                      keep_head=True, torch_device=torch_device)
+        self.split = split if split is not None else build_tier_model(
+            package, peft_cfg, keep_layers=keep, keep_embeddings=True, keep_head=True, torch_device=torch_device)
         batch = encode_examples(examples, package.tokenizer, seq_len)
         self._input_ids = batch["input_ids"]  # (N, T) private, never leaves this object
         self._labels = batch["labels"]  # (N, T) private, never leaves this object

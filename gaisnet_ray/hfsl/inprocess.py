@@ -16,7 +16,7 @@ from .cloud import CloudCore
 from .device import DeviceTrainer
 from .edge import EdgeTrainer
 from .messages import EdgeUpdate, StateDict
-from .plan import device_cut, devices_by_edge, plan_clusters
+from .plan import device_cut, devices_by_edge, participants, plan_clusters
 
 
 def device_seed(cfg: Config, device: str) -> int:
@@ -37,11 +37,27 @@ def edge_trainer(cfg: Config, edge: str, devices: list[str], package, torch_devi
 
 def device_trainer(cfg: Config, device: str, package, torch_device: str = "cpu") -> DeviceTrainer:
     """A device with its own private examples (it derives them itself; they are never sent)."""
+    return device_trainers(cfg, [device], package, torch_device)[device]
+
+
+def device_trainers(cfg: Config, devices: list[str], package, torch_device: str = "cpu",
+                    share_model: bool = False) -> dict[str, DeviceTrainer]:
+    """Logical devices, each with its own private examples (derived here from the data config,
+    never sent). ``share_model``: one tier model per cut for all of them (a pool worker)."""
     all_ids = [d for ds in devices_by_edge(cfg.topology).values() for d in ds]
-    examples = device_examples(cfg.data, all_ids)[device]
-    cut = None if cfg.training.scheme == "fl" else device_cut(cfg.topology, device, num_layers_of(package))
-    return DeviceTrainer(device, package, cfg.peft, cfg.training, examples, cfg.model.max_seq_len, cut,
-                         device_seed(cfg, device), torch_device)
+    examples = device_examples(cfg.data, all_ids)
+    n = num_layers_of(package)
+    shared: dict = {}
+    out = {}
+    for d in devices:
+        cut = None if cfg.training.scheme == "fl" else device_cut(cfg.topology, d, n)
+        key = None if cut is None else tuple(sorted(cut.device_layers(n)))
+        split = shared.get(key) if share_model else None
+        out[d] = DeviceTrainer(d, package, cfg.peft, cfg.training, examples[d], cfg.model.max_seq_len, cut,
+                               device_seed(cfg, d), torch_device, split=split)
+        if share_model:
+            shared.setdefault(key, out[d].split)
+    return out
 
 
 def relay_down_bytes(written: dict[str, int]) -> dict:
@@ -76,7 +92,8 @@ class InProcessGaisNet:
 
     def edge_round(self, edge: str, round_idx: int | None = None) -> EdgeUpdate:
         trainer = self.edges[edge]
-        clusters = plan_clusters(self.cfg, edge, {d: self.devices[d].num_samples for d in self.by_edge[edge]})
+        chosen = participants(self.cfg, edge, self.by_edge[edge], round_idx)
+        clusters = plan_clusters(self.cfg, edge, {d: self.devices[d].num_samples for d in chosen})
         trainer.begin_round(self.knowledge, clusters)
         last = {}
         for cid, members in clusters.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from ..config import Config, TopologyConfig, device_id, edge_id
 from ..models.split import Cut
 from .clustering import DeviceProfile, cluster_devices
@@ -22,6 +24,17 @@ def device_cut(topo: TopologyConfig, device: str, num_layers: int) -> Cut:
         return Cut.from_layers(num_layers, c.front_layers, c.back_layers)
     except ValueError as e:
         raise ValueError(f"topology cut for {device}: {e}") from None
+
+
+def participants(cfg: Config, edge: str, devices: list[str], round_idx: int | None) -> list[str]:
+    """The devices of ``edge`` that train in round ``round_idx``: all of them, or a seeded sample of
+    ``training.participants_per_edge`` (the same in every runtime and on resume)."""
+    k = cfg.training.participants_per_edge
+    if not k or len(devices) <= k or round_idx is None:
+        return list(devices)
+    rng = random.Random(f"{cfg.training.seed}/{round_idx}/{edge}")  # str seeds hash stably (sha512)
+    chosen = set(rng.sample(sorted(devices), k))
+    return [d for d in devices if d in chosen]
 
 
 def plan_clusters(cfg: Config, edge: str, sample_counts: dict[str, int]) -> dict[str, list[str]]:
