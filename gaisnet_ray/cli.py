@@ -1,7 +1,8 @@
 """The ``gaisnet`` command (also ``python -m gaisnet_ray``).
 
-Exit codes: 0 success; 2 bad config or arguments (nothing was started); 1 the run failed;
-130 interrupted (Ctrl-C or SIGTERM; what was finished stays on disk).
+Exit codes: 0 success; 2 bad config or arguments, or a Ray cluster that cannot be joined or lacks
+the tier resources (nothing was started); 1 the run (or a submitted job) failed; 130 interrupted
+(Ctrl-C or SIGTERM; what was finished stays on disk).
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ from pathlib import Path
 from .config import ConfigError, config_to_yaml, load_config
 
 
+def _cluster_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="join the existing Ray cluster at this GCS address (HOST:6379, or 'auto' on a "
+                                     "cluster node) instead of starting a private local Ray; default: RAY_ADDRESS if "
+                                     "set ('local' forces local dev mode)")
+    p.add_argument("--no-resource-check", action="store_true",
+                   help="with a cluster: skip the up-front check that its nodes declare the tier resources the "
+                        "run asks for (for clusters that start such nodes on demand)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gaisnet", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -25,9 +35,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config key, e.g. --set training.rounds=3 (repeatable)")
     run.add_argument("--out", help="run folder (default: run.out_dir or runs/<timestamp>)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue a run folder from its last completed round (after a crash or kill); "
+                          "--set may change only training.rounds, run.*, serve.*, faults.*")
     run.add_argument("--serve", action="store_true",
                      help="also serve tiered inference (serve.* settings) while training, hot-swapping each new "
                           "knowledge version; keeps serving after the last round until Ctrl-C")
+    _cluster_flags(run)
 
     srv = sub.add_parser("serve", help="serve a run folder's model and knowledge over HTTP (Ray Serve)")
     srv.add_argument("run_dir")
@@ -35,6 +49,19 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a key of the run's config, e.g. --set serve.port=8080 (repeatable)")
     srv.add_argument("--host", help="bind address (same as --set serve.host=...)")
     srv.add_argument("--port", type=int, help="HTTP port (same as --set serve.port=...)")
+    _cluster_flags(srv)
+
+    sub_ = sub.add_parser("submit", help="submit a run as a Ray Job to a cluster's Jobs API and follow its logs")
+    sub_.add_argument("config", nargs="?", help="YAML config; omitted: the embedded default")
+    sub_.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key (repeatable); validated here before anything is submitted")
+    sub_.add_argument("--address", help="the cluster's dashboard (Jobs API) address, e.g. http://HOST:8265 "
+                                        "(default: RAY_ADDRESS, else http://127.0.0.1:8265)")
+    sub_.add_argument("--out", help="run folder on the cluster's shared storage (a relative path is made absolute "
+                                    "against the current directory; default: run.out_dir or runs/<timestamp>)")
+    sub_.add_argument("--no-wait", action="store_true", help="print the job id and return; do not follow the logs")
+    sub_.add_argument("--no-resource-check", action="store_true",
+                      help="passed to the job's `gaisnet run` (see gaisnet run --help)")
 
     cfg = sub.add_parser("config", help="print the resolved config as YAML (validates it)")
     cfg.add_argument("config", nargs="?")
@@ -87,14 +114,68 @@ def _serve(args) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from .cluster import ClusterError, check_address
+
+    try:
+        check_address(args.address)  # a wrong or dead address fails before Serve and torch load
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from .serve.app import serve_run_dir
     from .serve.errors import PortInUseError
 
     try:
-        serve_run_dir(run_dir, cfg)
-    except (FileNotFoundError, PortInUseError) as e:
+        serve_run_dir(run_dir, cfg, address=args.address, check_resources=not args.no_resource_check)
+    except (FileNotFoundError, PortInUseError, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _submit(args, cfg) -> int:
+    from .cluster.jobs import SubmitError, submit_run
+    from .runfolder import RunFolderError
+
+    try:
+        return submit_run(cfg, args.out, address=args.address, wait=not args.no_wait,
+                          check_resources=not args.no_resource_check)
+    except (RunFolderError, SubmitError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _resume(args) -> int:
+    from .runfolder import RunFolderError, resume_run_dir
+
+    if args.config or args.out:
+        print("error: --resume continues RUN_DIR with its own config.yaml; give no CONFIG or --out",
+              file=sys.stderr)
+        return 2
+    from .cluster import ClusterError, check_address
+
+    try:
+        check_address(args.address)  # before the folder is touched
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        cfg, done = resume_run_dir(args.resume, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except RunFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .job import run_job
+
+    print(f"resuming {args.resume} after round {done} of {cfg.training.rounds}", flush=True)
+    try:
+        run_dir = run_job(cfg, args.resume, progress=False if args.no_progress else None, serve=args.serve,
+                          resume_round=done, address=args.address, check_resources=not args.no_resource_check)
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"run folder: {run_dir}")
     return 0
 
 
@@ -127,16 +208,31 @@ def _main(args) -> int:
     if args.command == "config":
         print(config_to_yaml(cfg), end="")
         return 0
+    if args.command == "submit":
+        return _submit(args, cfg)
+    if args.command == "run" and args.resume:
+        return _resume(args)
+    from .cluster import ClusterError, check_address
+
+    try:
+        check_address(args.address)  # a wrong or dead cluster address fails before torch loads
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from .job import run_job  # imported here: Ray and torch load only when a run starts
     from .runfolder import RunFolderError
     from .serve.errors import PortInUseError
 
     try:
-        run_dir = run_job(cfg, args.out, progress=False if args.no_progress else None, serve=args.serve)
+        run_dir = run_job(cfg, args.out, progress=False if args.no_progress else None, serve=args.serve,
+                          address=args.address, check_resources=not args.no_resource_check)
     except RunFolderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except PortInUseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ClusterError as e:  # unreachable, or lacks tier resources: found before any actor was placed
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"run folder: {run_dir}")

@@ -27,6 +27,15 @@ class PlacementError(RuntimeError):
     """Tier actors could not be placed: the cluster lacks the tier resources they ask for."""
 
 
+def _dead_actor_id(err: BaseException) -> str | None:
+    """The id (hex) of the actor whose death caused ``err``, if Ray says so (also through a task
+    that failed on a dead actor's result)."""
+    for e in (err, getattr(err, "cause", None)):
+        if isinstance(e, RayActorError) and getattr(e, "actor_id", None):
+            return e.actor_id
+    return None
+
+
 class RoundFailedError(RuntimeError):
     """Too few edges delivered an update for the round to aggregate (``faults.min_edge_updates``)."""
 
@@ -184,15 +193,22 @@ class GaisNetDriver:
             return False
 
     def _turn_failed(self, e: str, cid: str, d: str, err: Exception, dropped: dict, lost_edges: set) -> None:
-        """Tell a dead edge from a dead or failing device, and record which it was."""
-        if e not in lost_edges and not self._alive(self.edges[e]):
+        """Tell a dead edge from a dead or failing device (by which actor Ray says died, so a busy
+        edge is never mistaken for a dead one), and record which it was."""
+        dead = _dead_actor_id(err)
+        edge_died = dead == self.edges[e]._actor_id.hex()
+        device_died = dead == self.devices[d]._actor_id.hex()
+        if dead is not None and not (edge_died or device_died):  # some other actor: ask the two
+            edge_died = not self._alive(self.edges[e])
+            device_died = not edge_died and not self._alive(self.devices[d])
+        if edge_died and e not in lost_edges:
             lost_edges.add(e)
             self.dead_edges.add(e)
             log.warning("edge %s died in the round; its clusters sit the round out", e)
         if e in lost_edges:
             dropped[d] = f"its edge {e} died"
             return
-        if not self._alive(self.devices[d]):
+        if device_died:
             self.dead_devices.add(d)
             dropped[d] = f"died: {type(err).__name__}"
         else:
@@ -216,7 +232,7 @@ class GaisNetDriver:
                 ray.get(status, timeout=self.timeout)
                 updates.append(update)
             except RayError as err:
-                if not self._alive(self.edges[e]):
+                if _dead_actor_id(err) == self.edges[e]._actor_id.hex():
                     lost_edges.add(e)
                     self.dead_edges.add(e)
                 log.warning("edge %s delivers no update this round: %s", e, str(err).strip().splitlines()[-1][:300])

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .cluster import connect
+from .cluster import connect, joins_cluster
 from .config import Config
 from .driver import GaisNetDriver
 from .report import write_report
-from .runfolder import append_metrics, prepare_run_dir, write_summary
+from .runfolder import (
+    INITIAL_EVAL_NAME,
+    append_metrics,
+    prepare_run_dir,
+    read_metrics,
+    resolve_run_dir,
+    write_summary,
+)
 
 
 def _postfix(m: dict) -> dict:
@@ -23,44 +31,61 @@ def _postfix(m: dict) -> dict:
     return out
 
 
-def run_job(cfg: Config, out: str | Path | None = None, progress: bool | None = None, serve: bool = False) -> Path:
+def run_job(cfg: Config, out: str | Path | None = None, progress: bool | None = None, serve: bool = False,
+            resume_round: int | None = None, address: str | None = None, check_resources: bool = True) -> Path:
     """Run ``cfg.training.rounds`` rounds on Ray and write the run folder; returns its path.
 
     Every finished round is on disk (metrics line, knowledge version) before the next starts.
     With ``serve``, the tiered inference app (``cfg.serve``) comes up as soon as the first knowledge
     version is published, picks up each new version while training goes on (hot swap), and keeps
     serving the final one after the last round until Ctrl-C or SIGTERM.
+    ``resume_round``: ``out`` is a run folder whose rounds 1..resume_round are complete
+    (``runfolder.resume_run_dir`` got it ready); the run continues with the next round.
+    ``address`` (default ``RAY_ADDRESS``) joins an existing Ray cluster instead of starting a local
+    one (``cluster.connect``; ``check_resources``: fail at once if its nodes lack the tier resources
+    the run asks for). The run folder path is then made absolute: the cloud actor writes into it on
+    its own node, so it must be the same path, on shared storage, there.
     """
-    if serve:
+    cluster_mode = joins_cluster(address)
+    if serve and not cluster_mode:  # on a cluster the Serve proxies bind on the cluster's nodes
         from .serve.errors import check_port_free
 
         check_port_free(cfg.serve.host, cfg.serve.port)  # before any work, not after pre-training
-    run_dir = prepare_run_dir(cfg, out)
+    # a taken folder is refused before Ray starts; it is created once Ray (or the cluster) is usable
+    run_dir = resolve_run_dir(cfg, out) if resume_round is None else Path(out)
+    if cluster_mode:
+        run_dir = run_dir.absolute()
     show = cfg.run.progress if progress is None else progress
     started = time.perf_counter()
-    with connect(cfg, training=True, serving=serve) as cluster:
+    with connect(cfg, training=True, serving=serve, address=address, check_resources=check_resources) as cluster:
+        if resume_round is None:
+            prepare_run_dir(cfg, run_dir)
         driver = GaisNetDriver(cfg, run_dir)
         serving = None
         try:
             try:
-                driver.start()
+                driver.start(resume_round)
+                initial_eval = _initial_eval(run_dir, driver.initial_eval, resume_round)
                 if serve:
-                    serving = _start_serving(run_dir, cfg)
-                bar = tqdm(range(1, cfg.training.rounds + 1), desc="HFSL rounds" if cfg.training.scheme == "hfsl"
+                    serving = _start_serving(run_dir, cfg, shared=cluster.mode == "cluster")
+                first = (resume_round or 0) + 1
+                bar = tqdm(range(first, cfg.training.rounds + 1), initial=first - 1, total=cfg.training.rounds, desc="HFSL rounds" if cfg.training.scheme == "hfsl"
                            else f"{cfg.training.scheme.upper()} rounds", unit="round", disable=not show)
-                last = {}
+                done = read_metrics(run_dir)
+                last = done[-1] if done else {}
                 for r in bar:
                     last = driver.run_round(r)
                     append_metrics(run_dir, last)
                     bar.set_postfix(_postfix(last))
             finally:
                 driver.close()
-            write_report(run_dir, driver.initial_eval)
+            write_report(run_dir, initial_eval)
             write_summary(run_dir, {
                 "rounds": cfg.training.rounds,
                 "scheme": cfg.training.scheme,
                 "cluster": cluster.mode,
-                "eval_initial": driver.initial_eval,
+                "eval_initial": initial_eval,
+                "resumed_after_round": resume_round,
                 "eval_final": last.get("eval"),
                 "final_version": last.get("version"),
                 "wall_s": time.perf_counter() - started,
@@ -77,9 +102,19 @@ def run_job(cfg: Config, out: str | Path | None = None, progress: bool | None = 
     return run_dir
 
 
-def _start_serving(run_dir: Path, cfg: Config):
+def _initial_eval(run_dir: Path, measured: dict | None, resume_round: int | None) -> dict | None:
+    """The eval before round 1: measured now on a fresh run (and kept), read back on a resumed one."""
+    path = run_dir / INITIAL_EVAL_NAME
+    if resume_round is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(measured) + "\n")
+        return measured
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _start_serving(run_dir: Path, cfg: Config, shared: bool = False):
     from .serve.app import announce, start_serving  # Serve loads only when asked for
 
-    handle = start_serving(run_dir, cfg.serve)
+    handle = start_serving(run_dir, cfg.serve, shared_cluster=shared)
     announce(run_dir, handle)
     return handle

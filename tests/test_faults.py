@@ -21,7 +21,7 @@ pytestmark = pytest.mark.ray
 FAULTY = [
     "topology.edges=2", "topology.devices_per_edge=2", "topology.cluster_size=2",
     "data.samples_per_device=32", "data.eval_samples_per_domain=2", "data.public_samples=32",
-    "training.pretrain_steps=0", "training.local_steps=30", "training.batch_size=8", "training.rounds=2",
+    "training.pretrain_steps=0", "training.local_steps=12", "training.batch_size=8", "training.rounds=2",
     "training.eval_every=10", "relay.policy=none", "run.progress=false",
 ]
 
@@ -115,19 +115,22 @@ def test_an_edge_killed_mid_round_loses_its_round_and_its_devices_move(ray_local
         t, box = _round_in_thread(driver, 1)
         time.sleep(1.0)
         ray_local.kill(driver.edges["edge-1"])
-        first = _joined(t, box)
-        second = driver.run_round(2)
+        rounds = [_joined(t, box)]
+        while not rounds[-1]["faults"]["lost_edges"] and len(rounds) < 2:  # a fast machine: round 2 finds it
+            rounds.append(driver.run_round(len(rounds) + 1))
+        rounds.append(driver.run_round(len(rounds) + 1))
     finally:
         driver.close()
-    assert first["faults"]["lost_edges"] == ["edge-1"]
-    assert set(first["faults"]["reassigned"]) == {"end-1-0", "end-1-1"}
-    assert set(first["faults"]["reassigned"].values()) == {"edge-0"}
-    assert set(_lineage(tmp_path, 1)["edges"]) == {"edge-0"}
-    # round 2: edge-0 trains its own devices and the moved ones
-    edges = _lineage(tmp_path, 2)["edges"]
+    lost, after = rounds[-2], rounds[-1]
+    assert lost["faults"]["lost_edges"] == ["edge-1"]
+    assert set(lost["faults"]["reassigned"]) == {"end-1-0", "end-1-1"}
+    assert set(lost["faults"]["reassigned"].values()) == {"edge-0"}
+    assert set(_lineage(tmp_path, lost["version"])["edges"]) == {"edge-0"}
+    # the next round: edge-0 trains its own devices and the moved ones
+    edges = _lineage(tmp_path, after["version"])["edges"]
     assert set(edges) == {"edge-0"}
     assert set(edges["edge-0"]["device_samples"]) == {"end-0-0", "end-0-1", "end-1-0", "end-1-1"}
-    assert second["faults"]["dropped"] == {}
+    assert after["faults"]["dropped"] == {}
 
 
 def test_resume_after_the_driver_is_killed_ends_with_the_uninterrupted_knowledge(tmp_path):

@@ -1,7 +1,10 @@
-"""Connecting the driver to Ray: a private local dev-mode instance, or a Ray that is already up.
+"""Connecting the driver to Ray: a private local dev-mode instance, an existing Ray cluster, or a Ray
+this process already initialised.
 
 This is the only module that calls ``ray.init``. Local dev mode declares the tier resources on the
 single node, so actors are placed by exactly the same resource requests as on a real cluster.
+Cluster mode (``address``, or ``RAY_ADDRESS``) joins a running cluster, declares nothing, and first
+checks that the cluster's nodes declare what the run asks for (``preflight``).
 """
 
 from __future__ import annotations
@@ -9,20 +12,53 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
 import ray
+from ray.exceptions import AuthenticationError
 
 from ..config import TIER_RESOURCES, Config
+from .preflight import demands, placement_problems, resource_error_message
 
 
 @dataclass(frozen=True)
 class ClusterInfo:
-    mode: str  # "local" (started here) or "existing" (already initialised by the caller)
+    # "local" (a private node started here), "cluster" (joined an existing cluster at `address`) or
+    # "existing" (Ray already initialised by the caller)
+    mode: str
     resources: dict[str, float]
+    address: str | None = None
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster asked for cannot be used: unreachable, or it lacks what the run asks for."""
+
+
+class ClusterConnectError(ClusterError):
+    """No Ray cluster could be joined at the address."""
+
+
+class ClusterResourceError(ClusterError):
+    """The cluster's nodes do not declare the tier resources (CPUs, GPUs, labels) the run asks for."""
+
+
+def resolve_address(address: str | None = None) -> str | None:
+    """The cluster to join: ``address``, else ``RAY_ADDRESS``; None (or ``"local"``) means local dev mode.
+
+    Inside a Ray Job, Ray sets ``RAY_ADDRESS`` to the cluster's GCS address, so a run submitted as a
+    job joins the cluster it was submitted to.
+    """
+    addr = (address if address is not None else os.environ.get("RAY_ADDRESS", "")).strip()
+    return None if addr in ("", "local") else addr
+
+
+def joins_cluster(address: str | None = None) -> bool:
+    """Whether ``connect(address=...)`` would join an existing cluster (not local, not already up)."""
+    return not ray.is_initialized() and resolve_address(address) is not None
 
 
 def required_resources(cfg: Config, training: bool = True, serving: bool = False) -> dict[str, float]:
@@ -39,9 +75,10 @@ def required_resources(cfg: Config, training: bool = True, serving: bool = False
         workers = cfg.cloud.workers  # the CloudNode and its peer CloudWorkers
         need[TIER_RESOURCES["cloud"]] += workers
         need[TIER_RESOURCES["edge"]] += t.edges
-        need[TIER_RESOURCES["end"]] += t.num_devices
-        need["CPU"] += workers * t.cloud.num_cpus + t.edges * t.edge.num_cpus + t.num_devices * t.end.num_cpus
-        need["GPU"] += workers * t.cloud.num_gpus + t.edges * t.edge.num_gpus + t.num_devices * t.end.num_gpus
+        ends = t.end_workers or t.num_devices  # EndWorker pool actors, or one EndNode per device
+        need[TIER_RESOURCES["end"]] += ends
+        need["CPU"] += workers * t.cloud.num_cpus + t.edges * t.edge.num_cpus + ends * t.end.num_cpus
+        need["GPU"] += workers * t.cloud.num_gpus + t.edges * t.edge.num_gpus + ends * t.end.num_gpus
     if serving:
         for k, v in cfg.serve.required_resources().items():
             need[k] += v
@@ -70,23 +107,99 @@ def local_init_kwargs(cfg: Config, training: bool = True, serving: bool = False)
 
 
 @contextmanager
-def connect(cfg: Config, training: bool = True, serving: bool = False) -> Iterator[ClusterInfo]:
-    """Use the Ray instance this process already initialised, or start a private local one sized
-    for what will run on it (the training actors, the Serve deployments, or both).
+def connect(cfg: Config, training: bool = True, serving: bool = False, address: str | None = None,
+            check_resources: bool = True) -> Iterator[ClusterInfo]:
+    """Use the Ray instance this process already initialised; else join the cluster at ``address``
+    (default ``RAY_ADDRESS``); else start a private local one sized for what will run on it (the
+    training actors, the Serve deployments, or both).
 
-    A local instance started here is shut down on exit, also after an error or a SIGTERM.
+    Cluster mode declares no resources: the nodes do (``ray start --resources=...``). Unless
+    ``check_resources`` is False, it first checks that they declare enough of every tier resource
+    (and CPUs, GPUs, node labels) for ``cfg`` and raises ``ClusterResourceError`` naming what is
+    missing, instead of leaving actors pending until the placement timeout.
+
+    On exit a local instance is shut down and a cluster is disconnected from (``ray.shutdown``, which
+    stops this driver's actors, not the cluster), also after an error or a SIGTERM.
     """
     if ray.is_initialized():
         yield ClusterInfo("existing", dict(ray.cluster_resources()))
         return
-    ray.init(**local_init_kwargs(cfg, training, serving))
+    addr = resolve_address(address)
+    if addr is None:
+        ray.init(**local_init_kwargs(cfg, training, serving))
+        mode = "local"
+    else:
+        _join(addr)
+        mode = "cluster"
+        if check_resources:
+            try:
+                check_cluster_resources(cfg, training, serving, addr)
+            except BaseException:
+                ray.shutdown()
+                raise
     previous = _sigterm_as_interrupt()
     try:
-        yield ClusterInfo("local", dict(ray.cluster_resources()))
+        yield ClusterInfo(mode, dict(ray.cluster_resources()), addr)
     finally:
         ray.shutdown()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def check_cluster_resources(cfg: Config, training: bool, serving: bool, address: str = "the cluster") -> None:
+    """Raise ``ClusterResourceError`` unless the connected cluster's live nodes can hold the run."""
+    need = required_resources(cfg, training, serving)
+    nodes = ray.nodes()
+    problems = placement_problems(need, demands(cfg, training, serving), nodes)
+    if problems:
+        raise ClusterResourceError(resource_error_message(address, need, problems, nodes))
+
+
+def _gcs_host_port(addr: str) -> tuple[str, int] | None:
+    """``host:port`` of a GCS address; None for ``auto`` or a ``ray://`` client address."""
+    if addr == "auto" or "://" in addr:
+        return None
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClusterConnectError(f"'{addr}' is not a Ray cluster address: give the head node's GCS "
+                                  f"address HOST:PORT (port 6379 unless `ray start --port` said otherwise), "
+                                  f"or 'auto' on a cluster node")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_address(address: str | None = None) -> str | None:
+    """Resolve the address (``resolve_address``) and, for a cluster, check it looks like one and that
+    something listens there: raises ``ClusterConnectError`` in seconds, without starting Ray (the
+    CLI calls this before loading torch). Returns the resolved address (None: local dev mode)."""
+    addr = resolve_address(address)
+    if addr is None or ray.is_initialized():
+        return addr
+    if addr.startswith(("http://", "https://")):
+        raise ClusterConnectError(
+            f"'{addr}' is a dashboard (Jobs API) address; to run from here give the cluster's GCS address "
+            f"(HOST:6379, what `ray start --head` prints), or submit the run as a job: "
+            f"gaisnet submit --address {addr}")
+    hp = _gcs_host_port(addr)
+    if hp is not None:  # fail in seconds, not after Ray's own connection retries
+        try:
+            socket.create_connection(hp, timeout=5).close()
+        except OSError as e:
+            raise ClusterConnectError(f"no Ray cluster answers at {addr} ({e}); start one with "
+                                      f"`ray start --head` (docs/cluster.md) or check the address") from None
+    return addr
+
+
+def _join(addr: str) -> None:
+    check_address(addr)
+    try:
+        ray.init(address=addr, namespace="gaisnet", configure_logging=False, log_to_driver=True)
+    except (ConnectionError, AuthenticationError) as e:
+        hint = ""
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            hint = ("; if the cluster uses token authentication (Ray's default for `ray start`), set "
+                    "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token; "
+                    "`ray get-auth-token` on the head prints it)")
+        raise ClusterConnectError(f"could not join the Ray cluster at {addr}: {e}{hint}") from None
 
 
 def _raise_interrupt(signum, frame):

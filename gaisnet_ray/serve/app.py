@@ -4,8 +4,9 @@
   placed by its tier resource and sized by the settings.
 - ``app_builder(args)``: the same for ``serve run deploy/serve_config.yaml`` (``args``: ``run_dir``,
   optional ``settings``).
-- ``serve_run_dir(run_dir, cfg)``: ``gaisnet serve``: Ray (local dev mode unless one is up)
-  + Serve on ``cfg.serve.host:port``; blocks until Ctrl-C or SIGTERM.
+- ``serve_run_dir(run_dir, cfg, address=None)``: ``gaisnet serve``: Ray (local dev mode unless one is
+  up, or the existing cluster at ``address`` / ``RAY_ADDRESS``) + Serve on ``cfg.serve.host:port``;
+  blocks until Ctrl-C or SIGTERM.
 - ``start_serving(run_dir, settings)``: the non-blocking start ``gaisnet run --serve`` uses while
   its own Ray is up; the training loop keeps publishing versions and the deployments pick them up.
 """
@@ -89,21 +90,28 @@ def app_builder(args: dict) -> serve.Application:
 
 @dataclass
 class ServingHandle:
-    """A running app: where it listens, and how to stop it (Serve, then Ray if we started it)."""
+    """A running app: where it listens, and how to stop it (Serve, then Ray if we started it).
+
+    On a shared cluster (``shared_cluster``) only this app is deleted; Serve itself is shut down
+    only when no other application is left on it."""
 
     url: str
     app_name: str = APP_NAME
+    shared_cluster: bool = False
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
 
     def shutdown(self) -> None:
         serve.delete(self.app_name)
-        serve.shutdown()
+        if not self.shared_cluster or not serve.status().applications:
+            serve.shutdown()
         self._stack.close()
 
 
-def start_serving(run_dir: str | Path, settings: ServeSettings | dict | None = None) -> ServingHandle:
+def start_serving(run_dir: str | Path, settings: ServeSettings | dict | None = None,
+                  shared_cluster: bool = False) -> ServingHandle:
     """Start Serve on the Ray this process is connected to and deploy the app; returns once every
-    replica is up. Ray must already be initialised (``cluster.connect``): the caller owns it."""
+    replica is up. Ray must already be initialised (``cluster.connect``): the caller owns it.
+    ``shared_cluster``: Ray is an existing cluster others may serve on too (see ``ServingHandle``)."""
     import ray
 
     if not ray.is_initialized():
@@ -113,7 +121,7 @@ def start_serving(run_dir: str | Path, settings: ServeSettings | dict | None = N
     app = build_app(run_dir, s)
     serve.start(http_options={"host": s.host, "port": s.port})
     _run_or_explain(app, s)
-    return ServingHandle(f"http://{s.host}:{s.port}")
+    return ServingHandle(f"http://{s.host}:{s.port}", shared_cluster=shared_cluster)
 
 
 class ServeStartupError(RuntimeError):
@@ -158,26 +166,35 @@ def _run_or_explain(app: serve.Application, s: ServeSettings) -> None:
         f"nodes (local dev mode does) or lower serve.<tier>.num_cpus")
 
 
-def serve_run_dir(run_dir: str | Path, cfg=None, blocking: bool = True) -> ServingHandle | None:
+def serve_run_dir(run_dir: str | Path, cfg=None, blocking: bool = True, address: str | None = None,
+                  check_resources: bool = True) -> ServingHandle | None:
     """``gaisnet serve RUN_DIR``: connect to Ray (a private local dev-mode node declaring the tier
-    resources the deployments ask for, unless this process is already connected) and serve with
-    ``cfg.serve`` (``cfg``: the run's own config.yaml by default) until Ctrl-C.
+    resources the deployments ask for, unless this process is already connected, or the existing
+    cluster at ``address`` / ``RAY_ADDRESS``) and serve with ``cfg.serve`` (``cfg``: the run's own
+    config.yaml by default) until Ctrl-C.
+
+    On a cluster the run folder must be readable at the same absolute path on every node that hosts a
+    replica (shared storage); the proxies bind ``serve.host:port`` on the cluster's nodes, so the
+    port is not checked here, and only this app is removed on exit.
 
     With ``blocking=False`` it returns the ``ServingHandle``; its ``shutdown()`` also stops the Ray
-    started here.
+    started here (or disconnects from the cluster).
     """
-    from ..cluster import connect
+    from ..cluster import connect, joins_cluster
     from ..config import default_config, load_config
 
     if cfg is None:
         cfg_path = Path(run_dir) / "config.yaml"
         cfg = load_config(cfg_path) if cfg_path.is_file() else default_config()
     _check_run_dir(run_dir)  # before starting Ray: a wrong path or a taken port fail in milliseconds
-    check_port_free(cfg.serve.host, cfg.serve.port)
+    shared = joins_cluster(address)
+    if not shared:
+        check_port_free(cfg.serve.host, cfg.serve.port)
     stack = contextlib.ExitStack()
-    stack.enter_context(connect(cfg, training=False, serving=True))
+    stack.enter_context(connect(cfg, training=False, serving=True, address=address,
+                                check_resources=check_resources))
     try:
-        handle = start_serving(run_dir, cfg.serve)
+        handle = start_serving(run_dir, cfg.serve, shared_cluster=shared)
     except BaseException:
         stack.close()
         raise

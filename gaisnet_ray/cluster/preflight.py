@@ -1,0 +1,136 @@
+"""Before anything is placed on an existing Ray cluster: can it ever hold this run?
+
+An actor asking for a resource no node declares stays pending forever, so without this check a
+missing ``gaisnet_edge`` on a real cluster looks like a hang until ``run.actor_timeout_s``. Pure
+functions over ``ray.nodes()`` rows (``Alive``, ``Resources``, ``Labels``), so tests need no Ray.
+
+Two checks, both on what the nodes *declare* (totals, not what is free right now):
+
+- totals: every tier resource, CPU and GPU the run asks for in all (``required_resources``);
+- shapes: for each tier, at least one node that can hold one of its actors (or Serve replicas):
+  the tier resource together with that actor's CPUs and GPUs, and the tier's ``node_labels``.
+
+Fragmentation beyond that (every actor fits some node, but not all at once) is still caught by
+the driver's placement timeout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from ..config import Config
+from ..serve.settings import TIER_RESOURCE_SHARE
+from ..tiers import TIER_RESOURCES
+
+
+@dataclass(frozen=True)
+class Demand:
+    """One kind of actor a run places: what one of them asks for, and where it may go."""
+
+    what: str  # e.g. "edge actor", "cloud Serve replica"
+    tier: str
+    shape: dict[str, float]  # resource -> amount for ONE actor or replica
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def demands(cfg: Config, training: bool = True, serving: bool = False) -> list[Demand]:
+    t = cfg.topology
+    out: list[Demand] = []
+    if training:
+        for tier in ("cloud", "edge", "end"):
+            res = getattr(t, tier)
+            out.append(Demand(f"{tier} actor", tier, {TIER_RESOURCES[tier]: 1.0, "CPU": res.num_cpus,
+                                                      "GPU": res.num_gpus}, dict(res.node_labels)))
+    if serving:
+        for tier in ("cloud", "edge", "end"):
+            rep = getattr(cfg.serve, tier)
+            out.append(Demand(f"{tier} Serve replica", tier, {TIER_RESOURCES[tier]: TIER_RESOURCE_SHARE,
+                                                              "CPU": rep.num_cpus, "GPU": rep.num_gpus}))
+    return out
+
+
+def _alive(nodes: list[dict]) -> list[dict]:
+    return [n for n in nodes if n.get("Alive", n.get("alive", False))]
+
+
+def label_matches(node_labels: dict[str, str], selector: dict[str, str]) -> bool:
+    """Ray's label_selector semantics for one node: ``value``, ``!value``, ``in(a,b)``, ``!in(a,b)``."""
+    for key, want in selector.items():
+        have = node_labels.get(key)
+        negate = want.startswith("!")
+        body = want[1:] if negate else want
+        if body.startswith("in(") and body.endswith(")"):
+            ok = have in {v.strip() for v in body[3:-1].split(",")}
+        else:
+            ok = have == body
+        if ok == negate:
+            return False
+    return True
+
+
+def _fits(node: dict, demand: Demand) -> bool:
+    res = node.get("Resources", {})
+    return (all(res.get(k, 0.0) >= v for k, v in demand.shape.items() if v > 0)
+            and label_matches(node.get("Labels", {}) or {}, demand.labels))
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def placement_problems(need: dict[str, float], wanted: list[Demand], nodes: list[dict]) -> list[str]:
+    """What keeps this cluster from ever placing the run; [] when nothing does.
+
+    ``need``: the totals (``cluster.required_resources``); ``wanted``: one ``Demand`` per actor kind.
+    """
+    nodes = _alive(nodes)
+    problems: list[str] = []
+    declared = {k: sum(n.get("Resources", {}).get(k, 0.0) for n in nodes) for k in need}
+    for key, amount in need.items():
+        if amount > 0 and declared[key] + 1e-9 < amount:
+            holders = sum(1 for n in nodes if n.get("Resources", {}).get(key, 0.0) > 0)
+            problems.append(f"{key}: the run needs {_fmt(amount)}, the cluster declares {_fmt(declared[key])}"
+                            + (f" (on {holders} node{'s' if holders != 1 else ''})" if holders else ""))
+    short = {p.split(":", 1)[0] for p in problems}
+    for d in wanted:
+        tier_res = TIER_RESOURCES[d.tier]
+        if tier_res in short or any(_fits(n, d) for n in nodes):
+            continue
+        with_tier = [n for n in nodes if n.get("Resources", {}).get(tier_res, 0.0) > 0]
+        asks = ", ".join(f"{k} {_fmt(v)}" for k, v in d.shape.items() if v > 0)
+        if not with_tier:
+            why = f"no node declares {tier_res}"
+        elif d.labels and not any(label_matches(n.get("Labels", {}) or {}, d.labels) for n in with_tier):
+            why = (f"no node declaring {tier_res} has the labels topology.{d.tier}.node_labels asks for "
+                   f"({', '.join(f'{k}={v}' for k, v in d.labels.items())})")
+        else:
+            why = f"no node declaring {tier_res} also has what one asks for"
+        problems.append(f"a {d.what} ({asks}"
+                        + (f"; labels {d.labels}" if d.labels else "") + f") fits no node: {why}")
+    return problems
+
+
+def resource_error_message(address: str, need: dict[str, float], problems: list[str], nodes: list[dict]) -> str:
+    nodes = _alive(nodes)
+    lines = [f"the Ray cluster at {address} cannot place this run:"]
+    lines += [f"  - {p}" for p in problems]
+    tiers = {v: k for k, v in TIER_RESOURCES.items()}
+    head = address if "://" not in address and address != "auto" else "<head>:6379"
+    examples = []
+    for res_name, tier in tiers.items():
+        have = sum(n.get("Resources", {}).get(res_name, 0.0) for n in nodes)
+        if need.get(res_name, 0) > have or any(res_name in p and "fits no node" in p for p in problems):
+            units = json.dumps({res_name: int(need[res_name])})
+            examples.append(f"    ray start --address={head} --resources='{units}' --labels='gaisnet/tier={tier}'"
+                            f"   # on the {tier} machine(s): {int(need[res_name])} in all")
+    if examples:
+        lines.append("Declare each tier's resource on the nodes that play that tier, e.g.")
+        lines += examples
+    lines.append("(docs/cluster.md; deploy/cluster.yaml and deploy/kuberay/ declare them per node type). "
+                 "If such nodes start on demand (autoscaling), keep enough of them up (min_workers / "
+                 "minReplicas) or pass --no-resource-check.")
+    lines.append("Nodes now: " + "; ".join(
+        "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in sorted(n.get("Resources", {}).items())
+                        if k in ("CPU", "GPU") or k in tiers) + "}" for n in nodes))
+    return "\n".join(lines)
