@@ -226,13 +226,8 @@ def _main(args) -> int:
     try:
         run_dir = run_job(cfg, args.out, progress=False if args.no_progress else None, serve=args.serve,
                           address=args.address, check_resources=not args.no_resource_check)
-    except RunFolderError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except PortInUseError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ClusterError as e:  # unreachable, or lacks tier resources: found before any actor was placed
+    # a used folder or port, a cluster unreachable or short of tier resources: found before any actor
+    except (RunFolderError, PortInUseError, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"run folder: {run_dir}")
