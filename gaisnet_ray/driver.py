@@ -125,7 +125,7 @@ class GaisNetDriver:
         ready = {e: self.edges[e].begin_round.remote(self.knowledge_ref, clusters) for e, clusters in plans.items()}
         queues = {(e, cid): list(members) for e, clusters in plans.items() for cid, members in clusters.items()}
         unabsorbed: dict[tuple[str, str], object] = {}  # cluster -> its last finished turn not yet at the edge
-        running: dict = {}  # status ref -> (edge, cluster, device, deadline)
+        running: dict = {}  # status ref -> (edge, cluster, device, deadline, result ref)
         dropped: dict[str, str] = {}
         lost_edges: set[str] = set()
 
@@ -164,7 +164,7 @@ class GaisNetDriver:
                     dropped[d] = f"timed out after {timeout_s:g}s"
                     self.edges[e].drop_turn.remote(cid, d, dropped[d])
                     start_next((e, cid), None)
-        updates = self._finish_edges(plans, unabsorbed, lost_edges, dropped)
+        updates = self._finish_edges(plans, unabsorbed, lost_edges)
         if len(updates) < cfg.faults.min_edge_updates:
             raise RoundFailedError(
                 f"round {round_idx}: {len(updates)} edge update(s), faults.min_edge_updates is "
@@ -216,7 +216,7 @@ class GaisNetDriver:
         log.warning("device %s sits out the round: %s", d, dropped[d])
         self.edges[e].drop_turn.remote(cid, d, dropped[d])
 
-    def _finish_edges(self, plans: dict, unabsorbed: dict, lost_edges: set, dropped: dict) -> list:
+    def _finish_edges(self, plans: dict, unabsorbed: dict, lost_edges: set) -> list:
         """Each surviving edge's update ref (only edges that delivered one)."""
         pending = {}
         for e, clusters in plans.items():

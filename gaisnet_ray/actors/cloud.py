@@ -9,11 +9,11 @@ from ..hfsl.audit import MessageAudit
 from ..hfsl.cloud import CloudCore
 from ..hfsl.messages import EdgeUpdate, StateDict
 from ..models.build import FoundationPackage
-from .placement import crosses_boundary, setup_worker
+from .placement import AuditedNode, crosses_boundary, setup_worker
 
 
 @ray.remote
-class CloudNode:
+class CloudNode(AuditedNode):
     def __init__(self, cfg: Config, run_dir: str, resume_round: int | None = None):
         torch_device = setup_worker(cfg.run.torch_threads, cfg.topology.cloud.num_gpus)
         self._audit = MessageAudit("cloud", cfg.run.audit_messages)
@@ -44,7 +44,3 @@ class CloudNode:
     def peer_reports(self) -> list:
         """What the peer ranks returned from each job (their losses), for logs and tests."""
         return self.core.peer_reports
-
-    def dump_audit(self, directory: str) -> str | None:
-        path = self._audit.dump(directory)
-        return str(path) if path else None

@@ -10,11 +10,9 @@ end with it.
 
 from __future__ import annotations
 
-import socket
-
 import ray
 
-from ..cloudengine.world import WorldSpec
+from ..cloudengine.world import WorldSpec, free_port
 from ..config import Config
 from ..hfsl.cloudjobs import run_peer_job
 from .placement import setup_worker, tier_options
@@ -31,12 +29,6 @@ class CloudWorker:
 
     def run_job(self, job: str, world: WorldSpec, kwargs: dict) -> dict:
         return run_peer_job(self.cfg, self.run_dir, job, world, self.torch_device, **kwargs)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class RayCloudPeers:
@@ -61,7 +53,7 @@ class RayCloudPeers:
         self.host = "127.0.0.1" if all(n == here for n in nodes) else ray.util.get_node_ip_address()
 
     def start(self, job: str, **kwargs):
-        port = _free_port(self.host)
+        port = free_port(self.host)
         refs = [w.run_job.remote(job, WorldSpec(r, self.size, self.host, port), kwargs)
                 for r, w in enumerate(self.workers, start=1)]
 

@@ -14,11 +14,11 @@ from ..hfsl.audit import MessageAudit
 from ..hfsl.inprocess import edge_trainer, num_layers_of
 from ..hfsl.plan import device_cut
 from ..hfsl.messages import EdgeUpdate, StateDict, TurnResult
-from .placement import crosses_boundary, setup_worker
+from .placement import BaseHolderNode, crosses_boundary, setup_worker
 
 
 @ray.remote
-class EdgeNode:
+class EdgeNode(BaseHolderNode):
     def __init__(self, edge_id: str, cfg: Config, devices: list[str], package):
         torch_device = setup_worker(cfg.run.torch_threads, cfg.topology.edge.num_gpus)
         self._audit = MessageAudit(edge_id, cfg.run.audit_messages)
@@ -58,12 +58,3 @@ class EdgeNode:
         """Take over devices of an edge that died (from the next round on)."""
         n = num_layers_of(self._package)
         self.core.add_devices({d: device_cut(self._cfg.topology, d, n) for d in device_ids})
-
-    @crosses_boundary
-    def update_base(self, package) -> int:
-        """Relay down: load the new foundation weights this node holds; returns the bytes taken."""
-        return self.core.update_base(package.state_dict)
-
-    def dump_audit(self, directory: str) -> str | None:
-        path = self._audit.dump(directory)
-        return str(path) if path else None

@@ -14,7 +14,7 @@ from ..config import Config
 from ..hfsl.audit import MessageAudit
 from ..hfsl.inprocess import device_trainer, device_trainers
 from ..hfsl.messages import StateDict, TurnResult
-from .placement import crosses_boundary, setup_worker
+from .placement import AuditedNode, BaseHolderNode, crosses_boundary, setup_worker
 
 
 class RayEdgeLink:
@@ -31,7 +31,7 @@ class RayEdgeLink:
 
 
 @ray.remote
-class EndNode:
+class EndNode(BaseHolderNode):
     def __init__(self, device_id: str, cfg: Config, package):
         torch_device = setup_worker(cfg.run.torch_threads, cfg.topology.end.num_gpus)
         self._audit = MessageAudit(device_id, cfg.run.audit_messages)
@@ -57,18 +57,9 @@ class EndNode:
         result = self.core.train_turn(adapter, link, cluster_id, steps, round_idx)
         return result, {"device": self.device_id, "steps": len(result.losses)}
 
-    @crosses_boundary
-    def update_base(self, package) -> int:
-        """Relay down: load the new foundation weights this node holds; returns the bytes taken."""
-        return self.core.update_base(package.state_dict)
-
-    def dump_audit(self, directory: str) -> str | None:
-        path = self._audit.dump(directory)
-        return str(path) if path else None
-
 
 @ray.remote
-class EndWorker:
+class EndWorker(AuditedNode):
     def __init__(self, worker_id: str, cfg: Config, device_ids: list[str], package):
         torch_device = setup_worker(cfg.run.torch_threads, cfg.topology.end.num_gpus)
         self._audit = MessageAudit(worker_id, cfg.run.audit_messages)
@@ -97,7 +88,3 @@ class EndWorker:
         """Relay down into each shared tier model once; returns the bytes taken."""
         splits = {id(c.split): c for c in self.cores.values()}
         return sum(c.update_base(package.state_dict) for c in splits.values())
-
-    def dump_audit(self, directory: str) -> str | None:
-        path = self._audit.dump(directory)
-        return str(path) if path else None

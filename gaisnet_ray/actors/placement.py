@@ -45,3 +45,20 @@ def crosses_boundary(method):
         return out
 
     return wrapper
+
+
+class AuditedNode:
+    """What every tier actor shares: a message audit (``self._audit``), dumped on request."""
+
+    def dump_audit(self, directory: str) -> str | None:
+        path = self._audit.dump(directory)
+        return str(path) if path else None
+
+
+class BaseHolderNode(AuditedNode):
+    """A tier actor over one trainer (``self.core``) that holds part of the foundation model."""
+
+    @crosses_boundary
+    def update_base(self, package) -> int:
+        """Relay down: load the new foundation weights this node holds; returns the bytes taken."""
+        return self.core.update_base(package.state_dict)

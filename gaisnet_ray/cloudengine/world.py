@@ -70,9 +70,10 @@ def ensure_accelerator() -> str:
     return os.environ.get("DS_ACCELERATOR", "cuda")
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (for a rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -115,7 +116,7 @@ def open_world(workers: int = 1, spec: WorldSpec | None = None, timeout_s: float
     env_set = []
     for name, value in wanted.items():
         if name not in os.environ:
-            os.environ[name] = value if value is not None else str(_free_port())
+            os.environ[name] = value if value is not None else str(free_port())
             env_set.append(name)
     accelerator = ensure_accelerator()
     import deepspeed

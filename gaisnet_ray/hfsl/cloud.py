@@ -31,20 +31,18 @@ class CloudCore:
         self.peer_reports: list = []
         self.resume_round = resume_round
         run_dir = Path(run_dir)
+        self.model_dir = run_dir / "model"
         if resume_round is not None:
             model, tokenizer = self._resumed_base(run_dir, resume_round)
             self.pretrain_losses = []
         else:
             model, tokenizer = build_foundation(cfg.model)
             self.pretrain_losses = self._pretrain(model, tokenizer, run_dir, torch_device)
-        if resume_round is not None:
-            self.model_dir = run_dir / "model"
-        elif self.pretrain_losses and cfg.cloud.engine == "deepspeed":
-            # the engine exported a consolidated fp32 folder (ZeRO-3 leaves the module partitioned)
-            self.model_dir = run_dir / "model"
-            model, tokenizer = load_foundation(self.model_dir, cfg.model.attn_implementation)
-        else:
-            self.model_dir = save_foundation(model, tokenizer, run_dir / "model")
+            if self.pretrain_losses and cfg.cloud.engine == "deepspeed":
+                # the engine exported a consolidated fp32 folder (ZeRO-3 leaves the module partitioned)
+                model, tokenizer = load_foundation(self.model_dir, cfg.model.attn_implementation)
+            else:
+                save_foundation(model, tokenizer, self.model_dir)
         self.package = FoundationPackage.from_model(model, tokenizer)
         self.base_hash = content_hash(self.package.state_dict)
         self.tokenizer = tokenizer
