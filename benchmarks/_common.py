@@ -36,11 +36,15 @@ def quiet() -> None:
     hf_logging.set_verbosity_error()
 
 
-def make_config(overrides: list[str]):
-    """The embedded default config with ``key=value`` overrides (same rules as ``gaisnet run --set``)."""
+TINY_YAML = Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml"
+
+
+def make_config(overrides: list[str], config: str | Path | None = TINY_YAML):
+    """``config`` (default: the tiny job, ``examples/tiny.yaml``; None: the embedded real-model
+    default) with ``key=value`` overrides (same rules as ``gaisnet run --set``)."""
     from gaisnet_ray.config import load_config
 
-    return load_config(None, overrides)
+    return load_config(config, overrides)
 
 
 def host_info() -> dict[str, Any]:

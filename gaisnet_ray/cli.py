@@ -1,7 +1,7 @@
 """The ``gaisnet`` command (also ``python -m gaisnet_ray``).
 
-Exit codes: 0 success; 2 bad config or arguments, or a Ray cluster that cannot be joined or lacks
-the tier resources (nothing was started); 1 the run (or a submitted job) failed; 130 interrupted
+Exit codes: 0 success; 2 bad config or arguments, a Ray cluster that cannot be joined or lacks
+the tier resources, or a run whose estimated peak memory does not fit (nothing was started); 1 the run (or a submitted job) failed; 130 interrupted
 (Ctrl-C or SIGTERM; what was finished stays on disk).
 """
 
@@ -21,8 +21,9 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
                                      "cluster node) instead of starting a private local Ray; default: RAY_ADDRESS if "
                                      "set ('local' forces local dev mode)")
     p.add_argument("--no-resource-check", action="store_true",
-                   help="with a cluster: skip the up-front check that its nodes declare the tier resources the "
-                        "run asks for (for clusters that start such nodes on demand)")
+                   help="skip the up-front checks: that a cluster's nodes declare the tier resources the run asks "
+                        "for (for clusters that start such nodes on demand), and that the run's estimated peak "
+                        "memory fits the machine or the cluster's nodes")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -166,13 +167,14 @@ def _resume(args) -> int:
     except RunFolderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .hfsl.memory import InsufficientMemoryError
     from .job import run_job
 
     print(f"resuming {args.resume} after round {done} of {cfg.training.rounds}", flush=True)
     try:
         run_dir = run_job(cfg, args.resume, progress=False if args.no_progress else None, serve=args.serve,
                           resume_round=done, address=args.address, check_resources=not args.no_resource_check)
-    except ClusterError as e:
+    except (ClusterError, InsufficientMemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"run folder: {run_dir}")
@@ -219,6 +221,7 @@ def _main(args) -> int:
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .hfsl.memory import InsufficientMemoryError
     from .job import run_job  # imported here: Ray and torch load only when a run starts
     from .runfolder import RunFolderError
     from .serve.errors import PortInUseError
@@ -226,8 +229,8 @@ def _main(args) -> int:
     try:
         run_dir = run_job(cfg, args.out, progress=False if args.no_progress else None, serve=args.serve,
                           address=args.address, check_resources=not args.no_resource_check)
-    # a used folder or port, a cluster unreachable or short of tier resources: found before any actor
-    except (RunFolderError, PortInUseError, ClusterError) as e:
+    # a used folder or port, a cluster unreachable or short of tier resources or memory: found before any actor
+    except (RunFolderError, PortInUseError, ClusterError, InsufficientMemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"run folder: {run_dir}")

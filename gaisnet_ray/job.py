@@ -9,8 +9,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .cluster import connect, joins_cluster
+from .cluster.preflight import check_cluster_memory
 from .config import Config
 from .driver import GaisNetDriver
+from .hfsl.memory import check_fits
 from .report import write_report
 from .runfolder import (
     INITIAL_EVAL_NAME,
@@ -23,11 +25,12 @@ from .runfolder import (
 
 
 def _postfix(m: dict) -> dict:
+    """Training loss, mean held-out loss, and exact match per domain (base + the round's knowledge)."""
     out = {"loss": f"{m['train_loss']:.3f}"}
     if m.get("eval"):
-        ev = m["eval"].values()
-        out["eval_loss"] = f"{sum(e['loss'] for e in ev) / len(ev):.3f}"
-        out["em"] = f"{sum(e['exact_match'] for e in ev) / len(ev):.2f}"
+        ev = m["eval"]
+        out["eval_loss"] = f"{sum(e['loss'] for e in ev.values()) / len(ev):.3f}"
+        out["em"] = " ".join(f"{d}={e['exact_match']:.2f}" for d, e in ev.items())
     return out
 
 
@@ -57,7 +60,11 @@ def run_job(cfg: Config, out: str | Path | None = None, progress: bool | None = 
         run_dir = run_dir.absolute()
     show = cfg.run.progress if progress is None else progress
     started = time.perf_counter()
+    if check_resources and not cluster_mode:  # a run this machine's memory cannot hold: refused before Ray starts
+        check_fits(cfg)
     with connect(cfg, training=True, serving=serve, address=address, check_resources=check_resources) as cluster:
+        if check_resources and cluster.mode == "cluster":  # the same for the cluster's nodes
+            check_cluster_memory(cfg)
         if resume_round is None:
             prepare_run_dir(cfg, run_dir)
         driver = GaisNetDriver(cfg, run_dir)

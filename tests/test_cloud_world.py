@@ -14,6 +14,8 @@ import socket
 import pytest
 import torch
 
+from tinycfg import TINY_YAML
+
 pytestmark = pytest.mark.ray
 
 STEPS, B, T = 3, 4, 16
@@ -23,7 +25,7 @@ def _model():
     from gaisnet_ray.config import load_config
     from gaisnet_ray.models.build import build_foundation
 
-    model, _ = build_foundation(load_config(None, []).model)
+    model, _ = build_foundation(load_config(TINY_YAML, []).model)
     return model
 
 
@@ -117,7 +119,7 @@ def test_cloud_node_with_two_workers_pretrains_and_distills(ray_local, tmp_path)
     from gaisnet_ray.config import load_config
     from gaisnet_ray.driver import GaisNetDriver
 
-    cfg = load_config(None, [
+    cfg = load_config(TINY_YAML, [
         "topology.edges=1", "topology.devices_per_edge=1", "topology.cluster_size=1",
         "data.samples_per_device=16", "data.eval_samples_per_domain=2", "data.public_samples=32",
         "training.pretrain_steps=3", "training.pretrain_batch_size=4", "training.local_steps=1",

@@ -34,6 +34,8 @@ import yaml
 from gaisnet_ray.config import load_config
 from gaisnet_ray.tiers import TIER_RESOURCES
 
+from tinycfg import TINY_YAML
+
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +127,7 @@ def test_cluster_launcher_template_declares_one_tier_per_node_type():
     assert set(tiers) == set(TIER_RESOURCES)
     assert tiers["cloud"]["resources"].get("GPU", 0) >= 1
     # the default config fits the nodes kept up (min_workers): the pre-check passes at once
-    need = load_config(None).topology
+    need = load_config(TINY_YAML).topology
     have = {t: nt["resources"][TIER_RESOURCES[t]] * nt.get("min_workers", 0) for t, nt in tiers.items()}
     assert have["cloud"] >= 1 and have["edge"] >= need.edges and have["end"] >= need.num_devices
     assert sum(nt.get("max_workers", 0) for nt in tiers.values()) <= cfg["max_workers"]
@@ -161,7 +163,7 @@ def test_kuberay_raycluster_has_a_worker_group_per_tier():
     cluster = next(d for d in docs if d["kind"] == "RayCluster")
     assert cluster["apiVersion"] == "ray.io/v1" and cluster["spec"]["rayVersion"] == "2.60.0"
     tiers = _check_kuberay_cluster(cluster["spec"])
-    need = load_config(None).topology
+    need = load_config(TINY_YAML).topology
     have = {t: res[TIER_RESOURCES[t]] * g["minReplicas"] for t, (g, res) in tiers.items()}
     assert have["cloud"] >= 1 and have["edge"] >= need.edges and have["end"] >= need.num_devices
     claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
@@ -196,7 +198,7 @@ def _problems(overrides: list[str], nodes: list[dict], training: bool = True, se
     from gaisnet_ray.cluster import required_resources
     from gaisnet_ray.cluster.preflight import demands, placement_problems, resource_error_message
 
-    cfg = load_config(None, overrides)
+    cfg = load_config(TINY_YAML, overrides)
     need = required_resources(cfg, training, serving)
     problems = placement_problems(need, demands(cfg, training, serving), nodes)
     return problems, resource_error_message("10.0.0.1:6379", need, problems, nodes)
@@ -259,11 +261,11 @@ def test_unusable_addresses_exit_2_in_seconds(tmp_path):
     (closed,) = _free_ports(1)
     env = _env()
     started = time.monotonic()
-    r = _gaisnet("run", "--address", f"127.0.0.1:{closed}", "--out", str(tmp_path / "x"), env=env, timeout=120)
+    r = _gaisnet("run", str(TINY_YAML), "--address", f"127.0.0.1:{closed}", "--out", str(tmp_path / "x"), env=env, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"no Ray cluster answers at 127.0.0.1:{closed}" in r.stderr
     assert not (tmp_path / "x" / "knowledge").exists()
-    r = _gaisnet("run", "--address", "http://127.0.0.1:8265", env=env, timeout=120)
+    r = _gaisnet("run", str(TINY_YAML), "--address", "http://127.0.0.1:8265", env=env, timeout=120)
     assert r.returncode == 2 and "gaisnet submit --address http://127.0.0.1:8265" in r.stderr, r.stderr[-2000:]
     # submit: the config is validated here first (nothing submitted), then the Jobs API is asked for
     r = _gaisnet("submit", "--set", "training.roundz=1", "--address", f"http://127.0.0.1:{closed}", env=env,
@@ -305,7 +307,7 @@ PLACEMENT_SCRIPT = textwrap.dedent('''
 
     def place(case, overrides):
         try:
-            driver = GaisNetDriver(load_config(None, tiny + overrides), f"{out}/{case}")
+            driver = GaisNetDriver(load_config(sys.argv[3], tiny + overrides), f"{out}/{case}")
             try:
                 driver.start()
                 result[case] = {"cloud": [node_of(driver.cloud)], "edge": [node_of(a) for a in driver.edges.values()],
@@ -339,7 +341,7 @@ def test_actors_land_on_their_tier_nodes_of_a_multi_node_cluster(tmp_path):
     script.write_text(PLACEMENT_SCRIPT)
     ray_tmp = tempfile.mkdtemp(prefix="gn", dir="/tmp")  # short: Ray's socket paths live under it
     env = _env(RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled")
-    proc = subprocess.Popen([sys.executable, str(script), json.dumps(TINY), str(tmp_path / "runs")], env=env,
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps(TINY), str(tmp_path / "runs"), str(TINY_YAML)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=240)
@@ -397,7 +399,7 @@ def ray_head(tmp_path_factory):
 
 def test_submit_runs_a_job_on_the_cluster_and_writes_the_run_folder(ray_head, tmp_path):
     run_dir = tmp_path / "submitted"
-    r = _gaisnet("submit", "--address", ray_head["jobs"], "--out", str(run_dir), *_sets(TINY),
+    r = _gaisnet("submit", str(TINY_YAML), "--address", ray_head["jobs"], "--out", str(run_dir), *_sets(TINY),
                  env=ray_head["env"], timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "submitted job raysubmit_" in r.stdout and "SUCCEEDED" in r.stdout
@@ -409,7 +411,7 @@ def test_submit_runs_a_job_on_the_cluster_and_writes_the_run_folder(ray_head, tm
 
 def test_run_against_a_cluster_short_of_edges_fails_at_once(ray_head, tmp_path):
     started = time.monotonic()
-    r = _gaisnet("run", "--address", ray_head["gcs"], "--out", str(tmp_path / "short"),
+    r = _gaisnet("run", str(TINY_YAML), "--address", ray_head["gcs"], "--out", str(tmp_path / "short"),
                  *_sets(TINY + ["topology.edges=2"]), env=ray_head["env"], timeout=120)
     elapsed = time.monotonic() - started
     assert r.returncode == 2, (r.stdout + r.stderr)[-4000:]

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tinycfg import TINY_YAML
+
 pytestmark = pytest.mark.ray
 
 FAULTY = [
@@ -30,7 +32,7 @@ def _driver(tmp_path, extra=()):
     from gaisnet_ray.config import load_config
     from gaisnet_ray.driver import GaisNetDriver
 
-    cfg = load_config(None, [*FAULTY, *extra])
+    cfg = load_config(TINY_YAML, [*FAULTY, *extra])
     driver = GaisNetDriver(cfg, tmp_path)
     driver.start()
     return cfg, driver
@@ -141,7 +143,7 @@ def test_resume_after_the_driver_is_killed_ends_with_the_uninterrupted_knowledge
     run_dir, rounds = tmp_path / "run", 3
     sets = [a for kv in [*FAULTY, f"training.rounds={rounds}", "training.local_steps=3", "relay.policy=merge"]
             for a in ("--set", kv)]
-    proc = subprocess.Popen([sys.executable, "-m", "gaisnet_ray", "run", "--out", str(run_dir), "--no-progress",
+    proc = subprocess.Popen([sys.executable, "-m", "gaisnet_ray", "run", str(TINY_YAML), "--out", str(run_dir), "--no-progress",
                              *sets], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300

@@ -29,6 +29,8 @@ from gaisnet_ray.models.adapters import adapter_state
 from gaisnet_ray.models.build import FoundationPackage, build_foundation
 from gaisnet_ray.models.split import build_tier_model, layer_of_key
 
+from tinycfg import TINY_YAML
+
 torch.set_num_threads(1)
 
 # Tiny run: 2 edges x 2 devices, 16 private samples each, batch 8 (so B = 8), 4 local steps,
@@ -90,7 +92,7 @@ def test_cluster_size_validation():
     with pytest.raises(ValueError, match="unknown clustering method 'random'"):
         cluster_devices(devices, 2, "random")
     with pytest.raises(ConfigError, match="invalid value for 'topology.cluster_size'"):
-        load_config(None, ["topology.cluster_size=0"])
+        load_config(TINY_YAML, ["topology.cluster_size=0"])
 
 
 # ------------------------------------------------------------------------------------ link model
@@ -123,7 +125,7 @@ def test_link_usage_add():
 
 # ------------------------------------------------------------------------------------- planning
 def test_devices_by_edge_and_compute():
-    topo = load_config().topology  # 2 edges x 3 devices, compute [1.0, 0.5] cycled
+    topo = load_config(TINY_YAML).topology  # 2 edges x 3 devices, compute [1.0, 0.5] cycled
     assert devices_by_edge(topo) == {"edge-0": ["end-0-0", "end-0-1", "end-0-2"],
                                      "edge-1": ["end-1-0", "end-1-1", "end-1-2"]}
     # Global index e * 3 + d: end-1-0 is device 3 -> 0.5; end-1-1 is 4 -> 1.0.
@@ -134,21 +136,21 @@ def test_plan_clusters_per_scheme():
     counts = {"end-1-0": 10, "end-1-1": 30, "end-1-2": 12}
     # hfsl, size 2: loads 10/0.5 = 20, 30/1 = 30, 12/0.5 = 24 -> 2 clusters: 30 -> c0, 24 -> c1,
     # 20 -> c1 (24 < 30); c1 lighter first.
-    hfsl = load_config()
+    hfsl = load_config(TINY_YAML)
     assert plan_clusters(hfsl, "edge-1", counts) == {"edge-1/c0": ["end-1-1"],
                                                      "edge-1/c1": ["end-1-0", "end-1-2"]}
-    seq = load_config(None, ["topology.clustering=sequential"])
+    seq = load_config(TINY_YAML, ["topology.clustering=sequential"])
     assert plan_clusters(seq, "edge-1", counts) == {"edge-1/c0": ["end-1-0", "end-1-1"],
                                                     "edge-1/c1": ["end-1-2"]}
-    fl = load_config(None, ["training.scheme=fl"])
+    fl = load_config(TINY_YAML, ["training.scheme=fl"])
     assert plan_clusters(fl, "edge-1", counts) == {"edge-1/c0": ["end-1-0"], "edge-1/c1": ["end-1-1"],
                                                    "edge-1/c2": ["end-1-2"]}
-    sl = load_config(None, ["training.scheme=sl"])
+    sl = load_config(TINY_YAML, ["training.scheme=sl"])
     assert plan_clusters(sl, "edge-1", counts) == {"edge-1/c0": ["end-1-0", "end-1-1", "end-1-2"]}
 
 
 def test_device_seed_is_stable_and_distinct():
-    cfg = load_config(None, ["training.seed=2"])
+    cfg = load_config(TINY_YAML, ["training.seed=2"])
     assert device_seed(cfg, "end-1-2") == 2 * 1_000_003 + 1 * 10_007 + 2
     seeds = {device_seed(cfg, d) for ds in devices_by_edge(cfg.topology).values() for d in ds}
     assert len(seeds) == cfg.topology.num_devices
@@ -158,7 +160,7 @@ def test_device_seed_is_stable_and_distinct():
 @pytest.fixture(scope="module")
 def hfsl_run(tmp_path_factory):
     """3 HFSL rounds in one process; keeps the initial eval and every round's metrics."""
-    cfg = load_config(None, TINY)
+    cfg = load_config(TINY_YAML, TINY)
     run_dir = tmp_path_factory.mktemp("hfsl")
     net = InProcessGaisNet(cfg, run_dir)
     initial = net.cloud.evaluate()
@@ -264,7 +266,7 @@ def one_round(tmp_path_factory):
     """One round per scheme on 1 edge x 3 devices (so SL and HFSL clusters differ)."""
     out = {}
     for scheme in ("hfsl", "fl", "sl"):
-        cfg = load_config(None, [*TINY, "topology.edges=1", "topology.devices_per_edge=3",
+        cfg = load_config(TINY_YAML, [*TINY, "topology.edges=1", "topology.devices_per_edge=3",
                                  f"training.scheme={scheme}"])
         net = InProcessGaisNet(cfg, tmp_path_factory.mktemp(scheme))
         out[scheme] = (net, net.run_round(1))
@@ -323,7 +325,7 @@ def test_sl_members_train_in_turn(one_round):
 # ---------------------------------------------------------------------------------- robustness
 @pytest.fixture()
 def cloud(tmp_path):
-    cfg = load_config(None, [*TINY, "data.eval_samples_per_domain=1"])
+    cfg = load_config(TINY_YAML, [*TINY, "data.eval_samples_per_domain=1"])
     cloud = CloudCore(cfg, tmp_path)
     cloud.initial_knowledge()
     return cloud
@@ -386,7 +388,7 @@ def test_update_missing_a_key_is_rejected_naming_the_edge(cloud):
 
 
 def test_eval_every_skips_rounds_but_not_the_last(tmp_path):
-    cfg = load_config(None, [*TINY, "data.eval_samples_per_domain=1", "training.eval_every=2"])
+    cfg = load_config(TINY_YAML, [*TINY, "data.eval_samples_per_domain=1", "training.eval_every=2"])
     cloud = CloudCore(cfg, tmp_path)
     x = cloud.initial_knowledge()
     upd = lambda: [_update("edge-0", {k: v + 0.5 for k, v in x.items()}, 1, 1.0)]  # noqa: E731
@@ -398,12 +400,12 @@ def test_eval_every_skips_rounds_but_not_the_last(tmp_path):
 # --------------------------------------------------------------------------- trainers, directly
 @pytest.fixture(scope="module")
 def small_package():
-    model, tok = build_foundation(load_config().model)
+    model, tok = build_foundation(load_config(TINY_YAML).model)
     return FoundationPackage.from_model(model, tok)
 
 
 def test_device_batches_cover_the_data_once_per_epoch(small_package):
-    cfg = load_config(None, TINY)
+    cfg = load_config(TINY_YAML, TINY)
     dev = device_trainer(cfg, "end-0-1", small_package)
     assert dev.num_samples == 16
     rows = [dev._next_batch()[0] for _ in range(2)]  # 2 batches of 8 = one epoch of 16
@@ -416,7 +418,7 @@ def test_device_batches_cover_the_data_once_per_epoch(small_package):
 
 
 def test_turn_result_bytes_and_messages(small_package):
-    cfg = load_config(None, [*TINY, "training.local_steps=2"])
+    cfg = load_config(TINY_YAML, [*TINY, "training.local_steps=2"])
     edge = edge_trainer(cfg, "edge-0", ["end-0-0"], small_package)
     dev = device_trainer(cfg, "end-0-0", small_package)
     full = adapter_state(build_tier_model(small_package, cfg.peft, keep_layers=None, keep_embeddings=True,
@@ -436,14 +438,14 @@ def test_turn_result_bytes_and_messages(small_package):
 
 
 def test_fl_edge_holds_no_model(small_package):
-    cfg = load_config(None, [*TINY, "training.scheme=fl"])
+    cfg = load_config(TINY_YAML, [*TINY, "training.scheme=fl"])
     assert edge_trainer(cfg, "edge-0", ["end-0-0"], small_package).split is None
     dev = device_trainer(cfg, "end-0-0", small_package)
     assert dev.cut is None and dev.split.held_layers() == {0, 1, 2, 3}
 
 
 def test_edge_and_device_misuse_errors(small_package):
-    cfg = load_config(None, TINY)
+    cfg = load_config(TINY_YAML, TINY)
     edge = edge_trainer(cfg, "edge-0", ["end-0-0"], small_package)
     with pytest.raises(ValueError, match=r"edge-0: cluster edge-0/c0 names devices it does not serve: \['end-1-0'\]"):
         edge.begin_round({}, {"edge-0/c0": ["end-1-0"]})

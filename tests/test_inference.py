@@ -24,6 +24,8 @@ from gaisnet_ray.models.adapters import attach_lora, trainable_parameters
 from gaisnet_ray.models.build import build_foundation
 from gaisnet_ray.models.split import SplitModel
 
+from tinycfg import TINY_YAML
+
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def lora_model(request):
@@ -147,7 +149,7 @@ def test_served_run_exposes_versions_edges_and_loads_the_knowledge(tmp_path):
     from gaisnet_ray.inference.served import ServedRun, UnknownAdapterError
 
     torch.set_num_threads(1)
-    cfg = load_config(None, [
+    cfg = load_config(TINY_YAML, [
         "topology.edges=2", "topology.devices_per_edge=1", "data.samples_per_device=16",
         "data.eval_samples_per_domain=4", "data.public_samples=16", "training.pretrain_steps=2",
         "training.local_steps=1", "training.batch_size=4",

@@ -13,6 +13,8 @@ import pytest
 import torch
 import yaml
 
+from tinycfg import write_tiny_yaml
+
 pytestmark = pytest.mark.ray
 
 ROUNDS = 3
@@ -30,7 +32,7 @@ def cli_run(tmp_path_factory):
     """One real `gaisnet run my.yaml --set training.rounds=3 --out DIR` (private local Ray)."""
     base = tmp_path_factory.mktemp("cli")
     cfg_path = base / "my.yaml"
-    cfg_path.write_text(yaml.safe_dump(SMALL))
+    write_tiny_yaml(cfg_path, SMALL)
     run_dir = base / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "gaisnet_ray", "run", str(cfg_path), "--set", f"training.rounds={ROUNDS}",

@@ -7,6 +7,8 @@ import pytest
 
 from gaisnet_ray.config import load_config
 
+from tinycfg import TINY_YAML
+
 pytestmark = pytest.mark.ray
 
 TINY = [
@@ -22,7 +24,7 @@ def test_fl_scheme_on_actors_moves_only_adapters(ray_local, tmp_path):
     from gaisnet_ray.knowledge import KnowledgeStore, payload_nbytes
     from gaisnet_ray.runfolder import read_metrics
 
-    cfg = load_config(None, TINY + ["training.scheme=fl"])
+    cfg = load_config(TINY_YAML, TINY + ["training.scheme=fl"])
     run_dir = run_job(cfg, tmp_path / "fl")
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
@@ -56,7 +58,7 @@ def test_actors_are_placed_by_tier_resources(ray_local, tmp_path):
     from gaisnet_ray.driver import GaisNetDriver
 
     _wait_until_tier_resources_free(ray)
-    cfg = load_config(None, TINY)
+    cfg = load_config(TINY_YAML, TINY)
     driver = GaisNetDriver(cfg, tmp_path / "placed")
     driver.start()
     try:
@@ -72,7 +74,7 @@ def test_missing_tier_resource_fails_with_a_clear_error(ray_local, tmp_path):
     from gaisnet_ray.driver import GaisNetDriver, PlacementError
 
     # the session node has no GPU: a cloud asking for one can never be placed
-    cfg = load_config(None, TINY + ["topology.cloud.num_gpus=1", "run.actor_timeout_s=5"])
+    cfg = load_config(TINY_YAML, TINY + ["topology.cloud.num_gpus=1", "run.actor_timeout_s=5"])
     driver = GaisNetDriver(cfg, tmp_path / "unplaced")
     with pytest.raises(PlacementError, match=r"not placed after 5s: \['cloud'\]"):
         driver.start()

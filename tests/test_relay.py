@@ -11,6 +11,8 @@ import torch
 
 from gaisnet_ray.config import load_config
 
+from tinycfg import TINY_YAML
+
 TINY = [
     "topology.edges=2", "topology.devices_per_edge=1", "topology.cluster_size=1",
     "data.samples_per_device=48", "data.eval_samples_per_domain=8", "data.public_samples=64",
@@ -23,7 +25,7 @@ TINY = [
 def foundation():
     from gaisnet_ray.models.build import FoundationPackage, build_foundation
 
-    cfg = load_config(None, TINY)
+    cfg = load_config(TINY_YAML, TINY)
     model, tok = build_foundation(cfg.model)
     return cfg, FoundationPackage.from_model(model, tok), tok
 
@@ -111,7 +113,7 @@ def cycle(tmp_path_factory):
     from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
 
     torch.set_num_threads(1)
-    cfg = load_config(None, TINY)
+    cfg = load_config(TINY_YAML, TINY)
     out = tmp_path_factory.mktemp("relay") / "run"
     out.mkdir()
     g = InProcessGaisNet(cfg, out)

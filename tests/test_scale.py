@@ -11,6 +11,8 @@ import torch
 
 from gaisnet_ray.config import load_config
 
+from tinycfg import TINY_YAML
+
 POOL = [
     "topology.edges=2", "topology.devices_per_edge=3", "topology.cluster_size=2", "topology.end_workers=2",
     "training.participants_per_edge=2", "data.samples_per_device=24", "data.eval_samples_per_domain=2",
@@ -26,14 +28,14 @@ def _lineage(run_dir: Path, version: int) -> dict:
 def test_participants_are_a_seeded_sample_per_edge_and_round():
     from gaisnet_ray.hfsl.plan import participants
 
-    cfg = load_config(None, POOL)
+    cfg = load_config(TINY_YAML, POOL)
     devices = ["end-0-0", "end-0-1", "end-0-2"]
     picks = [participants(cfg, "edge-0", devices, r) for r in range(1, 7)]
     assert all(len(p) == 2 and set(p) <= set(devices) for p in picks)
     assert picks == [participants(cfg, "edge-0", devices, r) for r in range(1, 7)]  # stable
     assert len({tuple(p) for p in picks}) > 1  # and it varies over rounds
     assert participants(cfg, "edge-0", devices, None) == devices
-    everyone = load_config(None, [*POOL, "training.participants_per_edge=null"])
+    everyone = load_config(TINY_YAML, [*POOL, "training.participants_per_edge=null"])
     assert participants(everyone, "edge-0", devices, 3) == devices
 
 
@@ -44,7 +46,7 @@ def test_a_pool_of_two_workers_trains_like_one_trainer_per_device(ray_local, tmp
     from gaisnet_ray.hfsl.plan import participants
     from gaisnet_ray.knowledge import KnowledgeStore
 
-    cfg = load_config(None, POOL)
+    cfg = load_config(TINY_YAML, POOL)
     driver = GaisNetDriver(cfg, tmp_path / "pool")
     driver.start()
     try:
@@ -75,7 +77,7 @@ def test_a_pool_of_two_workers_trains_like_one_trainer_per_device(ray_local, tmp
 def test_two_hundred_logical_devices_on_two_workers(ray_local, tmp_path):
     from gaisnet_ray.driver import GaisNetDriver
 
-    cfg = load_config(None, [
+    cfg = load_config(TINY_YAML, [
         "topology.edges=2", "topology.devices_per_edge=100", "topology.end_workers=2", "topology.cluster_size=2",
         "training.participants_per_edge=3", "data.partition=iid", "data.samples_per_device=8",
         "data.eval_samples_per_domain=2", "data.public_samples=32", "training.pretrain_steps=0",

@@ -26,6 +26,8 @@ import yaml
 
 from gaisnet_ray.serve.settings import ServeSettings
 
+from tinycfg import TINY_YAML
+
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +48,7 @@ def run_dir(tmp_path_factory) -> Path:
     from gaisnet_ray.config import config_to_yaml, load_config
     from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
 
-    cfg = load_config(None, RUN)
+    cfg = load_config(TINY_YAML, RUN)
     out = tmp_path_factory.mktemp("serve") / "run"
     out.mkdir()
     (out / "config.yaml").write_text(config_to_yaml(cfg))

@@ -22,6 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tinycfg import TINY_YAML
+
 pytestmark = pytest.mark.ray
 
 ROUNDS = 3
@@ -70,7 +72,7 @@ def served_run(tmp_path_factory):
     """`gaisnet run --serve` with a client streaming requests through training; returns what it saw."""
     base = tmp_path_factory.mktemp("runserve")
     run_dir, log, port = base / "run", base / "run.log", _free_port()
-    proc = _cli("run", "--serve", "--out", str(run_dir), "--no-progress", "--set", f"serve.port={port}",
+    proc = _cli("run", str(TINY_YAML), "--serve", "--out", str(run_dir), "--no-progress", "--set", f"serve.port={port}",
                 *[a for kv in TINY for a in ("--set", kv)], log=log)
     url = f"http://127.0.0.1:{port}"
     seen: list[tuple[int, object]] = []

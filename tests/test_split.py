@@ -22,6 +22,8 @@ from gaisnet_ray.models.adapters import (
 from gaisnet_ray.models.build import FoundationPackage, build_foundation
 from gaisnet_ray.models.split import Cut, SplitModel, build_tier_model, layer_of_key, select_keys
 
+from tinycfg import TINY_YAML
+
 torch.set_num_threads(1)
 
 FAMILIES = ["gpt2", "llama"]
@@ -157,7 +159,7 @@ def test_cut_leaving_no_edge_block_is_rejected(front, back):
 
 
 def test_device_cut_names_the_device():
-    topo = load_config(None, ["topology.device_cuts.end-1-0.front_layers=3"]).topology
+    topo = load_config(TINY_YAML, ["topology.device_cuts.end-1-0.front_layers=3"]).topology
     assert device_cut(topo, "end-0-0", 4) == Cut(1, 3)
     with pytest.raises(ValueError, match=r"topology cut for end-1-0: cut front_layers=3 \+ back_layers=1"):
         device_cut(topo, "end-1-0", 4)
@@ -253,7 +255,7 @@ def test_load_adapter_state_into_pruned_model():
 
 # ------------------------------------------------------------ DeviceTrainer + EdgeTrainer, end to end
 def _tiny_cfg(family: str, *extra: str):
-    return load_config(None, [
+    return load_config(TINY_YAML, [
         f"model.family={family}", "training.pretrain_steps=0", "topology.edges=1",
         "topology.devices_per_edge=2", "data.samples_per_device=12", "data.partition=iid",
         "training.batch_size=4", "training.local_steps=2", "training.weight_decay=0.01", *extra,

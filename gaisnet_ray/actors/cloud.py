@@ -9,6 +9,7 @@ from ..hfsl.audit import MessageAudit
 from ..hfsl.cloud import CloudCore
 from ..hfsl.messages import EdgeUpdate, StateDict
 from ..models.build import FoundationPackage
+from ..models.parts import ModelPart
 from .placement import AuditedNode, crosses_boundary, setup_worker
 
 
@@ -25,8 +26,13 @@ class CloudNode(AuditedNode):
         self.core = CloudCore(cfg, run_dir, torch_device, peers, resume_round)
 
     @crosses_boundary
-    def foundation(self) -> FoundationPackage:
-        return self.core.package
+    def foundation(self, part: ModelPart | None = None) -> FoundationPackage:
+        """The current base, or only ``part`` of it (what one kind of tier holds)."""
+        return self.core.package if part is None else self.core.package.cut(part)
+
+    def num_layers(self) -> int:
+        """Blocks of the foundation model (for the driver's cut of it into tier parts)."""
+        return self.core.package.num_layers
 
     @crosses_boundary
     def initial_knowledge(self) -> StateDict:

@@ -20,11 +20,12 @@ from .placement import BaseHolderNode, crosses_boundary, setup_worker
 @ray.remote
 class EdgeNode(BaseHolderNode):
     def __init__(self, edge_id: str, cfg: Config, devices: list[str], package):
+        """``package``: the edge's part of the foundation (its middle blocks), built and then dropped."""
         torch_device = setup_worker(cfg.run.torch_threads, cfg.topology.edge.num_gpus)
         self._audit = MessageAudit(edge_id, cfg.run.audit_messages)
         self._audit.record("__init__", "in", {"devices": devices, "package": package})
         self.core = edge_trainer(cfg, edge_id, devices, package, torch_device)
-        self._cfg, self._package = cfg, package
+        self._cfg, self._num_layers = cfg, num_layers_of(package)  # the package itself is not kept
 
     @crosses_boundary
     def begin_round(self, knowledge: StateDict, clusters: dict[str, list[str]]) -> bool:
@@ -56,5 +57,4 @@ class EdgeNode(BaseHolderNode):
     @crosses_boundary
     def add_devices(self, device_ids: list[str]) -> None:
         """Take over devices of an edge that died (from the next round on)."""
-        n = num_layers_of(self._package)
-        self.core.add_devices({d: device_cut(self._cfg.topology, d, n) for d in device_ids})
+        self.core.add_devices({d: device_cut(self._cfg.topology, d, self._num_layers) for d in device_ids})

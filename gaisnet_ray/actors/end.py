@@ -33,6 +33,7 @@ class RayEdgeLink:
 @ray.remote
 class EndNode(BaseHolderNode):
     def __init__(self, device_id: str, cfg: Config, package):
+        """``package``: this device's part of the foundation (``hfsl.inprocess.device_part``)."""
         torch_device = setup_worker(cfg.run.torch_threads, cfg.topology.end.num_gpus)
         self._audit = MessageAudit(device_id, cfg.run.audit_messages)
         self._audit.record("__init__", "in", {"package": package})
@@ -60,14 +61,15 @@ class EndNode(BaseHolderNode):
 
 @ray.remote
 class EndWorker(AuditedNode):
-    def __init__(self, worker_id: str, cfg: Config, device_ids: list[str], package):
+    def __init__(self, worker_id: str, cfg: Config, device_ids: list[str], *packages):
+        """``packages``: one part of the foundation per distinct part its devices hold (per cut)."""
         torch_device = setup_worker(cfg.run.torch_threads, cfg.topology.end.num_gpus)
         self._audit = MessageAudit(worker_id, cfg.run.audit_messages)
-        self._audit.record("__init__", "in", {"devices": device_ids, "package": package})
+        self._audit.record("__init__", "in", {"devices": device_ids, "packages": list(packages)})
         self.worker_id = worker_id
         self.timeout_s = cfg.run.actor_timeout_s
         # every logical device derives its own private examples here; none are sent in or out
-        self.cores = device_trainers(cfg, device_ids, package, torch_device, share_model=True)
+        self.cores = device_trainers(cfg, device_ids, packages, torch_device, share_model=True)
 
     @crosses_boundary
     def profiles(self) -> list[dict]:
@@ -84,7 +86,8 @@ class EndWorker(AuditedNode):
         return result, {"device": device_id, "steps": len(result.losses)}
 
     @crosses_boundary
-    def update_base(self, package) -> int:
-        """Relay down into each shared tier model once; returns the bytes taken."""
+    def update_base(self, *packages) -> int:
+        """Relay down into each shared tier model once, from the part it holds; returns the bytes taken."""
         splits = {id(c.split): c for c in self.cores.values()}
-        return sum(c.update_base(package.state_dict) for c in splits.values())
+        by_part = {p.part_spec: p for p in packages}
+        return sum(c.update_base(by_part[c.part]) for c in splits.values())

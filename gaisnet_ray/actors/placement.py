@@ -47,12 +47,26 @@ def crosses_boundary(method):
     return wrapper
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (``ru_maxrss``), in MB (10^6 bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6  # bytes on macOS, KiB on Linux
+
+
 class AuditedNode:
-    """What every tier actor shares: a message audit (``self._audit``), dumped on request."""
+    """What every tier actor shares: a message audit (``self._audit``), dumped on request, and its
+    own peak memory."""
 
     def dump_audit(self, directory: str) -> str | None:
         path = self._audit.dump(directory)
         return str(path) if path else None
+
+    def peak_rss_mb(self) -> float:
+        """The actor's peak RSS so far (MB); the driver records it per actor kind every round."""
+        return peak_rss_mb()
 
 
 class BaseHolderNode(AuditedNode):
@@ -60,5 +74,6 @@ class BaseHolderNode(AuditedNode):
 
     @crosses_boundary
     def update_base(self, package) -> int:
-        """Relay down: load the new foundation weights this node holds; returns the bytes taken."""
-        return self.core.update_base(package.state_dict)
+        """Relay down: load this node's part of the new base (it holds exactly what the node holds);
+        returns the bytes taken."""
+        return self.core.update_base(package)

@@ -213,8 +213,9 @@ class CloudTrainer:
         return float(loss.detach().float())
 
     def train(self, examples: list[Example], tokenizer, *, steps: int, batch_size: int, seq_len: int, seed: int,
-              checkpoint_dir: str | Path | None = None) -> list[float]:
+              checkpoint_dir: str | Path | None = None, system: str | None = None) -> list[float]:
         """``steps`` optimizer steps on ``examples``; returns each step's mean micro-batch loss.
+        ``system``: the chat template's system turn (``data.system_prompt``), as in every tier.
 
         Batches are drawn as in ``pretrain_foundation``: one ``torch.Generator`` seeded with
         ``seed`` (plus the rank in a multi-worker world, so each rank trains on its own batches),
@@ -225,7 +226,7 @@ class CloudTrainer:
         """
         if steps <= 0 or not examples:
             return []
-        data = encode_examples(examples, tokenizer, seq_len)  # input_ids, labels: (N, T)
+        data = encode_examples(examples, tokenizer, seq_len, system)  # input_ids, labels: (N, T)
         n = data["input_ids"].shape[0]
         b = min(batch_size, n)
         gen = torch.Generator().manual_seed(seed + 1_000_003 * self.rank)

@@ -5,6 +5,10 @@ This is the only module that calls ``ray.init``. Local dev mode declares the tie
 single node, so actors are placed by exactly the same resource requests as on a real cluster.
 Cluster mode (``address``, or ``RAY_ADDRESS``) joins a running cluster, declares nothing, and first
 checks that the cluster's nodes declare what the run asks for (``preflight``).
+
+GPUs in local dev mode: the node declares exactly the CUDA GPUs torch can use here
+(``host_gpus``: 0 with a CPU build of torch, whatever Ray's own detection would find), so an actor
+given ``num_gpus`` really gets CUDA; a run asking for more GPUs than that fails before Ray starts.
 """
 
 from __future__ import annotations
@@ -87,17 +91,66 @@ def required_resources(cfg: Config, training: bool = True, serving: bool = False
     return need
 
 
+def host_gpus() -> int:
+    """CUDA GPUs torch can use in this process (honours ``CUDA_VISIBLE_DEVICES``); 0 without CUDA.
+
+    torch's count, not Ray's own detection: a GPU that a CPU build of torch cannot use must not be
+    declared, or actors asking for it would be placed and then silently run on the CPU.
+    """
+    try:
+        import torch
+    except ImportError:
+        return 0
+    try:
+        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    except Exception:  # a broken driver or runtime: no usable GPU
+        return 0
+
+
+def _gpu_keys(cfg: Config, training: bool, serving: bool) -> list[str]:
+    """The config keys that ask for GPUs, with their values (for error messages)."""
+    keys = []
+    if training:
+        keys += [f"topology.{t}.num_gpus={getattr(cfg.topology, t).num_gpus:g}" for t in ("cloud", "edge", "end")
+                 if getattr(cfg.topology, t).num_gpus > 0]
+    if serving:
+        keys += [f"serve.{t}.num_gpus={getattr(cfg.serve, t).num_gpus:g}" for t in ("ingress", "end", "edge", "cloud")
+                 if getattr(cfg.serve, t).num_gpus > 0]
+    return keys
+
+
+def check_local_gpus(cfg: Config, training: bool = True, serving: bool = False, gpus: int | None = None) -> None:
+    """Raise ``ClusterResourceError`` if the tiers ask for more GPUs than this host has for torch
+    (``gpus``, default ``host_gpus()``), instead of actors pending until the placement timeout."""
+    need = required_resources(cfg, training, serving)["GPU"]
+    have = host_gpus() if gpus is None else gpus
+    if need <= have + 1e-9:
+        return
+    try:
+        import torch
+
+        build = f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none (a CPU build)'}"
+    except ImportError:
+        build = "torch not installed"
+    raise ClusterResourceError(
+        f"the run asks for {need:g} GPU(s) in all ({', '.join(_gpu_keys(cfg, training, serving))}, per actor or "
+        f"replica) but this host has {have} CUDA GPU(s) that torch can use ({build}); set those keys to 0 to run "
+        f"on the CPU, lower them so the total fits (fractions share one GPU), or install a CUDA build of torch")
+
+
 def local_init_kwargs(cfg: Config, training: bool = True, serving: bool = False) -> dict:
     """``ray.init`` arguments for a private single-node instance that fits ``cfg``.
 
     Logical CPUs are declared as max(host CPUs, what the tiers ask for): in dev mode several tier
     actors share the host's cores (each bounds its torch threads), which is the point of the mode.
+    GPUs are declared as the host has them for torch (``host_gpus``), never more.
     """
     need = required_resources(cfg, training, serving)
     num_cpus = cfg.run.local_num_cpus or max(os.cpu_count() or 1, math.ceil(need["CPU"]))
     return {
         "address": "local",  # never join a leftover cluster (see ../shared/environment.md)
         "num_cpus": num_cpus,
+        "num_gpus": host_gpus(),
         "resources": {k: v for k, v in need.items() if k not in ("CPU", "GPU") and v > 0},
         "include_dashboard": False,
         "namespace": "gaisnet",
@@ -126,7 +179,9 @@ def connect(cfg: Config, training: bool = True, serving: bool = False, address: 
         return
     addr = resolve_address(address)
     if addr is None:
-        ray.init(**local_init_kwargs(cfg, training, serving))
+        kwargs = local_init_kwargs(cfg, training, serving)
+        check_local_gpus(cfg, training, serving, kwargs["num_gpus"])
+        ray.init(**kwargs)
         mode = "local"
     else:
         _join(addr)

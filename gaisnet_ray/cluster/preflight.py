@@ -12,6 +12,10 @@ Two checks, both on what the nodes *declare* (totals, not what is free right now
 
 Fragmentation beyond that (every actor fits some node, but not all at once) is still caught by
 the driver's placement timeout.
+
+Memory (``memory_problems``): each actor's estimated peak (``hfsl.memory``) must find room on a
+node that declares its tier resource; a node's room is the memory it had free when it joined
+(Ray's ``memory`` + ``object_store_memory`` resources) times Ray's memory-monitor threshold.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..config import Config
+from ..hfsl.memory import GB, InsufficientMemoryError, JobEstimate, estimate_job, model_config_of, monitor_threshold, refusal_message
 from ..serve.settings import TIER_RESOURCE_SHARE
 from ..tiers import TIER_RESOURCES
 
@@ -134,3 +139,51 @@ def resource_error_message(address: str, need: dict[str, float], problems: list[
         "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in sorted(n.get("Resources", {}).items())
                         if k in ("CPU", "GPU") or k in tiers) + "}" for n in nodes))
     return "\n".join(lines)
+
+
+def memory_problems(estimate: JobEstimate, nodes: list[dict], threshold: float = 0.95) -> list[str]:
+    """[] when every actor's estimated peak fits some placement on the live nodes (largest actors
+    first, each on the node declaring its tier resource with the most room left); else what did not."""
+    nodes = _alive(nodes)
+    room = [(n.get("Resources", {}).get("memory", 0.0) + n.get("Resources", {}).get("object_store_memory", 0.0))
+            * threshold for n in nodes]
+    units = [dict(n.get("Resources", {})) for n in nodes]
+    problems: list[str] = []
+    for a in sorted(estimate.actors, key=lambda a: -a.peak_bytes):
+        res = TIER_RESOURCES[a.kind]
+        for placed in range(a.count):
+            hosts = [i for i in range(len(nodes)) if units[i].get(res, 0.0) >= 1.0]
+            best = max(hosts, key=lambda i: room[i], default=None)
+            if best is None or room[best] < a.peak_bytes:
+                most = max((room[i] for i in hosts), default=0.0)
+                problems.append(f"{a.kind} actor {placed + 1} of {a.count} needs about {a.peak_bytes / GB:.2f} GB; "
+                                f"the most memory left on a node declaring {res} is {most / GB:.2f} GB")
+                break
+            room[best] -= a.peak_bytes
+            units[best][res] -= 1.0
+    return problems
+
+
+def memory_error_message(address: str, estimate: JobEstimate, problems: list[str], nodes: list[dict],
+                         threshold: float = 0.95) -> str:
+    nodes = _alive(nodes)
+    have = sum((n.get("Resources", {}).get("memory", 0.0) + n.get("Resources", {}).get("object_store_memory", 0.0))
+               * threshold for n in nodes)
+    where = f"the Ray cluster at {address} ({len(nodes)} node(s), {have / GB:.1f} GB usable in all)"
+    return refusal_message(estimate, problems, where)
+
+
+def check_cluster_memory(cfg: Config, nodes: list[dict] | None = None, address: str = "the cluster",
+                         model_config: dict | None = None) -> JobEstimate:
+    """Raise ``InsufficientMemoryError`` (with the numbers) unless the run's estimated peak memory
+    fits the live nodes (``nodes``: ``ray.nodes()`` rows; default: the connected cluster's)."""
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    estimate = estimate_job(cfg, model_config if model_config is not None else model_config_of(cfg), local=False)
+    threshold = monitor_threshold()
+    problems = memory_problems(estimate, nodes, threshold)
+    if problems:
+        raise InsufficientMemoryError(memory_error_message(address, estimate, problems, nodes, threshold))
+    return estimate

@@ -1,10 +1,15 @@
-"""Turn examples into fixed-length causal-LM rows.
+"""Turn examples into fixed-length causal-LM rows, formatted as the model expects.
 
-Row layout (T = seq_len)::
+A tokenizer with a chat template (an instruction-tuned model such as SmolLM2-Instruct) gets each
+prompt as a user turn, rendered by its own template with the generation prompt appended, and
+learns the answer as the assistant turn (the answer tokens and the template's end-of-turn token,
+which such tokenizers use as eos). A tokenizer without one (the offline byte-level tokenizer of
+the tiny presets) gets ``[bos] prompt``. Row layout (T = seq_len)::
 
-    input_ids: [bos] prompt_ids answer_ids [eos] [pad] ...
-    labels:    -100  -100...    answer_ids  eos  -100  ...
+    input_ids: prompt_ids      answer_ids [eos] [pad] ...
+    labels:    -100 ... -100   answer_ids  eos  -100  ...
 
+where ``prompt_ids`` is ``encode_prompt(prompt)``. Loss is only on the answer and its eos.
 Labels sit at the same positions as input_ids; the model shifts them (Hugging Face convention).
 """
 
@@ -17,7 +22,7 @@ import torch
 from gaisnet_ray.data.domains import Example
 from gaisnet_ray.data.jsonl import DatasetError
 
-__all__ = ["IGNORE_INDEX", "Tokenizer", "encode_examples", "encode_prompt"]
+__all__ = ["IGNORE_INDEX", "Tokenizer", "encode_examples", "encode_prompt", "encode_text", "has_chat_template"]
 
 IGNORE_INDEX = -100  # label value the loss skips
 
@@ -39,13 +44,35 @@ def _special(tokenizer: Tokenizer, name: str) -> int:
     return int(value)
 
 
-def encode_prompt(prompt: str, tokenizer: Tokenizer) -> list[int]:
-    """``[bos] + prompt_ids``: the tokens generation starts from."""
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    """The conversation a prompt becomes: an optional system turn, then the user turn."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def encode_prompt(prompt: str, tokenizer: Tokenizer, system: str | None = None) -> list[int]:
+    """The tokens generation starts from: the chat template's rendering of ``prompt`` as a user turn
+    (``system``: an optional system turn before it; None keeps the template's own default), with the
+    assistant's turn opened; without a template, ``[bos] + prompt_ids``."""
+    if has_chat_template(tokenizer):
+        ids = tokenizer.apply_chat_template(chat_messages(prompt, system), add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        return [int(i) for i in (ids["input_ids"] if isinstance(ids, dict) else ids)]
     return [_special(tokenizer, "bos")] + list(tokenizer.encode(prompt, add_special_tokens=False))
 
 
+def encode_text(text: str, tokenizer: Tokenizer) -> list[int]:
+    """Raw text as the model reads a completion prompt: a chat-template model gets it as is (its
+    text carries the template's own markers, if any); otherwise ``[bos] + text_ids``."""
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    return ids if has_chat_template(tokenizer) else [_special(tokenizer, "bos")] + ids
+
+
 def encode_examples(
-    examples: Sequence[Example], tokenizer: Tokenizer, seq_len: int
+    examples: Sequence[Example], tokenizer: Tokenizer, seq_len: int, system: str | None = None
 ) -> dict[str, torch.Tensor]:
     """``{"input_ids", "labels"}``, each a LongTensor (N, seq_len); loss only on answer + eos."""
     if seq_len < 2:
@@ -54,13 +81,14 @@ def encode_examples(
     input_ids = torch.full((len(examples), seq_len), pad, dtype=torch.long)  # (N, T)
     labels = torch.full((len(examples), seq_len), IGNORE_INDEX, dtype=torch.long)  # (N, T)
     for i, ex in enumerate(examples):
-        prompt = encode_prompt(ex.prompt, tokenizer)
+        prompt = encode_prompt(ex.prompt, tokenizer, system)
         target = list(tokenizer.encode(ex.answer, add_special_tokens=False)) + [eos]
         n = len(prompt) + len(target)
         if n > seq_len:
             raise DatasetError(
                 f"example with prompt {ex.prompt!r} needs {n} tokens "
-                f"({len(prompt)} bos+prompt, {len(target)} answer+eos) but seq_len is {seq_len}"
+                f"({len(prompt)} prompt, {len(target)} answer+eos) but seq_len is {seq_len}: "
+                f"raise model.max_seq_len"
             )
         input_ids[i, :n] = torch.tensor(prompt + target, dtype=torch.long)
         labels[i, len(prompt) : n] = torch.tensor(target, dtype=torch.long)

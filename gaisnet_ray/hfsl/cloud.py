@@ -11,7 +11,8 @@ from ..knowledge.aggregate import aggregate, check_finite
 from ..knowledge.bases import BaseStore, refresh_model_dir
 from ..knowledge.codec import content_hash, payload_nbytes
 from ..knowledge.store import KnowledgeStore
-from ..models.adapters import adapter_state, attach_lora, load_adapter_state, load_base_state, merged_base_state
+from ..models.adapters import (adapter_state, attach_lora, base_state_view, load_adapter_state, load_base_state,
+                               merged_base_state)
 from ..models.build import FoundationPackage, build_foundation, family_of, load_foundation, save_foundation
 from .cloudjobs import CloudPeers, peer_start, pretrain
 from .evaluate import domain_loss, evaluate_domains
@@ -43,7 +44,8 @@ class CloudCore:
                 model, tokenizer = load_foundation(self.model_dir, cfg.model.attn_implementation)
             else:
                 save_foundation(model, tokenizer, self.model_dir)
-        self.package = FoundationPackage.from_model(model, tokenizer)
+        # the base as it travels down: a view of the cloud's own weights (no second copy of the model)
+        self.package = FoundationPackage.from_model(model, tokenizer, copy=False)
         self.base_hash = content_hash(self.package.state_dict)
         self.tokenizer = tokenizer
         self.run_dir = run_dir
@@ -63,6 +65,7 @@ class CloudCore:
         self.edges_root = run_dir / "knowledge" / "edges"  # each edge's own adapter, for serving
         self.eval_sets = eval_examples(cfg.data)
         self.version = 0
+        self._base_eval: dict | None = None  # the current base alone, once a relay has measured it
         self.knowledge: StateDict = {}
         self.fresh_adapter: StateDict = adapter_state(self.peft)  # LoRA B = 0: base + it == base
         if resume_round is not None:  # the very adapter v0 was, and the knowledge the last round left
@@ -108,7 +111,8 @@ class CloudCore:
         return self.knowledge
 
     def evaluate(self) -> dict[str, dict[str, float]]:
-        return evaluate_domains(self.peft, self.tokenizer, self.eval_sets, self.cfg.model.max_seq_len)
+        return evaluate_domains(self.peft, self.tokenizer, self.eval_sets, self.cfg.model.max_seq_len,
+                                self.cfg.data.system_prompt)
 
     def aggregate_round(self, round_idx: int, updates: list[EdgeUpdate]) -> tuple[StateDict, dict]:
         """Aggregate edge updates into the next version, publish it, evaluate it, and report.
@@ -158,7 +162,8 @@ class CloudCore:
         """
         r = self.cfg.relay
         started = time.perf_counter()
-        before = self.evaluate_base()
+        # the base has not changed since the last relay measured it alone: same weights, same numbers
+        before = self._base_eval if self._base_eval is not None else self.evaluate_base()
         out: dict = {"policy": r.policy, "knowledge_version": self.version, "parent_base": self.base_version}
         if r.policy == "merge":
             state = merged_base_state(self.peft)
@@ -179,12 +184,15 @@ class CloudCore:
             state = result.state
             out["distill"] = result.summary()
         check_finite(state, source=f"the relayed base of round {round_idx} (relay.policy={r.policy})")
-        package = FoundationPackage(self.package.config, state, self.tokenizer, self.package.attn_implementation)
-        new_base = package.materialize()
         load_base_state(self.peft, state)
+        del state  # the cloud's own weights are the new base now: no second copy while it evaluates
         load_adapter_state(self.peft, self.fresh_adapter, strict=True)
-        after = self.evaluate_base()
-        self.package, self.base_hash = package, content_hash(state)
+        after = self._base_eval = self.evaluate_base()
+        self.package = FoundationPackage(self.package.config, base_state_view(self.peft), self.tokenizer,
+                                         self.package.attn_implementation)  # a view again, now of the new base
+        self.base_hash = content_hash(self.package.state_dict)
+        # the new base as a model to publish, over the cloud's own weights (no copy)
+        new_base = self.package.materialize(share_weights=True)
         self.base_version += 1
         out.update(base_version=self.base_version, cloud_before=before, cloud_after=after)
         folder = self.bases.publish(self.base_version, new_base, self.tokenizer, {
@@ -204,7 +212,8 @@ class CloudCore:
         for u in updates:
             try:
                 load_adapter_state(self.peft, u.adapter, strict=True)
-                losses = {d: domain_loss(self.peft, self.tokenizer, ex, self.cfg.model.max_seq_len)
+                losses = {d: domain_loss(self.peft, self.tokenizer, ex, self.cfg.model.max_seq_len,
+                                         system=self.cfg.data.system_prompt)
                           for d, ex in self.eval_sets.items()}
             finally:
                 load_adapter_state(self.peft, self.knowledge, strict=True)  # back to the global knowledge

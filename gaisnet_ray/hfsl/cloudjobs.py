@@ -45,7 +45,8 @@ def pretrain(cfg: Config, model, tokenizer, run_dir: str | Path, torch_device: s
     with CloudTrainer(model, cfg.cloud, lr=t.pretrain_lr, total_steps=t.pretrain_steps,
                       micro_batch_size=t.pretrain_batch_size, world=world) as trainer:
         losses = trainer.train(public, tokenizer, steps=t.pretrain_steps, batch_size=t.pretrain_batch_size,
-                               seq_len=cfg.model.max_seq_len, seed=t.seed, checkpoint_dir=run_dir / "cloud" / "checkpoints")
+                               seq_len=cfg.model.max_seq_len, seed=t.seed, checkpoint_dir=run_dir / "cloud" / "checkpoints",
+                               system=cfg.data.system_prompt)
         if cfg.cloud.engine == "deepspeed":
             trainer.export_hf(run_dir / "model", tokenizer)
     model.to("cpu")

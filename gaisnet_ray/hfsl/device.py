@@ -14,6 +14,7 @@ from ..config import PeftConfig, TrainingConfig
 from ..data import Example, encode_examples
 from ..knowledge.codec import payload_nbytes, tensor_nbytes
 from ..models.adapters import adapter_state, load_adapter_state, load_base_state, trainable_parameters
+from ..models.parts import ModelPart
 from ..models.split import Cut, build_tier_model
 from .messages import LinkUsage, StateDict, TurnResult
 
@@ -33,20 +34,22 @@ class DeviceTrainer:
 
     def __init__(self, device_id: str, package, peft_cfg: PeftConfig, training: TrainingConfig,
                  examples: list[Example], seq_len: int, cut: Cut | None, seed: int,
-                 torch_device: str = "cpu", split=None):
-        """``split``: a tier model to share with other logical devices of the same cut (a pool
-        worker runs one turn at a time, and every turn loads all of its adapter keys first)."""
+                 torch_device: str = "cpu", split=None, system: str | None = None):
+        """``package``: a ``FoundationPackage`` holding at least this device's part (``self.part``;
+        only that part is built). ``split``: a tier model to share with other logical devices of the
+        same cut (a pool worker runs one turn at a time, and every turn loads all of its adapter
+        keys first). ``system``: the chat template's system turn (``data.system_prompt``), as
+        evaluation and serving format prompts."""
         if not examples:
             raise ValueError(f"device {device_id} has no private examples")
         self.device_id = device_id
         self.training = training
         self.torch_device = torch_device
-        num_layers = package.config.get("n_layer", package.config.get("num_hidden_layers"))
         self.cut = cut
-        keep = None if cut is None else cut.device_layers(num_layers)
-        self.split = split if split is not None else build_tier_model(
-            package, peft_cfg, keep_layers=keep, keep_embeddings=True, keep_head=True, torch_device=torch_device)
-        batch = encode_examples(examples, package.tokenizer, seq_len)
+        self.part = ModelPart.whole() if cut is None else cut.device_part(package.num_layers)
+        self.split = split if split is not None else build_tier_model(package, peft_cfg, self.part,
+                                                                      torch_device=torch_device)
+        batch = encode_examples(examples, package.tokenizer, seq_len, system)
         self._input_ids = batch["input_ids"]  # (N, T) private, never leaves this object
         self._labels = batch["labels"]  # (N, T) private, never leaves this object
         self._seed = seed
@@ -66,10 +69,10 @@ class DeviceTrainer:
         idx, self._order = self._order[:b], self._order[b:]
         return self._input_ids[idx].to(self.torch_device), self._labels[idx].to(self.torch_device)
 
-    def update_base(self, base_state: StateDict) -> int:
-        """Relay down: the new foundation weights for the segments this device holds (the
-        cloud sends the whole package; a device keeps only its front and back). Returns bytes."""
-        return load_base_state(self.split.peft, base_state)
+    def update_base(self, base) -> int:
+        """Relay down: the new foundation weights of the segments this device holds, as its part
+        (a ``FoundationPackage`` holding exactly ``self.part``) or a whole state dict. Returns bytes."""
+        return load_base_state(self.split.peft, base)
 
     def _start_round(self, round_idx: int | None) -> None:
         """Batch order as a function of (seed, round): a device restarted, or a run resumed, draws
@@ -115,7 +118,7 @@ class DeviceTrainer:
             h_k = self.split.front(input_ids, cut.front_end)  # (B, T, H)
             sent = h_k.detach().cpu()
             h_m = link.forward(sent).to(self.torch_device).requires_grad_()  # (B, T, H) from edge
-            loss = self.split.loss(self.split.back(h_m, cut.back_start), labels)  # logits (B, T, V)
+            loss = self.split.back_loss(h_m, cut.back_start, labels)  # logits only where labels are supervised
             loss.backward()
             grad_m = h_m.grad.detach().cpu()
             grad_k = link.backward(grad_m).to(self.torch_device)  # dL/dh_k from edge
@@ -142,7 +145,7 @@ class DeviceTrainer:
         """Plain FL: ``steps`` steps of the whole model on this device, no edge involved."""
 
         def local_step(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, LinkUsage]:
-            loss = self.split.loss(self.split.back(self.split.front(input_ids, 0), 0), labels)
+            loss = self.split.back_loss(self.split.front(input_ids, 0), 0, labels)
             loss.backward()
             return loss, LinkUsage()
 

@@ -16,7 +16,8 @@ import torch
 from ..config import LinkConfig, PeftConfig, TrainingConfig
 from ..knowledge.aggregate import aggregate
 from ..models.adapters import adapter_state, load_adapter_state, load_base_state, trainable_parameters
-from ..models.split import Cut, SplitModel, build_tier_model, select_keys
+from ..models.parts import ModelPart
+from ..models.split import Cut, SplitModel, build_tier_model, edge_part, select_keys
 from .linkmodel import clusters_comm_s
 from .messages import EdgeUpdate, LinkUsage, StateDict, TurnResult
 
@@ -42,22 +43,22 @@ class EdgeTrainer:
         self.device_cuts = device_cuts
         self.link = link
         self.torch_device = torch_device
-        self.num_layers = package.config.get("n_layer", package.config.get("num_hidden_layers"))
-        split_scheme = training.scheme != "fl"
-        layers = set().union(*(c.edge_layers() for c in device_cuts.values())) if split_scheme else set()
+        self.num_layers = package.num_layers
+        # under FL the devices hold the whole model and the edge none of it
+        self.part = edge_part(device_cuts.values()) if training.scheme != "fl" else ModelPart.of((), False, False)
         self.split = None
-        if layers:
-            self.split = build_tier_model(package, peft_cfg, keep_layers=layers, keep_embeddings=False,
-                                          keep_head=False, torch_device=torch_device)
+        if self.part.layers:  # ``package`` holds at least this part; only the part is built
+            self.split = build_tier_model(package, peft_cfg, self.part, torch_device=torch_device)
         self._global: StateDict = {}
         self._clusters: dict[str, _ClusterState] = {}
         self._round_started = 0.0
         self._compute_s = 0.0
 
-    def update_base(self, base_state: StateDict) -> int:
-        """Relay down: the new foundation weights for the middle blocks this edge runs (none under
+    def update_base(self, base) -> int:
+        """Relay down: the new foundation weights of the middle blocks this edge runs, as its part
+        (a ``FoundationPackage`` holding exactly ``self.part``) or a whole state dict (none under
         FL, where devices hold the whole model). Returns the bytes written."""
-        return load_base_state(self.split.peft, base_state) if self.split is not None else 0
+        return load_base_state(self.split.peft, base) if self.split is not None else 0
 
     # -------------------------------------------------------------------------------- round
     def begin_round(self, global_knowledge: StateDict, clusters: dict[str, list[str]]) -> None:

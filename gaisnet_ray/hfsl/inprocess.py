@@ -12,6 +12,8 @@ import torch
 
 from ..config import Config
 from ..data import device_examples
+from ..models.parts import ModelPart
+from ..models.split import edge_part
 from .cloud import CloudCore
 from .device import DeviceTrainer
 from .edge import EdgeTrainer
@@ -29,7 +31,42 @@ def num_layers_of(package) -> int:
     return int(package.config.get("n_layer", package.config.get("num_hidden_layers")))
 
 
+# ------------------------------------------------------------------------ what each tier holds
+def device_part(cfg: Config, device: str, num_layers: int) -> ModelPart:
+    """The part of the foundation ``device`` holds: its front and back blocks, embeddings, final
+    norm and head; the whole model under FL (that is the scheme)."""
+    if cfg.training.scheme == "fl":
+        return ModelPart.whole()
+    return device_cut(cfg.topology, device, num_layers).device_part(num_layers)
+
+
+def edge_part_of(cfg: Config, devices: list[str], num_layers: int) -> ModelPart:
+    """The part an edge serving ``devices`` holds: their middle blocks (nothing under FL)."""
+    if cfg.training.scheme == "fl":
+        return ModelPart.of((), embeddings=False, head=False)
+    return edge_part(device_cut(cfg.topology, d, num_layers) for d in devices)
+
+
+def tier_parts(cfg: Config, num_layers: int) -> dict[str, ModelPart]:
+    """Node id -> the part it holds, for every edge and end device of the topology."""
+    by_edge = devices_by_edge(cfg.topology)
+    out = {e: edge_part_of(cfg, ds, num_layers) for e, ds in by_edge.items()}
+    out.update({d: device_part(cfg, d, num_layers) for ds in by_edge.values() for d in ds})
+    return out
+
+
+def package_for(packages, part: ModelPart):
+    """The first of ``packages`` (one ``FoundationPackage`` or several) that holds ``part``."""
+    packages = [packages] if hasattr(packages, "state_dict") else list(packages)
+    for p in packages:
+        if p.part_spec.covers(part, p.num_layers):
+            return p
+    raise ValueError(f"no package holds {part}; given: {[str(p.part_spec) for p in packages]}")
+
+
+# ---------------------------------------------------------------------------------- factories
 def edge_trainer(cfg: Config, edge: str, devices: list[str], package, torch_device: str = "cpu") -> EdgeTrainer:
+    """``package``: the edge's part (``edge_part_of``) or any package holding it, e.g. the whole."""
     n = num_layers_of(package)
     cuts = {d: device_cut(cfg.topology, d, n) for d in devices}
     return EdgeTrainer(edge, package, cfg.peft, cfg.training, cuts, cfg.links.end_edge, torch_device)
@@ -40,23 +77,27 @@ def device_trainer(cfg: Config, device: str, package, torch_device: str = "cpu")
     return device_trainers(cfg, [device], package, torch_device)[device]
 
 
-def device_trainers(cfg: Config, devices: list[str], package, torch_device: str = "cpu",
+def device_trainers(cfg: Config, devices: list[str], packages, torch_device: str = "cpu",
                     share_model: bool = False) -> dict[str, DeviceTrainer]:
     """Logical devices, each with its own private examples (derived here from the data config,
-    never sent). ``share_model``: one tier model per cut for all of them (a pool worker)."""
+    never sent). ``packages``: one ``FoundationPackage`` or several (a pool worker gets one part per
+    cut of its devices); each device builds only its part. ``share_model``: one tier model per part
+    for all of them (a pool worker)."""
     all_ids = [d for ds in devices_by_edge(cfg.topology).values() for d in ds]
     examples = device_examples(cfg.data, all_ids)
-    n = num_layers_of(package)
+    first = packages if hasattr(packages, "state_dict") else list(packages)[0]
+    n = num_layers_of(first)
     shared: dict = {}
     out = {}
     for d in devices:
+        part = device_part(cfg, d, n)
         cut = None if cfg.training.scheme == "fl" else device_cut(cfg.topology, d, n)
-        key = None if cut is None else tuple(sorted(cut.device_layers(n)))
-        split = shared.get(key) if share_model else None
-        out[d] = DeviceTrainer(d, package, cfg.peft, cfg.training, examples[d], cfg.model.max_seq_len, cut,
-                               device_seed(cfg, d), torch_device, split=split)
+        split = shared.get(part) if share_model else None
+        out[d] = DeviceTrainer(d, package_for(packages, part), cfg.peft, cfg.training, examples[d],
+                               cfg.model.max_seq_len, cut, device_seed(cfg, d), torch_device, split=split,
+                               system=cfg.data.system_prompt)
         if share_model:
-            shared.setdefault(key, out[d].split)
+            shared.setdefault(part, out[d].split)
     return out
 
 
@@ -86,8 +127,9 @@ class InProcessGaisNet:
         self.cloud = CloudCore(cfg, run_dir)
         package = self.cloud.package
         self.by_edge = devices_by_edge(cfg.topology)
-        self.edges = {e: edge_trainer(cfg, e, ds, package) for e, ds in self.by_edge.items()}
-        self.devices = {d: device_trainer(cfg, d, package) for ds in self.by_edge.values() for d in ds}
+        parts = tier_parts(cfg, num_layers_of(package))  # each tier gets (and builds) only its part
+        self.edges = {e: edge_trainer(cfg, e, ds, package.cut(parts[e])) for e, ds in self.by_edge.items()}
+        self.devices = {d: device_trainer(cfg, d, package.cut(parts[d])) for ds in self.by_edge.values() for d in ds}
         self.knowledge: StateDict = self.cloud.initial_knowledge()
 
     def edge_round(self, edge: str, round_idx: int | None = None) -> EdgeUpdate:
@@ -108,9 +150,9 @@ class InProcessGaisNet:
     def run_round(self, round_idx: int) -> dict:
         updates = [self.edge_round(e, round_idx) for e in self.by_edge]
         self.knowledge, metrics = self.cloud.aggregate_round(round_idx, updates)
-        if "relay" in metrics:  # relay down: the next round runs on the new base everywhere
-            state = self.cloud.package.state_dict
+        if "relay" in metrics:  # relay down: each edge and device gets its part of the new base
+            base = self.cloud.package
             metrics["relay"]["bytes_down"] = relay_down_bytes(
-                {**{e: t.update_base(state) for e, t in self.edges.items()},
-                 **{d: t.update_base(state) for d, t in self.devices.items()}})
+                {**{e: t.update_base(base.cut(t.part)) for e, t in self.edges.items()},
+                 **{d: t.update_base(base.cut(t.part)) for d, t in self.devices.items()}})
         return metrics

@@ -8,6 +8,8 @@ from typing import Iterator
 import torch
 from transformers import DynamicCache
 
+from ..data.encode import encode_prompt, encode_text
+
 
 @dataclass
 class Generation:
@@ -27,6 +29,14 @@ class PromptTooLongError(ValueError):
 
     def __reduce__(self):
         return (type(self), (self.prompt_tokens, self.limit))
+
+
+def prompt_ids(prompt: str, tokenizer, chat: bool = True, system: str | None = None) -> list[int]:
+    """The tokens generation starts from. ``chat``: ``prompt`` is a user turn, formatted as in
+    training (``data.encode.encode_prompt``: the chat template when the tokenizer has one);
+    otherwise raw text (an OpenAI completion prompt, or a conversation already rendered by the
+    template). For a tokenizer without a chat template both are ``[bos] + prompt``."""
+    return encode_prompt(prompt, tokenizer, system) if chat else encode_text(prompt, tokenizer)
 
 
 def choose_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
@@ -102,20 +112,24 @@ def decode_loop(next_logits, prompt_ids: list[int], tokenizer, *, max_new_tokens
 class CausalGenerator:
     """A causal LM (plain or peft) and its tokenizer, generating with a KV cache."""
 
-    def __init__(self, model, tokenizer, max_prompt_tokens: int, max_context: int):
+    def __init__(self, model, tokenizer, max_prompt_tokens: int, max_context: int, system: str | None = None):
+        """``system``: the system turn chat-formatted prompts get (the run's ``data.system_prompt``)."""
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_prompt_tokens, self.max_context = max_prompt_tokens, max_context
+        self.system = system
         self.device = next(model.parameters()).device
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        ids = [self.tokenizer.bos_token_id] + self.tokenizer.encode(prompt, add_special_tokens=False)
+    def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
+        """``chat``: ``prompt`` is a user turn, formatted as in training (the chat template when the
+        tokenizer has one); otherwise raw text (a completion prompt, or an already rendered chat)."""
+        ids = prompt_ids(prompt, self.tokenizer, chat, self.system)
         if len(ids) > self.max_prompt_tokens:
             raise PromptTooLongError(len(ids), self.max_prompt_tokens)
         return ids
 
     def stream(self, prompt: str, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, stop: list[str] | None = None) -> Iterator[str | Generation]:
-        ids = self.encode_prompt(prompt)
+               seed: int | None = None, stop: list[str] | None = None, chat: bool = True) -> Iterator[str | Generation]:
+        ids = self.encode_prompt(prompt, chat)
         max_new_tokens = max(0, min(max_new_tokens, self.max_context - len(ids)))
         cache = DynamicCache(config=self.model.config)
 

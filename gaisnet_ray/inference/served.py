@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -26,6 +27,16 @@ class UnknownAdapterError(KeyError):
         return (type(self), (self.name, self.known))
 
 
+def _system_prompt(run_dir: Path) -> str | None:
+    """The system turn the run trained with (``data.system_prompt`` of its config.yaml), so served
+    prompts are formatted exactly as training formatted them."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return ((data.get("data") or {}).get("system_prompt")) if isinstance(data, dict) else None
+
+
 class ServedRun:
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
@@ -33,6 +44,7 @@ class ServedRun:
         if not (self.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"'{self.run_dir}' is not a run folder with a model/ (no model/config.json)")
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.system_prompt = _system_prompt(self.run_dir)
         self.store = KnowledgeStore(self.run_dir / "knowledge")
         self.edges_root = self.run_dir / "knowledge" / "edges"
         self.bases = BaseStore(self.run_dir / "knowledge" / "bases")

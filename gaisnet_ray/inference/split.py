@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from ..models.split import SplitModel
-from .generate import Generation, decode_loop
+from .generate import Generation, decode_loop, prompt_ids
 
 
 class FrontRunner:
@@ -82,11 +82,13 @@ class RestRunner:
         return len(self._sessions)
 
 
-def split_stream(front: FrontRunner, rest: Callable[[torch.Tensor], torch.Tensor], tokenizer, prompt: str, *,
-                 max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 stop: list[str] | None = None) -> Iterator[str | Generation]:
-    """Generate with the front here and ``rest(hidden) -> logits`` wherever the edge is."""
-    ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
+def split_stream(front: FrontRunner, rest: Callable[[torch.Tensor], torch.Tensor], tokenizer, prompt: str | list[int],
+                 *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: list[str] | None = None, chat: bool = True,
+                 system: str | None = None) -> Iterator[str | Generation]:
+    """Generate with the front here and ``rest(hidden) -> logits`` wherever the edge is. ``prompt``:
+    text (formatted by ``prompt_ids`` with ``chat``/``system``) or the prompt's token ids."""
+    ids = list(prompt) if isinstance(prompt, list) else prompt_ids(prompt, tokenizer, chat, system)
 
     def next_logits(new_ids: list[int]) -> torch.Tensor:
         hidden = front.start(new_ids) if new_ids is ids else front.step(new_ids[0])

@@ -81,20 +81,28 @@ def base_key(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def load_base_state(model: PeftModel, base_state: dict[str, torch.Tensor]) -> int:
-    """Overwrite the frozen foundation weights ``model`` holds (a pruned tier model holds a subset)
-    with ``base_state`` (the foundation's own state-dict names); adapter weights are untouched.
-    Returns the bytes written (tied weights counted once).
+def load_base_state(model: PeftModel, base) -> int:
+    """Overwrite the frozen foundation weights ``model`` holds with a new base; adapter weights are
+    untouched. Returns the bytes written (tied weights counted once).
+
+    ``base``: a ``FoundationPackage`` part, which must hold exactly what ``model`` holds (what the
+    relay sends a tier: a mismatch is an error naming the keys), or a foundation state dict (the
+    foundation's own names), of which the model takes the keys it holds.
 
     This is how a new base version reaches edges and devices after a relay: in place, so the
     tier's adapter, optimizer references and pruning stay as they are.
     """
-    written, seen = 0, set()
+    exact = not isinstance(base, dict)
+    base_state = base.state_dict if exact else base
+    written, seen, used = 0, set(), set()
     with torch.no_grad():
         for name, tensor in model.get_base_model().state_dict(keep_vars=True).items():
-            if "lora_" in name or id(tensor) in seen:
+            if "lora_" in name:
                 continue
             key = base_key(name)
+            if id(tensor) in seen:  # a tied weight under its second name
+                used.add(key)
+                continue
             value = base_state.get(key)
             if value is None:
                 if isinstance(tensor, torch.nn.Parameter):
@@ -103,14 +111,59 @@ def load_base_state(model: PeftModel, base_state: dict[str, torch.Tensor]) -> in
             if tuple(value.shape) != tuple(tensor.shape):
                 raise ValueError(f"base key '{key}': shape {tuple(value.shape)} != model {tuple(tensor.shape)}")
             seen.add(id(tensor))
+            used.add(key)
             tensor.data.copy_(value.to(tensor.device, tensor.dtype))
             written += tensor.numel() * tensor.element_size()
+    extra = sorted(set(base_state) - used) if exact else []
+    if extra:
+        raise ValueError(f"the new base part holds {len(extra)} tensor(s) this tier model does not, e.g. {extra[:3]}: "
+                         "the relay must send each tier its own part (FoundationPackage.cut)")
     return written
+
+
+def base_state_view(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The foundation weights ``model`` holds under the foundation's own names: the live tensors
+    (detached, nothing copied), so the view follows every in-place change, e.g. ``load_base_state``."""
+    return {base_key(name): t.detach() for name, t in model.get_base_model().state_dict(keep_vars=True).items()
+            if "lora_" not in name}
 
 
 def merged_base_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """The foundation's weights with the active adapter folded in (W + scale * B @ A), under the
-    foundation's own state-dict names; ``model`` itself is left unchanged (peft merges a copy)."""
+    foundation's own state-dict names, on the CPU; ``model`` itself is left unchanged.
+
+    One new tensor per distinct base weight (tied weights stay one tensor), the same sums peft's
+    ``merge_and_unload`` computes, without copying the whole model first.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from .parts import storage_key
+
+    adapter = model.active_adapter
+    lora_layers = {}
+    for name, module in model.get_base_model().named_modules():
+        if hasattr(module, "lora_A") and adapter in module.lora_A:
+            if type(module) is not LoraLinear or adapter in module.lora_variant or module.lora_bias[adapter]:
+                return _merged_base_state_by_copy(model)  # a LoRA kind merged otherwise: let peft do it
+            lora_layers[f"{name}.base_layer.weight"] = module
+    out, distinct = {}, {}
+    with torch.no_grad():
+        for name, tensor in model.get_base_model().state_dict(keep_vars=True).items():
+            if "lora_" in name:
+                continue
+            tensor = tensor.detach()
+            ident = storage_key(tensor)
+            if ident not in distinct:
+                layer = lora_layers.get(name)
+                if layer is not None:  # what merge does in place: W += delta
+                    distinct[ident] = (tensor + layer.get_delta_weight(adapter)).to("cpu")
+                else:
+                    distinct[ident] = tensor.to("cpu", copy=True)
+            out[base_key(name)] = distinct[ident]
+    return out
+
+
+def _merged_base_state_by_copy(model: PeftModel) -> dict[str, torch.Tensor]:
     import copy
 
     merged = copy.deepcopy(model).merge_and_unload()

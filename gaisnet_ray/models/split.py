@@ -15,17 +15,18 @@ hidden states (mask, rotary position embeddings), and the final norm. Those live
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
 from peft import PeftModel
-from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from .build import UnknownModelFamilyError
+from .parts import ModelPart, Pruned, layer_of_key, prune_modules
 
-_LAYER_KEY = re.compile(r"\.(?:h|layers)\.(\d+)\.")
+_Pruned = Pruned  # the placeholder's former name
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,14 @@ class Cut:
     def edge_layers(self) -> set[int]:
         return set(range(self.front_end, self.back_start))
 
+    def device_part(self, num_layers: int) -> ModelPart:
+        """What a device with this cut holds: embeddings, front and back blocks, final norm, head."""
+        return ModelPart.of(self.device_layers(num_layers), embeddings=True, head=True)
 
-def layer_of_key(key: str) -> int | None:
-    """Block index an adapter/state key belongs to, or None for embeddings/norm/head keys."""
-    m = _LAYER_KEY.search(key)
-    return int(m.group(1)) if m else None
+
+def edge_part(cuts) -> ModelPart:
+    """What an edge serving devices with these cuts holds: the union of their middle blocks."""
+    return ModelPart.of(set().union(*(c.edge_layers() for c in cuts)), embeddings=False, head=False)
 
 
 def select_keys(state: dict[str, torch.Tensor], layers: set[int], *, include_unlayered: bool) -> dict[str, torch.Tensor]:
@@ -127,17 +131,6 @@ class _Llama:
 _FAMILIES = {"gpt2": _GPT2, "llama": _Llama}
 
 
-class _Pruned(nn.Module):
-    """Placeholder for a block or embedding this tier does not hold; calling it is a bug."""
-
-    def __init__(self, what: str):
-        super().__init__()
-        self.what = what
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError(f"{self.what} is not held by this tier (pruned by the split)")
-
-
 class SplitModel:
     """Segment-wise forward over a peft-wrapped causal LM (which may be pruned to one tier's part)."""
 
@@ -162,14 +155,24 @@ class SplitModel:
         hidden = self._f.embed(self.lm, input_ids, pos)
         return self.blocks(hidden, 0, front_end, cache=cache, past_len=past_len)
 
-    def blocks(self, hidden: torch.Tensor, start: int, end: int, cache=None, past_len: int = 0) -> torch.Tensor:
-        """(B, T, H) -> (B, T, H) through blocks[start:end]."""
+    def blocks(self, hidden: torch.Tensor, start: int, end: int, cache=None, past_len: int = 0,
+               checkpoint: bool = False) -> torch.Tensor:
+        """(B, T, H) -> (B, T, H) through blocks[start:end].
+
+        ``checkpoint``: keep only each block's input for the backward and recompute the block then
+        (``torch.utils.checkpoint``): the same gradients, bit for bit, for one more forward of the
+        blocks, with the memory of one block's activations instead of all of them.
+        """
         if start >= end:
             return hidden
         pos = self._positions(hidden, past_len)
         kwargs = self._f.block_kwargs(self.lm, hidden, pos, cache, start)
+        recompute = checkpoint and cache is None and torch.is_grad_enabled()
         for block in self._f.blocks(self.lm)[start:end]:
-            hidden = block(hidden, **kwargs)
+            if recompute:
+                hidden = torch.utils.checkpoint.checkpoint(block, hidden, use_reentrant=False, **kwargs)
+            else:
+                hidden = block(hidden, **kwargs)
         return hidden
 
     def back(self, hidden: torch.Tensor, back_start: int, cache=None, past_len: int = 0) -> torch.Tensor:
@@ -181,41 +184,50 @@ class SplitModel:
         """The model's own causal-LM loss (labels shifted inside, -100 ignored)."""
         return self.lm.loss_function(logits=logits, labels=labels, vocab_size=self.lm.config.vocab_size)
 
+    def back_loss(self, hidden: torch.Tensor, back_start: int, labels: torch.Tensor) -> torch.Tensor:
+        """``loss(back(hidden, back_start), labels)`` with the final norm and LM head run only at the
+        positions whose next token is supervised: the same loss and gradients (up to float rounding)
+        without the (B, T, V) logits of every position the loss ignores (with answer-only labels,
+        most of them; at a 49k vocabulary those logits are most of a device's training memory)."""
+        hidden = self.blocks(hidden, back_start, self.num_layers)  # (B, T, H)
+        targets = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, T): the token each position predicts
+        keep = targets != -100
+        logits = self.lm.lm_head(self._f.final_norm(self.lm)(hidden[keep]))  # (N, V), N supervised positions
+        return self.lm.loss_function(logits=logits, labels=None, shift_labels=targets[keep],
+                                     vocab_size=self.lm.config.vocab_size)
+
     # ------------------------------------------------------------------------------ pruning
     def prune(self, keep_layers: set[int], *, keep_embeddings: bool, keep_head: bool) -> None:
-        """Drop the blocks (and embeddings/head) this tier does not run, freeing their memory."""
-        blocks = self._f.blocks(self.lm)
-        for i in range(self.num_layers):
-            if i not in keep_layers:
-                blocks[i] = _Pruned(f"block {i}")
-        if not keep_embeddings:
-            for owner, name in self._f.embedding_modules(self.lm):
-                setattr(owner, name, _Pruned(name))
-        if not keep_head:
-            self.lm.lm_head = _Pruned("lm_head")
-            norm_owner = self.lm.transformer if self.family == "gpt2" else self.lm.model
-            setattr(norm_owner, "ln_f" if self.family == "gpt2" else "norm", _Pruned("final norm"))
+        """Drop the blocks (and embeddings/head) this tier does not run, freeing their memory.
+        (A tier model built from a part never held them: ``build_tier_model``.)"""
+        prune_modules(self.lm, ModelPart.of(keep_layers, keep_embeddings, keep_head))
 
     def held_layers(self) -> set[int]:
         blocks = self._f.blocks(self.lm)
-        return {i for i in range(self.num_layers) if not isinstance(blocks[i], _Pruned)}
+        return {i for i in range(self.num_layers) if not isinstance(blocks[i], Pruned)}
 
 
-def build_tier_model(package, peft_cfg, *, keep_layers: set[int] | None, keep_embeddings: bool,
-                     keep_head: bool, torch_device: str = "cpu") -> SplitModel:
-    """A tier's part of the foundation model with a LoRA adapter, pruned to what the tier runs.
+_HELD = object()  # build_tier_model: "what the package holds"
 
-    ``package`` is a ``FoundationPackage``; ``keep_layers=None`` keeps every block (whole model).
+
+def build_tier_model(package, peft_cfg, part: ModelPart | None = None, *, keep_layers=_HELD,
+                     keep_embeddings: bool = True, keep_head: bool = True, torch_device: str = "cpu") -> SplitModel:
+    """A tier's part of the foundation model with a LoRA adapter; only that part is ever built.
+
+    ``package`` is a ``FoundationPackage`` (whole, or a part: ``FoundationPackage.cut``); ``part``
+    (default: what the package holds) is cut out of it first, so no module outside it is allocated.
+    ``keep_layers`` (None: every block) / ``keep_embeddings`` / ``keep_head`` name the part instead.
     Adapter weights start as peft initialises them and are overwritten by the knowledge pulled down.
     """
     from .adapters import attach_lora
 
-    model = package.materialize()
-    family = getattr(model.config, "model_type", None)
+    if keep_layers is not _HELD:
+        part = ModelPart.of(keep_layers, keep_embeddings, keep_head)
+    if part is not None and part != package.part_spec:
+        package = package.cut(part)
+    family = package.family
     if family not in _FAMILIES:
-        raise UnknownModelFamilyError(str(family))
-    split = SplitModel(attach_lora(model, peft_cfg, family))
-    if keep_layers is not None:
-        split.prune(keep_layers, keep_embeddings=keep_embeddings, keep_head=keep_head)
+        raise UnknownModelFamilyError(family)
+    split = SplitModel(attach_lora(package.materialize(), peft_cfg, family))
     split.peft.to(torch_device)
     return split

@@ -128,19 +128,28 @@ class ChatBody(_OpenAIBody):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
 
-    def prompt_text(self, tokenizer) -> str:
+    def prompt_text(self, tokenizer, system: str | None = None) -> str:
         """The prompt the model sees: the tokenizer's chat template when it has one; otherwise the
-        messages' texts joined by newlines (the built-in models were trained on bare prompts)."""
+        messages' texts joined by newlines (the built-in models were trained on bare prompts).
+        ``system``: the run's ``data.system_prompt``, the system turn the model was trained with; a
+        conversation without a system message of its own gets it (as ``/v1/generate`` prompts do)."""
         self.check_supported()
         if self.logprobs:
             raise ServeError(400, "unsupported_value", "'logprobs' is not supported by this server", "logprobs")
         if getattr(tokenizer, "chat_template", None):
             msgs = [{"role": m.role, "content": m.text()} for m in self.messages]
+            if system and not any(m.role in ("system", "developer") for m in self.messages):
+                msgs.insert(0, {"role": "system", "content": system})
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         text = "\n".join(t for t in (m.text() for m in self.messages) if t)
         if not text:
             raise ServeError(422, "invalid_field", "field 'messages': every message is empty", "messages")
         return text
+
+    def last_user_text(self) -> str:
+        """The last user message (what the prompt's domain is inferred from)."""
+        users = [m.text() for m in self.messages if m.role == "user"]
+        return users[-1] if users else ""
 
     @property
     def new_tokens(self) -> int | None:

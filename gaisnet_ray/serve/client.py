@@ -18,7 +18,7 @@ from typing import Iterator
 import httpx
 
 from ..inference.codec import tensor_from_bytes, tensor_to_bytes
-from ..inference.generate import Generation
+from ..inference.generate import Generation, prompt_ids
 from ..inference.split import FrontRunner, split_stream
 
 
@@ -53,8 +53,11 @@ class SplitClient:
     """
 
     def __init__(self, base_url: str, front_runner: FrontRunner, tokenizer=None, *, adapter: str = "global",
-                 version: int | None = None, timeout_s: float = 60.0, http: httpx.Client | None = None):
+                 version: int | None = None, timeout_s: float = 60.0, http: httpx.Client | None = None,
+                 system: str | None = None):
+        """``system``: the run's ``data.system_prompt`` (chat prompts are formatted as in training)."""
         self.base_url = base_url.rstrip("/")
+        self.system = system
         self.front = front_runner
         self.tokenizer = tokenizer if tokenizer is not None else getattr(front_runner, "tokenizer", None)
         if self.tokenizer is None:
@@ -85,7 +88,8 @@ class SplitClient:
         split = SplitModel(model)
         k = info["front_layers"]
         split.prune(set(range(k)), keep_embeddings=True, keep_head=False)
-        return cls(base_url, FrontRunner(split, k), run.tokenizer, adapter=adapter, version=version, http=http)
+        return cls(base_url, FrontRunner(split, k), run.tokenizer, adapter=adapter, version=version, http=http,
+                   system=run.system_prompt)
 
     def split_info(self) -> dict:
         r = self.http.get(f"{self.base_url}/v1/split/info", params={"adapter": self.adapter})
@@ -93,8 +97,9 @@ class SplitClient:
         return r.json()
 
     def stream(self, prompt: str, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, stop: list[str] | None = None) -> Iterator[str | Generation]:
-        """Text deltas, then the ``Generation`` (same contract as ``CausalGenerator.stream``)."""
+               seed: int | None = None, stop: list[str] | None = None, chat: bool = True) -> Iterator[str | Generation]:
+        """Text deltas, then the ``Generation`` (same contract as ``CausalGenerator.stream``);
+        ``chat``: the prompt is a user turn, formatted by the run's chat template as in training."""
         session, past = uuid.uuid4().hex, 0
 
         def rest(hidden):  # (1, T, H) -> logits (V,)
@@ -109,10 +114,10 @@ class SplitClient:
             past = int(r.headers["x-gaisnet-past-len"])
             return tensor_from_bytes(r.content)
 
-        prompt_tokens = 1 + len(self.tokenizer.encode(prompt, add_special_tokens=False))
-        max_new_tokens = max(0, min(max_new_tokens, self.info["max_context"] - prompt_tokens))
+        ids = prompt_ids(prompt, self.tokenizer, chat, self.system)
+        max_new_tokens = max(0, min(max_new_tokens, self.info["max_context"] - len(ids)))
         try:
-            yield from split_stream(self.front, rest, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
+            yield from split_stream(self.front, rest, self.tokenizer, ids, max_new_tokens=max_new_tokens,
                                     temperature=temperature, top_p=top_p, seed=seed, stop=stop)
         finally:
             if past:

@@ -37,7 +37,7 @@ class EndTier(TierReplica):
     def _steps(self, served: ServedModel, req: GenerationRequest):
         """The split generation (a sync generator; runs in a worker thread, calls the edge per token)."""
         try:
-            ids = served.generator.encode_prompt(req.prompt)  # checks the prompt limit
+            ids = served.generator.encode_prompt(req.prompt, req.chat)  # checks the prompt limit
         except PromptTooLongError as e:
             raise prompt_too_long(e.prompt_tokens, e.limit) from None
         session, past = f"end-{uuid.uuid4().hex}", 0
@@ -51,9 +51,10 @@ class EndTier(TierReplica):
             return tensor_from_bytes(out["logits"])
 
         kwargs = req.decode_kwargs()
+        kwargs.pop("chat")
         kwargs["max_new_tokens"] = max(0, min(req.max_new_tokens, served.max_context - len(ids)))
         try:
-            yield from split_stream(front, rest, served.generator.tokenizer, req.prompt, **kwargs)
+            yield from split_stream(front, rest, served.generator.tokenizer, ids, **kwargs)
         finally:
             self.edge.close_session.remote(session)
 

@@ -195,12 +195,12 @@ class Router:
             raise err from None
 
     def _request(self, prompt: str, max_new_tokens: int | None, param: str, temperature: float, top_p: float,
-                 seed: int | None, stop) -> GenerationRequest:
+                 seed: int | None, stop, *, chat: bool = True, route_text: str | None = None) -> GenerationRequest:
         limit = self.settings.max_new_tokens
         n = self.settings.default_new_tokens if max_new_tokens is None else max_new_tokens
         if n > limit:
             raise ServeError(422, "invalid_field", f"field '{param}': {n} is over this server's limit of {limit}", param)
-        return GenerationRequest(prompt, n, temperature, top_p, seed, stop_list(stop))
+        return GenerationRequest(prompt, n, temperature, top_p, seed, stop_list(stop), chat=chat, route_text=route_text)
 
     def _domain(self, prompt: str, domain: str | None, catalog: Catalog) -> str | None:
         if domain is None:
@@ -257,7 +257,7 @@ class Router:
         (with the adapter that knows the prompt's domain best) and the policy judges its answer."""
         catalog = self.catalog()
         decision = self._plan(tier, adapter, catalog)
-        domain = self._domain(req.prompt, domain, catalog)
+        domain = self._domain(req.route_text or req.prompt, domain, catalog)
         if decision is not None and decision.tier == "cloud":
             return Route(decision, domain, self.cloud)
         if decision is not None and decision.tier == "end":
@@ -371,20 +371,23 @@ class Router:
     @api.post("/v1/completions")
     async def completions(self, body: CompletionBody) -> Response:
         prompt = body.prompt_text()
-        return await self._openai("completion", body, prompt, body.max_tokens, "max_tokens")
+        return await self._openai("completion", body, prompt, body.max_tokens, "max_tokens", prompt)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatBody) -> Response:
-        prompt = body.prompt_text(self.run.tokenizer)
+        prompt = body.prompt_text(self.run.tokenizer, self.run.system_prompt)
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        return await self._openai("chat", body, prompt, body.new_tokens, param)
+        return await self._openai("chat", body, prompt, body.new_tokens, param, body.last_user_text())
 
     async def _openai(self, kind: Literal["completion", "chat"], body, prompt: str, new_tokens: int | None,
-                      param: str) -> Response:
+                      param: str, route_text: str) -> Response:
+        """``prompt`` is raw text the model reads as is: a completion prompt, or the conversation
+        rendered by the tokenizer's chat template; ``route_text`` is what the domain is inferred from."""
         catalog = self.catalog()
         adapter, domain = self._resolve_model(body.model, body.domain, catalog)
         temperature = 1.0 if body.temperature is None else body.temperature
-        req = self._request(prompt, new_tokens, param, temperature, body.top_p or 1.0, body.seed, body.stop)
+        req = self._request(prompt, new_tokens, param, temperature, body.top_p or 1.0, body.seed, body.stop,
+                            chat=False, route_text=route_text)
         shape = OpenAIShape(kind, body.model)
         if not body.stream:
             routed = await self.route(req, tier=body.tier, domain=domain, adapter=adapter)

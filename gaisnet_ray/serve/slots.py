@@ -36,10 +36,12 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] | None = None
+    chat: bool = True  # prompt is a user turn (chat template, as in training); False: raw text
+    route_text: str | None = None  # what domain inference reads (the last user message); None: prompt
 
     def decode_kwargs(self) -> dict:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "seed": self.seed, "stop": list(self.stop) if self.stop else None}
+                "seed": self.seed, "stop": list(self.stop) if self.stop else None, "chat": self.chat}
 
 
 @dataclass
@@ -125,7 +127,8 @@ def load_served(run: ServedRun, adapter: str, version: int | None, *, max_prompt
     model.to(torch_device)
     max_context = max_context_of(model.config)
     limit = min(max_prompt_tokens or max_context - 1, max_context - 1)
-    generator = CausalGenerator(model, run.tokenizer, max_prompt_tokens=limit, max_context=max_context)
+    generator = CausalGenerator(model, run.tokenizer, max_prompt_tokens=limit, max_context=max_context,
+                                system=run.system_prompt)
     return ServedModel(adapter, version, model, generator, max_context)
 
 
