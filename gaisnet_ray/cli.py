@@ -169,13 +169,19 @@ def _resume(args) -> int:
         return 2
     from .hfsl.memory import InsufficientMemoryError
     from .job import run_job
+    from .models.build import UnknownModelFamilyError
+    from .models.sources import ModelSourceError
 
     print(f"resuming {args.resume} after round {done} of {cfg.training.rounds}", flush=True)
     try:
         run_dir = run_job(cfg, args.resume, progress=False if args.no_progress else None, serve=args.serve,
                           resume_round=done, address=args.address, check_resources=not args.no_resource_check)
-    except (ClusterError, InsufficientMemoryError) as e:
+    except (ClusterError, InsufficientMemoryError, ModelSourceError,
+            UnknownModelFamilyError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
         return 2
     print(f"run folder: {run_dir}")
     return 0
@@ -223,6 +229,8 @@ def _main(args) -> int:
         return 2
     from .hfsl.memory import InsufficientMemoryError
     from .job import run_job  # imported here: Ray and torch load only when a run starts
+    from .models.build import UnknownModelFamilyError
+    from .models.sources import ModelSourceError
     from .runfolder import RunFolderError
     from .serve.errors import PortInUseError
 
@@ -230,8 +238,12 @@ def _main(args) -> int:
         run_dir = run_job(cfg, args.out, progress=False if args.no_progress else None, serve=args.serve,
                           address=args.address, check_resources=not args.no_resource_check)
     # a used folder or port, a cluster unreachable or short of tier resources or memory: found before any actor
-    except (RunFolderError, PortInUseError, ClusterError, InsufficientMemoryError) as e:
+    except (RunFolderError, PortInUseError, ClusterError, InsufficientMemoryError, ModelSourceError,
+            UnknownModelFamilyError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
         return 2
     print(f"run folder: {run_dir}")
     return 0

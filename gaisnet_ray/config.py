@@ -61,6 +61,11 @@ class PeftConfig(_Section):
     r: int = Field(8, ge=1, le=512, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (lora_alpha).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    freeze_a: bool = Field(
+        False, description="Train only LoRA B; A stays as initialised, the same on every device and edge, so "
+        "averaging the adapters averages their weight updates exactly (B A is linear in B; FFA-LoRA, Sun et al. "
+        "2024). Averaging A and B separately instead shrinks knowledge that only some clusters learned."
+    )
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; None picks the family's attention+MLP linears."
     )
@@ -103,6 +108,10 @@ class DataConfig(_Section):
 class TierResources(_Section):
     num_cpus: float = Field(0.5, ge=0, description="Logical CPUs each actor of this tier asks for.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; >0 runs the tier on CUDA.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads of each actor of this tier; None: run.torch_threads. "
+        "The cloud works while edges and devices wait (aggregation, evaluation, relay), so it can take more."
+    )
     node_labels: dict[str, str] = Field(
         default_factory=dict, description="Ray node labels this tier's actors must land on (label_selector, "
         "e.g. {gaisnet/tier: edge}), in addition to the tier resource; {}: the resource alone decides."

@@ -34,6 +34,27 @@ def _postfix(m: dict) -> dict:
     return out
 
 
+def check_model(cfg: Config, convert: bool = True) -> dict:
+    """Before Ray starts: the model source resolves (``convert``: a GGUF is converted into the cache
+    here, once, so the cloud actor loads the cached folder) and every device's cut leaves the edge at
+    least one block of the model. Returns the model's config dict. Raises ``ModelSourceError``,
+    ``UnknownModelFamilyError`` or ``ConfigError`` naming the key."""
+    from .config import ConfigError
+    from .models.sources import model_config_dict, num_blocks, resolve_model_dir
+
+    if convert:
+        resolve_model_dir(cfg.model)
+    model_config = model_config_dict(cfg.model)
+    n = num_blocks(model_config)
+    t = cfg.topology
+    if cfg.training.scheme != "fl":
+        for key, cut in [("topology.cut", t.cut), *((f"topology.device_cuts.{d}", c) for d, c in t.device_cuts.items())]:
+            if cut.front_layers + cut.back_layers >= n:
+                raise ConfigError(f"invalid value for '{key}': front_layers={cut.front_layers} + back_layers="
+                                  f"{cut.back_layers} leaves no block for the edge: the model has {n} blocks")
+    return model_config
+
+
 def run_job(cfg: Config, out: str | Path | None = None, progress: bool | None = None, serve: bool = False,
             resume_round: int | None = None, address: str | None = None, check_resources: bool = True) -> Path:
     """Run ``cfg.training.rounds`` rounds on Ray and write the run folder; returns its path.
@@ -60,8 +81,9 @@ def run_job(cfg: Config, out: str | Path | None = None, progress: bool | None = 
         run_dir = run_dir.absolute()
     show = cfg.run.progress if progress is None else progress
     started = time.perf_counter()
+    model_config = check_model(cfg, convert=not cluster_mode)
     if check_resources and not cluster_mode:  # a run this machine's memory cannot hold: refused before Ray starts
-        check_fits(cfg)
+        check_fits(cfg, model_config=model_config)
     with connect(cfg, training=True, serving=serve, address=address, check_resources=check_resources) as cluster:
         if check_resources and cluster.mode == "cluster":  # the same for the cluster's nodes
             check_cluster_memory(cfg)

@@ -422,3 +422,9 @@ def test_ray_tiers_receive_their_parts_and_rounds_report_peak_rss(ray_local, tmp
         assert m["relay"]["bytes_down"]["end_edge_down"] > 0
     finally:
         driver.close()
+
+
+def test_the_estimate_assumes_the_evaluation_batch_the_cloud_uses():
+    from gaisnet_ray.hfsl import evaluate, memory
+
+    assert memory.EVAL_BATCH == evaluate.LOSS_BATCH

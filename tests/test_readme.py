@@ -29,3 +29,18 @@ def test_readme_config_reference_matches_config():
     documented = set(re.findall(r"^\| `([a-z_.]+)` \|", section, flags=re.M))
     assert documented == _keys(default_config())
     assert isinstance(default_config(), Config)
+
+
+def test_readme_config_reference_shows_the_embedded_defaults():
+    """The default column is what `gaisnet run` with no config uses (default.yaml over the schema)."""
+    import json
+
+    text = README.read_text()
+    section = text.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    shown = dict(re.findall(r"^\| `([a-z_.]+)` \| `(.*?)` \|", section, flags=re.M))
+    cfg = default_config().model_dump(mode="json")
+    for key, value in shown.items():
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        assert json.loads(value) == node, f"README shows {key} = {value}, the default is {node!r}"

@@ -22,7 +22,7 @@ from .placement import setup_worker, tier_options
 class CloudWorker:
     def __init__(self, cfg: Config, run_dir: str, rank: int):
         self.cfg, self.run_dir, self.rank = cfg, run_dir, rank
-        self.torch_device = setup_worker(cfg.run.torch_threads, cfg.topology.cloud.num_gpus)
+        self.torch_device = setup_worker(cfg.topology.cloud.torch_threads or cfg.run.torch_threads, cfg.topology.cloud.num_gpus)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

@@ -21,7 +21,7 @@ from .placement import BaseHolderNode, crosses_boundary, setup_worker
 class EdgeNode(BaseHolderNode):
     def __init__(self, edge_id: str, cfg: Config, devices: list[str], package):
         """``package``: the edge's part of the foundation (its middle blocks), built and then dropped."""
-        torch_device = setup_worker(cfg.run.torch_threads, cfg.topology.edge.num_gpus)
+        torch_device = setup_worker(cfg.topology.edge.torch_threads or cfg.run.torch_threads, cfg.topology.edge.num_gpus)
         self._audit = MessageAudit(edge_id, cfg.run.audit_messages)
         self._audit.record("__init__", "in", {"devices": devices, "package": package})
         self.core = edge_trainer(cfg, edge_id, devices, package, torch_device)

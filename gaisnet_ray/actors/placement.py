@@ -27,10 +27,14 @@ def tier_options(tier: str, res: TierResources, name: str | None = None) -> dict
 
 def setup_worker(torch_threads: int, num_gpus: float) -> str:
     """Bound torch threads in this actor (many actors share few cores); pick CUDA if given a GPU."""
+    import warnings
+
     import torch
 
     torch.set_num_threads(torch_threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft calls a transformers API that transformers 5 deprecates, once per model: not the user's concern
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 

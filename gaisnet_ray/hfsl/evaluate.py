@@ -14,10 +14,11 @@ from transformers import GenerationConfig
 from ..data import Example, encode_examples, encode_prompt
 
 GENERATE_BATCH = 32  # prompts per generate() call
+LOSS_BATCH = 16  # rows per forward of the held-out loss: (B, T, V) logits, ~0.4 GB at SmolLM2's vocab
 
 
 @torch.no_grad()
-def domain_loss(model, tokenizer, examples: list[Example], seq_len: int, batch_size: int = 64,
+def domain_loss(model, tokenizer, examples: list[Example], seq_len: int, batch_size: int = LOSS_BATCH,
                 system: str | None = None) -> float:
     """Mean cross-entropy over answer tokens (and eos), the same tokens training optimizes."""
     batch = encode_examples(examples, tokenizer, seq_len, system)

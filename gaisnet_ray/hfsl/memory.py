@@ -65,9 +65,9 @@ SUPERVISED = 0.5
 # per trainable LoRA parameter: fp32 weight + grad + 2 AdamW moments + the adapter's state copies
 # (snapshot, knowledge held per cluster).
 LORA_BYTES_PER_PARAM = 4 * 6
-# the cloud's held-out loss (``hfsl.evaluate.domain_loss``): batches of 64 rows, full (B, T, V)
-# logits, their fp32 slice and the log-softmax
-EVAL_BATCH = 64
+# the cloud's held-out loss (``hfsl.evaluate.domain_loss``): batches of ``evaluate.LOSS_BATCH`` rows
+# (a test keeps the two equal), full (B, T, V) logits, their fp32 slice and the log-softmax
+EVAL_BATCH = 16
 EVAL_LOGIT_COPIES = 3
 DEFAULT_MONITOR_THRESHOLD = 0.95  # Ray's memory monitor kills workers above this fraction
 

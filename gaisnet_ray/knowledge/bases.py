@@ -25,6 +25,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from ..models.sources import quiet_transformers
 from .errors import KnowledgeError
 
 LINEAGE_NAME = "lineage.json"
@@ -65,8 +66,9 @@ class BaseStore:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp-b{version:04d}-{uuid.uuid4().hex[:8]}"
         try:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            with quiet_transformers(errors_only=False):  # no "Writing model shards" bar per version
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
             record = {**lineage, "version": version,
                       "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
             (tmp / LINEAGE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -31,8 +31,14 @@ def lora_config(cfg: PeftConfig, family: str, base_name: str | None = None) -> L
 
 
 def attach_lora(model, cfg: PeftConfig, family: str, base_name: str | None = None) -> PeftModel:
-    """Wrap ``model`` with a fresh LoRA adapter; only adapter parameters require grad."""
-    return get_peft_model(model, lora_config(cfg, family, base_name))
+    """Wrap ``model`` with a fresh LoRA adapter; only adapter parameters require grad (only LoRA B
+    with ``cfg.freeze_a``: A stays as the knowledge version carried it, the same on every node)."""
+    peft_model = get_peft_model(model, lora_config(cfg, family, base_name))
+    if cfg.freeze_a:
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    return peft_model
 
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -73,7 +79,8 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor], *, stri
 
 
 def trainable_parameters(model: PeftModel) -> list[torch.nn.Parameter]:
-    return list(_state_key_to_param(model).values())
+    """The adapter parameters an optimizer steps (all LoRA tensors, or only B with ``freeze_a``)."""
+    return [p for p in _state_key_to_param(model).values() if p.requires_grad]
 
 
 def base_key(name: str) -> str:

@@ -87,8 +87,9 @@ def save_foundation(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> P
     """Write a folder that ``AutoModelForCausalLM`` and ``AutoTokenizer.from_pretrained`` load."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with quiet_transformers(errors_only=False):  # no "Writing model shards" bar
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
     return out_dir
 
 
