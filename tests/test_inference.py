@@ -172,3 +172,18 @@ def test_served_run_exposes_versions_edges_and_loads_the_knowledge(tmp_path):
         served.load_model("edge-9")
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         ServedRun(tmp_path / "nothing")
+
+
+def test_infer_domain_recognises_every_built_in_domain_in_all_its_phrasings():
+    from gaisnet_ray.data.domains import BUILTIN_DOMAINS, RECORD_DOMAINS, sample_examples
+    from gaisnet_ray.data.records import record_facts
+
+    domains = list(BUILTIN_DOMAINS)
+    for d in domains:
+        if d in RECORD_DOMAINS:
+            prompts = [p for f in record_facts(d) for p in f.prompts]
+        else:
+            prompts = [e.prompt for split in ("private", "eval") for e in sample_examples(d, split, 40, 0)]
+        wrong = [(p, infer_domain(p, domains)) for p in prompts if infer_domain(p, domains) != d]
+        assert not wrong, f"{d}: {wrong[:3]}"
+    assert infer_domain("Tell me a joke", domains) is None

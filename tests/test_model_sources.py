@@ -1,4 +1,4 @@
-"""Model sources (gaisnet_ray.models.sources): presets, local folders, GGUF files, Hub ids. No Ray.
+"""Model sources (gaisnet_ray.models.sources, gguf_cache, hub): presets, folders, GGUF files, Hub ids. No Ray.
 
 The real-weight tests share one conversion per session (``smollm2_dir`` in conftest). Without the
 weights package they fail with the install command; they never skip. The cache mechanics (convert
@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gaisnet_ray.config import ModelConfig
-from gaisnet_ray.models import sources
+from gaisnet_ray.models import gguf_cache, hub, sources
 from gaisnet_ray.models.build import build_foundation, save_foundation
 from gaisnet_ray.models.sources import ModelSourceError, model_config_dict, num_blocks, resolve_model_dir
 
@@ -56,8 +56,8 @@ def test_preset_converts_once_then_loads_from_the_cache(smollm2_dir, smollm2_cac
     mtime = weights.stat().st_mtime_ns
 
     # Second resolve (through $GAISNET_CACHE): neither a conversion nor a re-hash of the GGUF.
-    monkeypatch.setattr(sources, "_convert_gguf", _must_not_run)
-    monkeypatch.setattr(sources, "_sha256_file", _must_not_run)
+    monkeypatch.setattr(gguf_cache, "_convert_gguf", _must_not_run)
+    monkeypatch.setattr(gguf_cache, "_sha256_file", _must_not_run)
     t0 = time.perf_counter()
     assert resolve_model_dir(REAL) == smollm2_dir
     assert time.perf_counter() - t0 < 1.0
@@ -86,7 +86,7 @@ def test_converted_folder_loads_with_plain_transformers_and_answers(smollm2_dir)
 
 def test_user_gguf_path_uses_the_same_conversion(smollm2_dir, smollm2_cache, monkeypatch):
     monkeypatch.setenv("GAISNET_CACHE", str(smollm2_cache))
-    monkeypatch.setattr(sources, "_convert_gguf", _must_not_run)
+    monkeypatch.setattr(gguf_cache, "_convert_gguf", _must_not_run)
     gguf = sources.preset_gguf("smollm2-135m")
     assert resolve_model_dir(ModelConfig(path=str(gguf))) == smollm2_dir
     # Reading the config from the cache: the converted folder's config.json
@@ -96,7 +96,7 @@ def test_user_gguf_path_uses_the_same_conversion(smollm2_dir, smollm2_cache, mon
 
 def test_config_of_an_unconverted_gguf_comes_from_its_metadata(smollm2_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("GAISNET_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr(sources, "_convert_gguf", _must_not_run)
+    monkeypatch.setattr(gguf_cache, "_convert_gguf", _must_not_run)
     config = model_config_dict(REAL)
     assert not (tmp_path / "empty-cache").exists()  # nothing converted, nothing written
     assert config["model_type"] == "llama" and num_blocks(config) == 30
@@ -242,7 +242,7 @@ def test_a_hub_that_never_answers_times_out(no_hub, monkeypatch):
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
-        monkeypatch.setattr(sources, "HUB_TIMEOUT_S", 1.0)
+        monkeypatch.setattr(hub, "HUB_TIMEOUT_S", 1.0)
         # huggingface_hub may first spend its own 3 s on a one-off request (agent registry)
         _assert_unreachable_hub_error(resolve_model_dir, ModelConfig(path=HUB_ID), budget_s=6.0)
 
@@ -261,10 +261,10 @@ def fake_gguf(tmp_path, monkeypatch):
         (out / "config.json").write_text('{"model_type": "llama"}')
         (out / "model.safetensors").write_bytes(b"weights")
 
-    monkeypatch.setattr(sources, "_convert_gguf", convert)
+    monkeypatch.setattr(gguf_cache, "_convert_gguf", convert)
     hashes = []
-    real_hash = sources._sha256_file
-    monkeypatch.setattr(sources, "_sha256_file", lambda p: hashes.append(p) or real_hash(p))
+    real_hash = gguf_cache._sha256_file
+    monkeypatch.setattr(gguf_cache, "_sha256_file", lambda p: hashes.append(p) or real_hash(p))
     return gguf, tmp_path / "cache", calls, hashes
 
 
@@ -306,7 +306,7 @@ def test_a_concurrent_converter_that_finishes_first_wins(fake_gguf, monkeypatch)
         (out / "config.json").write_text('{"model_type": "llama"}')
         (out / "model.safetensors").write_bytes(b"ours")
 
-    monkeypatch.setattr(sources, "_convert_gguf", racing_convert)
+    monkeypatch.setattr(gguf_cache, "_convert_gguf", racing_convert)
     assert resolve_model_dir(ModelConfig(path=str(gguf)), cache_dir=cache) == final
     assert (final / "model.safetensors").read_bytes() == b"theirs"  # theirs kept intact, ours dropped
     assert _leftovers(final.parent) == []
@@ -329,7 +329,7 @@ def test_a_failed_conversion_leaves_no_folder(fake_gguf, monkeypatch):
         (out / "config.json").write_text("{}")
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(sources, "_convert_gguf", failing)
+    monkeypatch.setattr(gguf_cache, "_convert_gguf", failing)
     with pytest.raises(ModelSourceError, match="disk on fire") as info:
         resolve_model_dir(ModelConfig(path=str(gguf)), cache_dir=cache)
     assert str(gguf) in str(info.value)

@@ -27,6 +27,7 @@ import torch
 from gaisnet_ray.config import PeftConfig
 from gaisnet_ray.data import IGNORE_INDEX, encode_examples, encode_prompt, sample_examples
 
+from loracheck import lora_grads, randomize_lora
 from tinycfg import tiny_config
 
 SLICE_BLOCKS = 3  # front 1 | middle 1 | back 1
@@ -92,23 +93,6 @@ def slice_foundation(slice_dir):
 
 
 # ------------------------------------------------------------------- 1. split equivalence
-def _randomize(peft_model, seed: int = 0, std: float = 0.02) -> None:
-    """peft starts LoRA B at zero (A gets no gradient then); give every adapter weight a value."""
-    from gaisnet_ray.models.adapters import trainable_parameters
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in trainable_parameters(peft_model):
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def _lora_grads(peft_model) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, p in peft_model.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None, f"{name} got no gradient"
-            out[name.replace(".default.", ".")] = p.grad.detach().clone()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +107,7 @@ def split_case(slice_foundation):
     ids, labels = batch["input_ids"], batch["labels"]  # (3, 48)
     assert (labels != IGNORE_INDEX).sum(1).min() >= 2  # answer tokens + <|im_end|> on every row
     whole = build_tier_model(pkg, PEFT, keep_layers=None, keep_embeddings=True, keep_head=True)
-    _randomize(whole.peft)
+    randomize_lora(whole.peft, std=0.02)
     knowledge = adapter_state(whole.peft)
     whole.peft.train()
     unsplit = {}
@@ -134,7 +118,7 @@ def split_case(slice_foundation):
         else:  # what DeviceTrainer optimizes: norm and head only where a label is supervised
             loss = whole.back_loss(whole.front(ids, 0), 0, labels)
         loss.backward()
-        unsplit[mode] = (loss.detach(), _lora_grads(whole.peft))
+        unsplit[mode] = (loss.detach(), lora_grads(whole.peft))
     with torch.no_grad():
         logits = whole.peft(input_ids=ids).logits  # (B, T, V)
     return SimpleNamespace(pkg=pkg, ids=ids, labels=labels, knowledge=knowledge, unsplit=unsplit, logits=logits)
@@ -175,7 +159,7 @@ def test_split_step_on_the_real_weights_matches_the_unsplit_model(split_case, mo
 
     ref_loss, ref_grads = c.unsplit[mode]
     torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-6)
-    dev_grads, edge_grads = _lora_grads(device.peft), _lora_grads(edge.peft)
+    dev_grads, edge_grads = lora_grads(device.peft), lora_grads(edge.peft)
     assert {layer_of_key(k) for k in dev_grads} == {0, 2} and {layer_of_key(k) for k in edge_grads} == {1}
     grads = {**dev_grads, **edge_grads}
     assert set(grads) == set(ref_grads) and len(grads) == SLICE_BLOCKS * 7 * 2  # q k v o gate up down x (A, B)

@@ -22,6 +22,7 @@ from gaisnet_ray.models.adapters import (
 from gaisnet_ray.models.build import FoundationPackage, build_foundation
 from gaisnet_ray.models.split import Cut, SplitModel, build_tier_model, layer_of_key, select_keys
 
+from loracheck import lora_grads, randomize_lora
 from tinycfg import TINY_YAML
 
 torch.set_num_threads(1)
@@ -31,22 +32,6 @@ CUTS = [(1, 3), (2, 3), (1, 2)]  # (k, m) on a 4-layer model: edge runs blocks[k
 PEFT = PeftConfig(r=4, alpha=8.0)
 
 
-def _randomize(peft_model, seed: int = 0, std: float = 0.05) -> None:
-    """peft starts LoRA B at zero (A gets no gradient then); give every adapter weight a value."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in trainable_parameters(peft_model):
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def _lora_grads(peft_model) -> dict[str, torch.Tensor]:
-    """Gradients of the adapter weights, keyed like get_peft_model_state_dict (adapter name dropped)."""
-    out = {}
-    for name, p in peft_model.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None, f"{name} got no gradient"
-            out[name.replace(".default.", ".")] = p.grad.detach().clone()
-    return out
 
 
 def _batch(seed: int = 1, b: int = 3, t: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,12 +55,12 @@ def package(request):
 def reference(package):
     """Loss and LoRA gradients of the whole (unsplit) peft model on the batch, plus its adapter."""
     whole = build_tier_model(package, PEFT, keep_layers=None, keep_embeddings=True, keep_head=True)
-    _randomize(whole.peft)
+    randomize_lora(whole.peft)
     ids, labels = _batch()
     whole.peft.train()
     loss = whole.peft(input_ids=ids, labels=labels).loss
     loss.backward()
-    return {"loss": loss.detach(), "grads": _lora_grads(whole.peft), "adapter": adapter_state(whole.peft),
+    return {"loss": loss.detach(), "grads": lora_grads(whole.peft), "adapter": adapter_state(whole.peft),
             "logits": whole.peft(input_ids=ids).logits.detach()}
 
 
@@ -108,7 +93,7 @@ def test_split_step_matches_unsplit_model(package, reference, cut):
 
     torch.testing.assert_close(loss.detach(), reference["loss"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logits.detach(), reference["logits"], rtol=1e-5, atol=1e-5)
-    dev_grads, edge_grads = _lora_grads(device.peft), _lora_grads(edge.peft)
+    dev_grads, edge_grads = lora_grads(device.peft), lora_grads(edge.peft)
     assert {layer_of_key(k_) for k_ in dev_grads} == cut_obj.device_layers(4)
     assert {layer_of_key(k_) for k_ in edge_grads} == cut_obj.edge_layers()
     assert not set(dev_grads) & set(edge_grads)
@@ -135,7 +120,7 @@ def test_split_through_one_model_without_pruning(package, reference):
     y.backward(h3.grad)
     h1.backward(x.grad)
     torch.testing.assert_close(loss.detach(), reference["loss"], rtol=1e-5, atol=1e-6)
-    grads = _lora_grads(split.peft)
+    grads = lora_grads(split.peft)
     for key, g in reference["grads"].items():
         torch.testing.assert_close(grads[key], g, rtol=1e-5, atol=1e-7)
 
@@ -240,7 +225,7 @@ def test_load_adapter_state_into_pruned_model():
     model, tok = build_foundation(ModelConfig())
     pkg = FoundationPackage.from_model(model, tok)
     whole = build_tier_model(pkg, PEFT, keep_layers=None, keep_embeddings=True, keep_head=True)
-    _randomize(whole.peft, seed=3)
+    randomize_lora(whole.peft, seed=3)
     state = adapter_state(whole.peft)
     edge = build_tier_model(pkg, PEFT, keep_layers={1, 2}, keep_embeddings=False, keep_head=False)
     assert load_adapter_state(edge.peft, state) == 16  # keys of blocks 0 and 3 are skipped
@@ -271,7 +256,7 @@ def test_trainers_split_turn_equals_plain_adamw_steps(family):
     model, tok = build_foundation(cfg.model)
     pkg = FoundationPackage.from_model(model, tok)
     whole = build_tier_model(pkg, cfg.peft, keep_layers=None, keep_embeddings=True, keep_head=True)
-    _randomize(whole.peft, seed=7)
+    randomize_lora(whole.peft, seed=7)
     knowledge = adapter_state(whole.peft)
 
     edge = edge_trainer(cfg, "edge-0", ["end-0-0"], pkg)
@@ -319,7 +304,7 @@ def test_cluster_relay_with_mixed_cuts_equals_reference():
     model, tok = build_foundation(cfg.model)
     pkg = FoundationPackage.from_model(model, tok)
     whole = build_tier_model(pkg, cfg.peft, keep_layers=None, keep_embeddings=True, keep_head=True)
-    _randomize(whole.peft, seed=11)
+    randomize_lora(whole.peft, seed=11)
     knowledge = adapter_state(whole.peft)
 
     members = ["end-0-0", "end-0-1", "end-0-2"]

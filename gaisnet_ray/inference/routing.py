@@ -52,6 +52,13 @@ _DOMAIN_PATTERNS = {
     "units": re.compile(r"^\s*\d+\s+\w+\s+in\s+\w+\s*=\s*$"),
     "strings": re.compile(r"^\s*(rev|up|len)\s+[a-z]+\s*=\s*$"),
     "facts": re.compile(r"^\s*(cap|sym|opp)\s+\S.*=\s*$"),
+    # the real model's built-in domains: natural questions (gaisnet_ray.data.records / skills / capitals)
+    "codes": re.compile(r"\b(code|error)\s+E\d{3}\b", re.I),
+    "town": re.compile(r"\b(mayor|founded|founding year|established|river|twin town|twinned)\b", re.I),
+    "catalogue": re.compile(r"\b(price|cost|sell for|pay for|colou?r|aisle|warehouse|weigh|weight|heavy)\b", re.I),
+    "addition": re.compile(r"^\s*What is \d+\s*\+\s*\d+\?\s*$", re.I),
+    "conversion": re.compile(r"^\s*How many \w+ are in \d+ \w+\?\s*$", re.I),
+    "capitals": re.compile(r"\bcapital of\b", re.I),
 }
 
 
@@ -59,6 +66,6 @@ def infer_domain(prompt: str, domains: list[str]) -> str | None:
     """The built-in domain whose prompt shape ``prompt`` has, among ``domains``; None if none fits."""
     for domain in domains:
         pattern = _DOMAIN_PATTERNS.get(domain)
-        if pattern is not None and pattern.match(prompt):
+        if pattern is not None and pattern.search(prompt):
             return domain
     return None
