@@ -1,7 +1,7 @@
 """Memory: peak RSS of every tier actor of a real-model run, beside the up-front estimate.
 
-The default topology (1 cloud, 2 edges, 6 end devices, cut 1+1) runs one round (with the relay
-and its relay down) of the real model, on a private local Ray, through `GaisNetDriver` exactly as
+The default job (`gaisnet_ray/default.yaml`: SmolLM2-135M-Instruct, 1 cloud, 2 edges, 6 end
+devices, cut 1+1) runs one round (with the relay and its relay down), on a private local Ray, through `GaisNetDriver` exactly as
 `gaisnet run` does. It records
 
 - each actor kind's peak RSS (`ru_maxrss`, what the round metrics' `peak_rss_mb` reports): the
@@ -13,9 +13,9 @@ and its relay down) of the real model, on a private local Ray, through `GaisNetD
 - the estimate (`gaisnet_ray.hfsl.memory.estimate_job`) per actor kind, beside each measurement,
   and the targets of issue 9 (all actors <= 8 GB, an EndNode <= 0.8 GB).
 
-    python benchmarks/memory_bench.py                          # model.path=/tmp/smollm2-hf, ~4 min on 2 cores
-    python benchmarks/memory_bench.py --preset smollm2-135m    # the packaged real model (once it is cached)
-    python benchmarks/memory_bench.py --set training.batch_size=8 --tag b8
+    python benchmarks/memory_bench.py                          # the default job's model and topology, ~4 min
+    python benchmarks/memory_bench.py --model /models/my-llama  # another model (folder, .gguf or Hub id)
+    python benchmarks/memory_bench.py --set topology.end_workers=2 --tag pool
 
 Writes benchmarks/results/memory_bench.{json,md} (or memory_bench-TAG.*).
 """
@@ -144,7 +144,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="model.path: a Hugging Face folder, .gguf file or Hub id "
-                                                   "(default /tmp/smollm2-hf unless --preset)")
+                                                   "(default: the default job's model)")
     src.add_argument("--preset", default=None, help="model.preset instead of a path, e.g. smollm2-135m")
     p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1)
@@ -154,10 +154,10 @@ def main() -> None:
     p.add_argument("--tag", help="write results/memory_bench-TAG.* instead")
     args = p.parse_args()
     quiet()
-    model = [f"model.preset={args.preset}"] if args.preset else [f"model.path={args.model or '/tmp/smollm2-hf'}"]
+    model = ([f"model.preset={args.preset}"] if args.preset else [f"model.path={args.model}"] if args.model else [])
     overrides = [*model, f"training.rounds={args.rounds}", f"training.local_steps={args.local_steps}",
                  f"training.pretrain_steps={args.pretrain_steps}", "run.progress=false", *args.overrides]
-    cfg = make_config(overrides)
+    cfg = make_config(overrides, config=None)  # the embedded default job, not the tiny one
 
     from gaisnet_ray.hfsl.memory import estimate_job, local_capacity, model_config_of
 
