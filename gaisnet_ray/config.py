@@ -236,6 +236,13 @@ class RelayConfig(_Section):
     distill_seq_len: int | None = Field(
         None, ge=2, description="Tokens per self-generated input; None: model.max_seq_len."
     )
+    rehearse_steps: int = Field(
+        0, ge=0, description="After absorbing a round's knowledge, train the whole new base this many steps on the "
+        "cloud's own public data (data.public_domains), so absorbing the devices' knowledge does not erase what "
+        "the foundation knew (rehearsal; the cloud engine, on the cloud alone); 0: none."
+    )
+    rehearse_lr: float = Field(2e-5, gt=0, description="Learning rate of the rehearsal steps (cosine decay).")
+    rehearse_batch_size: int = Field(8, ge=1, description="Public examples per rehearsal step.")
 
 
 # -------------------------------------------------------------------------------------- faults

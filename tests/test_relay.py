@@ -173,3 +173,23 @@ def test_a_non_finite_relay_changes_nothing(cycle, monkeypatch):
         core.relay(3, [])
     assert (core.base_version, core.base_hash) == before[:2]
     assert not (out / "knowledge" / "bases" / "b0003").exists()
+
+
+def test_rehearsal_trains_the_new_base_on_public_data_and_lowers_its_public_loss(tmp_path):
+    """relay.rehearse_steps: after the merge the cloud trains the whole new base on its public data;
+    the public domain's held-out loss of the base alone is lower than without rehearsal, and the
+    rehearsal's steps are reported."""
+    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
+
+    common = [*TINY, "training.rounds=1", "data.public_domains=[arithmetic]", "relay.policy=merge"]
+    torch.set_num_threads(1)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "rehearsed").mkdir()
+    m0 = InProcessGaisNet(load_config(TINY_YAML, common), tmp_path / "plain").run_round(1)
+    cfg = load_config(TINY_YAML, [*common, "relay.rehearse_steps=8", "relay.rehearse_lr=3e-3"])
+    m1 = InProcessGaisNet(cfg, tmp_path / "rehearsed").run_round(1)
+    assert "rehearse" not in m0["relay"]
+    assert m1["relay"]["rehearse"]["steps"] == 8 and len(m1["relay"]["rehearse"]["losses"]) == 8
+    # before the relay both clouds are the same; after it, the rehearsed base is better on public data
+    assert m1["relay"]["cloud_before"] == m0["relay"]["cloud_before"]
+    assert m1["relay"]["cloud_after"]["arithmetic"]["loss"] < m0["relay"]["cloud_after"]["arithmetic"]["loss"] - 0.05

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..config import Config
-from ..data import eval_examples
+from ..data import eval_examples, public_examples
 from ..knowledge.aggregate import aggregate, check_finite
 from ..knowledge.bases import BaseStore, refresh_model_dir
 from ..knowledge.codec import content_hash, payload_nbytes
@@ -184,6 +184,9 @@ class CloudCore:
             state = result.state
             out["distill"] = result.summary()
         check_finite(state, source=f"the relayed base of round {round_idx} (relay.policy={r.policy})")
+        if r.rehearse_steps > 0:
+            state, out["rehearse"] = self._rehearse(state, round_idx)
+            check_finite(state, source=f"the rehearsed base of round {round_idx} (relay.rehearse_steps)")
         load_base_state(self.peft, state)
         del state  # the cloud's own weights are the new base now: no second copy while it evaluates
         load_adapter_state(self.peft, self.fresh_adapter, strict=True)
@@ -205,6 +208,27 @@ class CloudCore:
         out["wall_s"] = time.perf_counter() - started
         return out
 
+
+    def _rehearse(self, state: StateDict, round_idx: int) -> tuple[StateDict, dict]:
+        """``relay.rehearse_steps`` steps of the whole new base on the cloud's public data, in the
+        cloud engine on this process alone: what the foundation knew is rehearsed before the base
+        goes back down. Returns the rehearsed weights and the step losses."""
+        r, public = self.cfg.relay, public_examples(self.cfg.data)
+        if not public:
+            return state, {"steps": 0, "losses": [], "why": "no public data (data.public_domains)"}
+        from ..cloudengine.engine import CloudTrainer
+
+        started = time.perf_counter()
+        model = FoundationPackage(self.package.config, state, self.tokenizer,
+                                  self.package.attn_implementation).materialize().to(self.torch_device)
+        del state
+        with CloudTrainer(model, self.cfg.cloud, lr=r.rehearse_lr, total_steps=r.rehearse_steps,
+                          micro_batch_size=r.rehearse_batch_size) as trainer:
+            losses = trainer.train(public, self.tokenizer, steps=r.rehearse_steps, batch_size=r.rehearse_batch_size,
+                                   seq_len=self.cfg.model.max_seq_len, seed=self.cfg.training.seed * 1_000_003 + round_idx,
+                                   system=self.cfg.data.system_prompt)
+            rehearsed = trainer.state_dict_for(None)  # gathered under ZeRO-3
+        return rehearsed, {"steps": len(losses), "losses": losses, "wall_s": time.perf_counter() - started}
 
     def _publish_edges(self, version: int, round_idx: int, updates: list[EdgeUpdate]) -> None:
         """Store each edge's adapter beside the global one, with its held-out loss per domain

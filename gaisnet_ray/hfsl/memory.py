@@ -16,9 +16,9 @@ and the round metrics' ``peak_rss_mb``) is the sum of
   cluster between a member's forward and backward), and, on the tier with the head, the logits of
   the supervised positions with their softmax and gradients;
 - the cloud's ``phases`` (they follow one another; the largest counts): evaluation (held-out loss
-  in batches of 64 rows), the relay (merge: the merged weights until they are loaded into the
+  in batches of 16 rows), the relay (merge: the merged weights until they are loaded into the
   cloud's model; distillation: a student with its gradients and AdamW), pre-training (the whole
-  model with AdamW) when ``training.pretrain_steps`` > 0.
+  model with AdamW) when ``training.pretrain_steps`` > 0 or the relay rehearses (``relay.rehearse_steps``).
 
 The coefficients were calibrated against measured runs (benchmarks/memory_bench.py). The check
 (``check_fits``) compares the machine memory the run takes -- every actor's private peak, the
@@ -293,9 +293,11 @@ def estimate_job(cfg: Config, model_config: dict, local: bool = True) -> JobEsti
         d_tokens = cfg.relay.distill_batch_size * (cfg.relay.distill_seq_len or seq)
         relay = 4 * whole + n * d_tokens * act_block + (LOGIT_COPIES + 3) * d_tokens * g.vocab * 4  # + teachers'
     pretrain = 0
-    if t.pretrain_steps > 0:
-        p_tokens = t.pretrain_batch_size * seq
-        pretrain = 3 * whole + n * p_tokens * act_block + (LOGIT_COPIES + 1) * p_tokens * g.vocab * 4  # all positions
+    for steps, batch in ((t.pretrain_steps, t.pretrain_batch_size),
+                         (cfg.relay.rehearse_steps if cfg.relay.policy != "none" else 0, cfg.relay.rehearse_batch_size)):
+        if steps > 0:  # whole-model training (pre-training, or the relay's rehearsal): AdamW over all weights
+            p_tokens = batch * seq
+            pretrain = max(pretrain, 3 * whole + n * p_tokens * act_block + (LOGIT_COPIES + 1) * p_tokens * g.vocab * 4)
     cloud = ActorEstimate("cloud", cfg.cloud.workers, {
         "runtime": RUNTIME_BYTES,
         "weights": whole,
