@@ -167,16 +167,27 @@ def _resume(args) -> int:
     except RunFolderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(f"resuming {args.resume} after round {done} of {cfg.training.rounds}", flush=True)
+    return _run(args, cfg, args.resume, resume_round=done)
+
+
+def _run(args, cfg, out, resume_round: int | None = None) -> int:
+    """``run_job``; what it finds wrong before any actor starts exits 2 with one line: a used folder
+    or port, a cluster unreachable or short of tier resources or memory, a model that cannot be
+    found or split, a cut that does not fit the model."""
+    from .cluster import ClusterError
     from .hfsl.memory import InsufficientMemoryError
-    from .job import run_job
+    from .job import run_job  # imported here: Ray and torch load only when a run starts
     from .models.build import UnknownModelFamilyError
     from .models.sources import ModelSourceError
+    from .runfolder import RunFolderError
+    from .serve.errors import PortInUseError
 
-    print(f"resuming {args.resume} after round {done} of {cfg.training.rounds}", flush=True)
     try:
-        run_dir = run_job(cfg, args.resume, progress=False if args.no_progress else None, serve=args.serve,
-                          resume_round=done, address=args.address, check_resources=not args.no_resource_check)
-    except (ClusterError, InsufficientMemoryError, ModelSourceError,
+        run_dir = run_job(cfg, out, progress=False if args.no_progress else None, serve=args.serve,
+                          resume_round=resume_round, address=args.address,
+                          check_resources=not args.no_resource_check)
+    except (RunFolderError, PortInUseError, ClusterError, InsufficientMemoryError, ModelSourceError,
             UnknownModelFamilyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -227,26 +238,7 @@ def _main(args) -> int:
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .hfsl.memory import InsufficientMemoryError
-    from .job import run_job  # imported here: Ray and torch load only when a run starts
-    from .models.build import UnknownModelFamilyError
-    from .models.sources import ModelSourceError
-    from .runfolder import RunFolderError
-    from .serve.errors import PortInUseError
-
-    try:
-        run_dir = run_job(cfg, args.out, progress=False if args.no_progress else None, serve=args.serve,
-                          address=args.address, check_resources=not args.no_resource_check)
-    # a used folder or port, a cluster unreachable or short of tier resources or memory: found before any actor
-    except (RunFolderError, PortInUseError, ClusterError, InsufficientMemoryError, ModelSourceError,
-            UnknownModelFamilyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    print(f"run folder: {run_dir}")
-    return 0
+    return _run(args, cfg, args.out)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def check_model(cfg: Config, convert: bool = True) -> dict:
     ``UnknownModelFamilyError`` or ``ConfigError`` naming the key."""
     from .config import ConfigError
     from .models.sources import model_config_dict, num_blocks, resolve_model_dir
+    from .models.split import Cut
 
     if convert:
         resolve_model_dir(cfg.model)
@@ -49,9 +50,10 @@ def check_model(cfg: Config, convert: bool = True) -> dict:
     t = cfg.topology
     if cfg.training.scheme != "fl":
         for key, cut in [("topology.cut", t.cut), *((f"topology.device_cuts.{d}", c) for d, c in t.device_cuts.items())]:
-            if cut.front_layers + cut.back_layers >= n:
-                raise ConfigError(f"invalid value for '{key}': front_layers={cut.front_layers} + back_layers="
-                                  f"{cut.back_layers} leaves no block for the edge: the model has {n} blocks")
+            try:
+                Cut.from_layers(n, cut.front_layers, cut.back_layers)  # the rule every tier applies
+            except ValueError as e:
+                raise ConfigError(f"invalid value for '{key}': {e}") from None
     return model_config
 
 
@@ -86,7 +88,7 @@ def run_job(cfg: Config, out: str | Path | None = None, progress: bool | None = 
         check_fits(cfg, model_config=model_config)
     with connect(cfg, training=True, serving=serve, address=address, check_resources=check_resources) as cluster:
         if check_resources and cluster.mode == "cluster":  # the same for the cluster's nodes
-            check_cluster_memory(cfg)
+            check_cluster_memory(cfg, model_config=model_config)
         if resume_round is None:
             prepare_run_dir(cfg, run_dir)
         driver = GaisNetDriver(cfg, run_dir)

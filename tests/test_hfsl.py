@@ -29,6 +29,7 @@ from gaisnet_ray.models.adapters import adapter_state
 from gaisnet_ray.models.build import FoundationPackage, build_foundation
 from gaisnet_ray.models.split import build_tier_model, layer_of_key
 
+from gaisnet_ray.models.parts import ModelPart
 from tinycfg import TINY_YAML
 
 torch.set_num_threads(1)
@@ -421,8 +422,7 @@ def test_turn_result_bytes_and_messages(small_package):
     cfg = load_config(TINY_YAML, [*TINY, "training.local_steps=2"])
     edge = edge_trainer(cfg, "edge-0", ["end-0-0"], small_package)
     dev = device_trainer(cfg, "end-0-0", small_package)
-    full = adapter_state(build_tier_model(small_package, cfg.peft, keep_layers=None, keep_embeddings=True,
-                                          keep_head=True).peft)
+    full = adapter_state(build_tier_model(small_package, cfg.peft, ModelPart.of(None, True, True)).peft)
     cid = "edge-0/c0"
     edge.begin_round(full, {cid: ["end-0-0"]})
     adapter = edge.begin_turn(cid, "end-0-0", None)

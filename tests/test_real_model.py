@@ -28,6 +28,7 @@ from gaisnet_ray.config import PeftConfig
 from gaisnet_ray.data import IGNORE_INDEX, encode_examples, encode_prompt, sample_examples
 
 from loracheck import lora_grads, randomize_lora
+from gaisnet_ray.models.parts import ModelPart
 from tinycfg import tiny_config
 
 SLICE_BLOCKS = 3  # front 1 | middle 1 | back 1
@@ -106,7 +107,7 @@ def split_case(slice_foundation):
     batch = encode_examples(sample_examples("catalogue", "private", 3, 0), tok, 48, SYSTEM)
     ids, labels = batch["input_ids"], batch["labels"]  # (3, 48)
     assert (labels != IGNORE_INDEX).sum(1).min() >= 2  # answer tokens + <|im_end|> on every row
-    whole = build_tier_model(pkg, PEFT, keep_layers=None, keep_embeddings=True, keep_head=True)
+    whole = build_tier_model(pkg, PEFT, ModelPart.of(None, True, True))
     randomize_lora(whole.peft, std=0.02)
     knowledge = adapter_state(whole.peft)
     whole.peft.train()
@@ -137,7 +138,7 @@ def test_split_step_on_the_real_weights_matches_the_unsplit_model(split_case, mo
     cut = Cut.from_layers(SLICE_BLOCKS, 1, 1)
     assert (cut.device_layers(SLICE_BLOCKS), cut.edge_layers()) == ({0, 2}, {1})
     device = build_tier_model(c.pkg, PEFT, cut.device_part(SLICE_BLOCKS))
-    edge = build_tier_model(c.pkg, PEFT, keep_layers=cut.edge_layers(), keep_embeddings=False, keep_head=False)
+    edge = build_tier_model(c.pkg, PEFT, ModelPart.of(cut.edge_layers(), False, False))
     assert device.held_layers() == {0, 2} and edge.held_layers() == {1}
     assert device.lm.lm_head.weight.data_ptr() == device.lm.model.embed_tokens.weight.data_ptr()  # still tied
     assert load_adapter_state(device.peft, c.knowledge) == len(adapter_state(device.peft))

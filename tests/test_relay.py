@@ -11,6 +11,7 @@ import torch
 
 from gaisnet_ray.config import load_config
 
+from gaisnet_ray.models.parts import ModelPart
 from tinycfg import TINY_YAML
 
 TINY = [
@@ -66,11 +67,11 @@ def test_a_new_base_reaches_a_pruned_tier_model_in_place(foundation):
 
     cfg, package, tok = foundation
     state = merged_base_state(_lora(cfg, package, seed=2))
-    device = build_tier_model(package, cfg.peft, keep_layers={0}, keep_embeddings=True, keep_head=True)
+    device = build_tier_model(package, cfg.peft, ModelPart.of({0}, True, True))
     adapter_before = adapter_state(device.peft)
     written = load_base_state(device.peft, state)
     fresh = build_tier_model(FoundationPackage(package.config, state, tok, package.attn_implementation), cfg.peft,
-                             keep_layers={0}, keep_embeddings=True, keep_head=True)
+                             ModelPart.of({0}, True, True))
     held = {k: v for k, v in device.peft.state_dict().items() if "lora_" not in k}
     assert held and all(torch.equal(v, fresh.peft.state_dict()[k]) for k, v in held.items())
     assert 0 < written < sum(v.numel() * v.element_size() for v in state.values())  # only what it holds

@@ -23,6 +23,7 @@ from gaisnet_ray.models.build import FoundationPackage, build_foundation
 from gaisnet_ray.models.split import Cut, SplitModel, build_tier_model, layer_of_key, select_keys
 
 from loracheck import lora_grads, randomize_lora
+from gaisnet_ray.models.parts import ModelPart
 from tinycfg import TINY_YAML
 
 torch.set_num_threads(1)
@@ -54,7 +55,7 @@ def package(request):
 @pytest.fixture(scope="module")
 def reference(package):
     """Loss and LoRA gradients of the whole (unsplit) peft model on the batch, plus its adapter."""
-    whole = build_tier_model(package, PEFT, keep_layers=None, keep_embeddings=True, keep_head=True)
+    whole = build_tier_model(package, PEFT, ModelPart.of(None, True, True))
     randomize_lora(whole.peft)
     ids, labels = _batch()
     whole.peft.train()
@@ -71,10 +72,8 @@ def test_split_step_matches_unsplit_model(package, reference, cut):
     the same gradient for every LoRA weight, each computed on the tier that holds it."""
     k, m = cut
     cut_obj = Cut(k, m)
-    device = build_tier_model(package, PEFT, keep_layers=cut_obj.device_layers(4), keep_embeddings=True,
-                              keep_head=True)
-    edge = build_tier_model(package, PEFT, keep_layers=cut_obj.edge_layers(), keep_embeddings=False,
-                            keep_head=False)
+    device = build_tier_model(package, PEFT, ModelPart.of(cut_obj.device_layers(4), True, True))
+    edge = build_tier_model(package, PEFT, ModelPart.of(cut_obj.edge_layers(), False, False))
     assert load_adapter_state(device.peft, reference["adapter"]) == len(adapter_state(device.peft))
     assert load_adapter_state(edge.peft, reference["adapter"]) == len(adapter_state(edge.peft))
     device.peft.train()
@@ -190,9 +189,9 @@ def test_select_keys():
 def test_pruned_tiers_hold_only_their_blocks(family, emb):
     model, tok = build_foundation(ModelConfig(family=family))
     pkg = FoundationPackage.from_model(model, tok)
-    whole = build_tier_model(pkg, PEFT, keep_layers=None, keep_embeddings=True, keep_head=True)
-    device = build_tier_model(pkg, PEFT, keep_layers={0, 3}, keep_embeddings=True, keep_head=True)
-    edge = build_tier_model(pkg, PEFT, keep_layers={1, 2}, keep_embeddings=False, keep_head=False)
+    whole = build_tier_model(pkg, PEFT, ModelPart.of(None, True, True))
+    device = build_tier_model(pkg, PEFT, ModelPart.of({0, 3}, True, True))
+    edge = build_tier_model(pkg, PEFT, ModelPart.of({1, 2}, False, False))
     assert device.held_layers() == {0, 3}
     assert edge.held_layers() == {1, 2}
     assert whole.held_layers() == {0, 1, 2, 3}
@@ -224,10 +223,10 @@ def test_pruned_tiers_hold_only_their_blocks(family, emb):
 def test_load_adapter_state_into_pruned_model():
     model, tok = build_foundation(ModelConfig())
     pkg = FoundationPackage.from_model(model, tok)
-    whole = build_tier_model(pkg, PEFT, keep_layers=None, keep_embeddings=True, keep_head=True)
+    whole = build_tier_model(pkg, PEFT, ModelPart.of(None, True, True))
     randomize_lora(whole.peft, seed=3)
     state = adapter_state(whole.peft)
-    edge = build_tier_model(pkg, PEFT, keep_layers={1, 2}, keep_embeddings=False, keep_head=False)
+    edge = build_tier_model(pkg, PEFT, ModelPart.of({1, 2}, False, False))
     assert load_adapter_state(edge.peft, state) == 16  # keys of blocks 0 and 3 are skipped
     for k, v in adapter_state(edge.peft).items():
         assert torch.equal(v, state[k])
@@ -255,7 +254,7 @@ def test_trainers_split_turn_equals_plain_adamw_steps(family):
     cfg = _tiny_cfg(family)
     model, tok = build_foundation(cfg.model)
     pkg = FoundationPackage.from_model(model, tok)
-    whole = build_tier_model(pkg, cfg.peft, keep_layers=None, keep_embeddings=True, keep_head=True)
+    whole = build_tier_model(pkg, cfg.peft, ModelPart.of(None, True, True))
     randomize_lora(whole.peft, seed=7)
     knowledge = adapter_state(whole.peft)
 
@@ -303,7 +302,7 @@ def test_cluster_relay_with_mixed_cuts_equals_reference():
                     "training.local_steps=1")
     model, tok = build_foundation(cfg.model)
     pkg = FoundationPackage.from_model(model, tok)
-    whole = build_tier_model(pkg, cfg.peft, keep_layers=None, keep_embeddings=True, keep_head=True)
+    whole = build_tier_model(pkg, cfg.peft, ModelPart.of(None, True, True))
     randomize_lora(whole.peft, seed=11)
     knowledge = adapter_state(whole.peft)
 

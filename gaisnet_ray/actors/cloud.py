@@ -10,13 +10,13 @@ from ..hfsl.cloud import CloudCore
 from ..hfsl.messages import EdgeUpdate, StateDict
 from ..models.build import FoundationPackage
 from ..models.parts import ModelPart
-from .placement import AuditedNode, crosses_boundary, setup_worker
+from .placement import AuditedNode, crosses_boundary, setup_tier_worker
 
 
 @ray.remote
 class CloudNode(AuditedNode):
     def __init__(self, cfg: Config, run_dir: str, resume_round: int | None = None):
-        torch_device = setup_worker(cfg.topology.cloud.torch_threads or cfg.run.torch_threads, cfg.topology.cloud.num_gpus)
+        torch_device = setup_tier_worker(cfg, "cloud")
         self._audit = MessageAudit("cloud", cfg.run.audit_messages)
         peers = None
         if cfg.cloud.workers > 1:

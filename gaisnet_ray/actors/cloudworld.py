@@ -15,14 +15,14 @@ import ray
 from ..cloudengine.world import WorldSpec, free_port
 from ..config import Config
 from ..hfsl.cloudjobs import run_peer_job
-from .placement import setup_worker, tier_options
+from .placement import setup_tier_worker, tier_options
 
 
 @ray.remote
 class CloudWorker:
     def __init__(self, cfg: Config, run_dir: str, rank: int):
         self.cfg, self.run_dir, self.rank = cfg, run_dir, rank
-        self.torch_device = setup_worker(cfg.topology.cloud.torch_threads or cfg.run.torch_threads, cfg.topology.cloud.num_gpus)
+        self.torch_device = setup_tier_worker(cfg, "cloud")
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

@@ -11,21 +11,21 @@ import ray
 
 from ..config import Config
 from ..hfsl.audit import MessageAudit
-from ..hfsl.inprocess import edge_trainer, num_layers_of
+from ..hfsl.inprocess import edge_trainer
 from ..hfsl.plan import device_cut
 from ..hfsl.messages import EdgeUpdate, StateDict, TurnResult
-from .placement import BaseHolderNode, crosses_boundary, setup_worker
+from .placement import BaseHolderNode, crosses_boundary, setup_tier_worker
 
 
 @ray.remote
 class EdgeNode(BaseHolderNode):
     def __init__(self, edge_id: str, cfg: Config, devices: list[str], package):
         """``package``: the edge's part of the foundation (its middle blocks), built and then dropped."""
-        torch_device = setup_worker(cfg.topology.edge.torch_threads or cfg.run.torch_threads, cfg.topology.edge.num_gpus)
+        torch_device = setup_tier_worker(cfg, "edge")
         self._audit = MessageAudit(edge_id, cfg.run.audit_messages)
         self._audit.record("__init__", "in", {"devices": devices, "package": package})
         self.core = edge_trainer(cfg, edge_id, devices, package, torch_device)
-        self._cfg, self._num_layers = cfg, num_layers_of(package)  # the package itself is not kept
+        self._cfg, self._num_layers = cfg, package.num_layers  # the package itself is not kept
 
     @crosses_boundary
     def begin_round(self, knowledge: StateDict, clusters: dict[str, list[str]]) -> bool:

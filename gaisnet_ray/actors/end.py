@@ -14,7 +14,7 @@ from ..config import Config
 from ..hfsl.audit import MessageAudit
 from ..hfsl.inprocess import device_trainer, device_trainers
 from ..hfsl.messages import StateDict, TurnResult
-from .placement import AuditedNode, BaseHolderNode, crosses_boundary, setup_worker
+from .placement import AuditedNode, BaseHolderNode, crosses_boundary, setup_tier_worker
 
 
 class RayEdgeLink:
@@ -34,7 +34,7 @@ class RayEdgeLink:
 class EndNode(BaseHolderNode):
     def __init__(self, device_id: str, cfg: Config, package):
         """``package``: this device's part of the foundation (``hfsl.inprocess.device_part``)."""
-        torch_device = setup_worker(cfg.topology.end.torch_threads or cfg.run.torch_threads, cfg.topology.end.num_gpus)
+        torch_device = setup_tier_worker(cfg, "end")
         self._audit = MessageAudit(device_id, cfg.run.audit_messages)
         self._audit.record("__init__", "in", {"package": package})
         self.device_id = device_id
@@ -63,7 +63,7 @@ class EndNode(BaseHolderNode):
 class EndWorker(AuditedNode):
     def __init__(self, worker_id: str, cfg: Config, device_ids: list[str], *packages):
         """``packages``: one part of the foundation per distinct part its devices hold (per cut)."""
-        torch_device = setup_worker(cfg.topology.end.torch_threads or cfg.run.torch_threads, cfg.topology.end.num_gpus)
+        torch_device = setup_tier_worker(cfg, "end")
         self._audit = MessageAudit(worker_id, cfg.run.audit_messages)
         self._audit.record("__init__", "in", {"devices": device_ids, "packages": list(packages)})
         self.worker_id = worker_id

@@ -38,6 +38,13 @@ def setup_worker(torch_threads: int, num_gpus: float) -> str:
     return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+def setup_tier_worker(cfg, tier: str) -> str:
+    """``setup_worker`` for an actor of ``tier``: its ``topology.<tier>.torch_threads`` (else
+    ``run.torch_threads``) and ``num_gpus``."""
+    res = getattr(cfg.topology, tier)
+    return setup_worker(res.torch_threads or cfg.run.torch_threads, res.num_gpus)
+
+
 def crosses_boundary(method):
     """Record the method's arguments (in) and return value (out) in the actor's message audit."""
 

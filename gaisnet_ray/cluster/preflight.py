@@ -24,7 +24,8 @@ import json
 from dataclasses import dataclass, field
 
 from ..config import Config
-from ..hfsl.memory import GB, InsufficientMemoryError, JobEstimate, estimate_job, model_config_of, monitor_threshold, refusal_message
+from ..hfsl.memory import (GB, InsufficientMemoryError, JobEstimate, estimate_job, model_config_of, monitor_threshold,
+                           refusal_message)
 from ..serve.settings import TIER_RESOURCE_SHARE
 from ..tiers import TIER_RESOURCES
 
@@ -141,12 +142,18 @@ def resource_error_message(address: str, need: dict[str, float], problems: list[
     return "\n".join(lines)
 
 
+def _node_room(node: dict, threshold: float) -> float:
+    """Bytes a node lets the run use: the memory it had free when it joined (Ray's ``memory`` and
+    ``object_store_memory`` resources) times the memory monitor's threshold."""
+    res = node.get("Resources", {})
+    return (res.get("memory", 0.0) + res.get("object_store_memory", 0.0)) * threshold
+
+
 def memory_problems(estimate: JobEstimate, nodes: list[dict], threshold: float = 0.95) -> list[str]:
     """[] when every actor's estimated peak fits some placement on the live nodes (largest actors
     first, each on the node declaring its tier resource with the most room left); else what did not."""
     nodes = _alive(nodes)
-    room = [(n.get("Resources", {}).get("memory", 0.0) + n.get("Resources", {}).get("object_store_memory", 0.0))
-            * threshold for n in nodes]
+    room = [_node_room(n, threshold) for n in nodes]
     units = [dict(n.get("Resources", {})) for n in nodes]
     problems: list[str] = []
     for a in sorted(estimate.actors, key=lambda a: -a.peak_bytes):
@@ -167,8 +174,7 @@ def memory_problems(estimate: JobEstimate, nodes: list[dict], threshold: float =
 def memory_error_message(address: str, estimate: JobEstimate, problems: list[str], nodes: list[dict],
                          threshold: float = 0.95) -> str:
     nodes = _alive(nodes)
-    have = sum((n.get("Resources", {}).get("memory", 0.0) + n.get("Resources", {}).get("object_store_memory", 0.0))
-               * threshold for n in nodes)
+    have = sum(_node_room(n, threshold) for n in nodes)
     where = f"the Ray cluster at {address} ({len(nodes)} node(s), {have / GB:.1f} GB usable in all)"
     return refusal_message(estimate, problems, where)
 

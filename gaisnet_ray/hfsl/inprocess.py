@@ -27,10 +27,6 @@ def device_seed(cfg: Config, device: str) -> int:
     return cfg.training.seed * 1_000_003 + e * 10_007 + d
 
 
-def num_layers_of(package) -> int:
-    return int(package.config.get("n_layer", package.config.get("num_hidden_layers")))
-
-
 # ------------------------------------------------------------------------ what each tier holds
 def device_part(cfg: Config, device: str, num_layers: int) -> ModelPart:
     """The part of the foundation ``device`` holds: its front and back blocks, embeddings, final
@@ -55,9 +51,8 @@ def tier_parts(cfg: Config, num_layers: int) -> dict[str, ModelPart]:
     return out
 
 
-def package_for(packages, part: ModelPart):
-    """The first of ``packages`` (one ``FoundationPackage`` or several) that holds ``part``."""
-    packages = [packages] if hasattr(packages, "state_dict") else list(packages)
+def package_for(packages: list, part: ModelPart):
+    """The first of ``packages`` (``FoundationPackage``s) that holds ``part``."""
     for p in packages:
         if p.part_spec.covers(part, p.num_layers):
             return p
@@ -67,7 +62,7 @@ def package_for(packages, part: ModelPart):
 # ---------------------------------------------------------------------------------- factories
 def edge_trainer(cfg: Config, edge: str, devices: list[str], package, torch_device: str = "cpu") -> EdgeTrainer:
     """``package``: the edge's part (``edge_part_of``) or any package holding it, e.g. the whole."""
-    n = num_layers_of(package)
+    n = package.num_layers
     cuts = {d: device_cut(cfg.topology, d, n) for d in devices}
     return EdgeTrainer(edge, package, cfg.peft, cfg.training, cuts, cfg.links.end_edge, torch_device)
 
@@ -85,8 +80,8 @@ def device_trainers(cfg: Config, devices: list[str], packages, torch_device: str
     for all of them (a pool worker)."""
     all_ids = [d for ds in devices_by_edge(cfg.topology).values() for d in ds]
     examples = device_examples(cfg.data, all_ids)
-    first = packages if hasattr(packages, "state_dict") else list(packages)[0]
-    n = num_layers_of(first)
+    packages = [packages] if hasattr(packages, "state_dict") else list(packages)
+    n = packages[0].num_layers
     shared: dict = {}
     out = {}
     for d in devices:
@@ -127,7 +122,7 @@ class InProcessGaisNet:
         self.cloud = CloudCore(cfg, run_dir)
         package = self.cloud.package
         self.by_edge = devices_by_edge(cfg.topology)
-        parts = tier_parts(cfg, num_layers_of(package))  # each tier gets (and builds) only its part
+        parts = tier_parts(cfg, package.num_layers)  # each tier gets (and builds) only its part
         self.edges = {e: edge_trainer(cfg, e, ds, package.cut(parts[e])) for e, ds in self.by_edge.items()}
         self.devices = {d: device_trainer(cfg, d, package.cut(parts[d])) for ds in self.by_edge.values() for d in ds}
         self.knowledge: StateDict = self.cloud.initial_knowledge()

@@ -26,8 +26,6 @@ from transformers.masking_utils import create_causal_mask
 from .build import UnknownModelFamilyError
 from .parts import ModelPart, Pruned, layer_of_key, prune_modules
 
-_Pruned = Pruned  # the placeholder's former name
-
 
 @dataclass(frozen=True)
 class Cut:
@@ -96,10 +94,6 @@ class _GPT2:
     def final_norm(lm):
         return lm.transformer.ln_f
 
-    @staticmethod
-    def embedding_modules(lm):
-        return [(lm.transformer, "wte"), (lm.transformer, "wpe")]
-
 
 class _Llama:
     @staticmethod
@@ -122,10 +116,6 @@ class _Llama:
     @staticmethod
     def final_norm(lm):
         return lm.model.norm
-
-    @staticmethod
-    def embedding_modules(lm):
-        return [(lm.model, "embed_tokens")]
 
 
 _FAMILIES = {"gpt2": _GPT2, "llama": _Llama}
@@ -207,22 +197,15 @@ class SplitModel:
         return {i for i in range(self.num_layers) if not isinstance(blocks[i], Pruned)}
 
 
-_HELD = object()  # build_tier_model: "what the package holds"
-
-
-def build_tier_model(package, peft_cfg, part: ModelPart | None = None, *, keep_layers=_HELD,
-                     keep_embeddings: bool = True, keep_head: bool = True, torch_device: str = "cpu") -> SplitModel:
+def build_tier_model(package, peft_cfg, part: ModelPart | None = None, *, torch_device: str = "cpu") -> SplitModel:
     """A tier's part of the foundation model with a LoRA adapter; only that part is ever built.
 
     ``package`` is a ``FoundationPackage`` (whole, or a part: ``FoundationPackage.cut``); ``part``
     (default: what the package holds) is cut out of it first, so no module outside it is allocated.
-    ``keep_layers`` (None: every block) / ``keep_embeddings`` / ``keep_head`` name the part instead.
     Adapter weights start as peft initialises them and are overwritten by the knowledge pulled down.
     """
     from .adapters import attach_lora
 
-    if keep_layers is not _HELD:
-        part = ModelPart.of(keep_layers, keep_embeddings, keep_head)
     if part is not None and part != package.part_spec:
         package = package.cut(part)
     family = package.family
