@@ -381,3 +381,28 @@ def test_published_version_loads_with_plain_peft(tmp_path, build, targets, fan_i
     with torch.no_grad():
         got = loaded(input_ids=input_ids).logits
     assert torch.equal(got, expected)
+
+
+def test_store_verify_catches_truncated_and_edited_versions_and_finds_newest_intact(tmp_path):
+    store = KnowledgeStore(tmp_path / "knowledge")
+    config = _lora_config(["c_attn"], fan_in_fan_out=True)
+    for v in range(3):
+        store.publish(v, {"base_model.model.h.0.attn.c_attn.lora_B.weight": torch.full((4, 2), float(v))}, config, {})
+    assert store.latest_intact() == (2, {}) and store.damaged() == {}
+
+    newest = store.path(2) / "adapter_model.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # cut to half, as a crash would
+    edited = store.path(1) / "adapter_model.safetensors"
+    raw = bytearray(edited.read_bytes())
+    raw[-1] ^= 0x01  # one flipped bit in a tensor: the file still parses, the hash does not match
+    edited.write_bytes(bytes(raw))
+
+    version, skipped = store.latest_intact()
+    assert version == 0
+    assert sorted(skipped) == [1, 2]
+    assert "v0002" in skipped[2] and "cannot be read" in skipped[2]
+    assert "content_hash" in skipped[1]
+    assert set(store.damaged()) == {1, 2}
+    assert store.latest_intact(up_to=0) == (0, {})
+    (store.path(0) / "adapter_config.json").unlink()
+    assert store.latest_intact() == (None, {**skipped, 0: "v0000: adapter_config.json is missing"})

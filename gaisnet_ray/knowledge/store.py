@@ -140,6 +140,53 @@ class KnowledgeStore:
         """The published state dict (cpu tensors, keys as published)."""
         return safetensors.torch.load_file(str(self.path(version) / ADAPTER_WEIGHTS_NAME), device="cpu")
 
+    def verify(self, version: int) -> str | None:
+        """None if version ``version`` is intact, else one line saying what is wrong with it.
+
+        Intact means: its lineage record parses, its weights file loads, and the tensors hash to the
+        ``content_hash`` the lineage recorded when the version was published (so a truncated or
+        edited file is caught before anything loads it into a model)."""
+        folder = self._dir(version)
+        name = folder.name
+        try:
+            record = json.loads((folder / LINEAGE_NAME).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return f"{name}: {LINEAGE_NAME} is missing"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"{name}: {LINEAGE_NAME} is unreadable ({type(e).__name__})"
+        if not (folder / ADAPTER_CONFIG_NAME).is_file():
+            return f"{name}: {ADAPTER_CONFIG_NAME} is missing"
+        try:
+            tensors = safetensors.torch.load_file(str(folder / ADAPTER_WEIGHTS_NAME), device="cpu")
+        except FileNotFoundError:
+            return f"{name}: {ADAPTER_WEIGHTS_NAME} is missing"
+        except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
+            return f"{name}: {ADAPTER_WEIGHTS_NAME} cannot be read ({type(e).__name__}: {str(e)[:80]})"
+        expected = record.get("content_hash") if isinstance(record, dict) else None
+        if not expected:
+            return f"{name}: its lineage records no content_hash"
+        actual = content_hash(tensors)
+        if actual != expected:
+            return f"{name}: {ADAPTER_WEIGHTS_NAME} does not match its lineage's content_hash"
+        return None
+
+    def damaged(self) -> dict[int, str]:
+        """Version -> reason, for every published version that fails :meth:`verify`."""
+        return {v: why for v in self.versions() if (why := self.verify(v)) is not None}
+
+    def latest_intact(self, up_to: int | None = None) -> tuple[int | None, dict[int, str]]:
+        """The newest version (at most ``up_to``) that passes :meth:`verify`, and the newer ones skipped
+        on the way, each with its reason. Older versions are not checked (they are not needed)."""
+        skipped: dict[int, str] = {}
+        for v in reversed(self.versions()):
+            if up_to is not None and v > up_to:
+                continue
+            why = self.verify(v)
+            if why is None:
+                return v, skipped
+            skipped[v] = why
+        return None, skipped
+
     def lineage(self, version: int) -> dict:
         return json.loads((self.path(version) / LINEAGE_NAME).read_text())
 
