@@ -152,7 +152,11 @@ def local_init_kwargs(cfg: Config, training: bool = True, serving: bool = False)
         "num_cpus": num_cpus,
         "num_gpus": host_gpus(),
         "resources": {k: v for k, v in need.items() if k not in ("CPU", "GPU") and v > 0},
+        # Ray's own HTTP ports on loopback: no dashboard, and its host pinned to loopback should one be
+        # turned on. Ray 2.60 binds its gRPC ports (GCS, raylet, workers) on all interfaces with no
+        # option to change that; token authentication (on by default) guards them.
         "include_dashboard": False,
+        "dashboard_host": "127.0.0.1",
         "namespace": "gaisnet",
         "log_to_driver": True,
         "configure_logging": False,

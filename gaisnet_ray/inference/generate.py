@@ -43,10 +43,13 @@ def choose_token(logits: torch.Tensor, temperature: float, top_p: float, gen: to
     """Greedy at temperature 0; otherwise nucleus sampling. ``logits``: (V,)."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    # The max subtracted first: the same distribution, and a tiny temperature cannot overflow to inf/NaN.
+    probs = torch.softmax((logits - logits.max()).double() / temperature, dim=-1).float()
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
+        keep = sorted_p.cumsum(0) - sorted_p < top_p
+        keep[0] = True  # the most likely token, also when top_p is below float32's smallest value
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         probs = probs / probs.sum()
     return int(torch.multinomial(probs, 1, generator=gen))

@@ -1,8 +1,17 @@
 """A finished (or running) run folder as the serving side sees it: base model, knowledge versions,
-the edges' adapters, and which edge knows which domain best."""
+the edges' adapters, and which edge knows which domain best.
+
+Only intact versions are served: before a version is loaded it is checked against the content hash
+its lineage recorded (``KnowledgeStore.verify``); a damaged one is skipped, logged once with the
+reason, and the newest intact version older than it is served instead. Verdicts are cached per
+version and file stamp (versions are immutable; a stamp change re-checks), so polling stays cheap.
+Paths shown to clients are run-relative (``rel``, ``redact``): a server's folders are not theirs.
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 
 import yaml
@@ -10,9 +19,15 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..knowledge.bases import BaseStore
-from ..knowledge.store import KnowledgeStore
+from ..knowledge.errors import KnowledgeError
+from ..knowledge.store import ADAPTER_WEIGHTS_NAME, LINEAGE_NAME, KnowledgeStore
 
 GLOBAL = "global"
+log = logging.getLogger(__name__)
+
+
+class DamagedVersionError(KnowledgeError):
+    """A knowledge version that fails verification was asked for by number."""
 
 
 class UnknownAdapterError(KeyError):
@@ -48,6 +63,58 @@ class ServedRun:
         self.store = KnowledgeStore(self.run_dir / "knowledge")
         self.edges_root = self.run_dir / "knowledge" / "edges"
         self.bases = BaseStore(self.run_dir / "knowledge" / "bases")
+        self._verdicts: dict[tuple[str, int], tuple[tuple, str | None]] = {}
+        self._verdict_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------- names for clients
+    def rel(self, path: str | Path) -> str:
+        """``path`` relative to the run folder (its bare name when it lies outside)."""
+        p = Path(path)
+        try:
+            return p.resolve().relative_to(self.run_dir.resolve()).as_posix() or "."
+        except ValueError:
+            return p.name
+
+    def redact(self, text: str) -> str:
+        """``text`` with the run folder's absolute path taken out (messages that go to clients)."""
+        for root in {str(self.run_dir.resolve()), str(self.run_dir)}:
+            if root not in (".", ""):
+                text = text.replace(root + "/", "").replace(root, ".")
+        return text
+
+    # ------------------------------------------------------------------------------ verification
+    def verify(self, adapter: str, version: int) -> str | None:
+        """None if ``adapter``'s ``version`` is intact, else why not (``KnowledgeStore.verify``, cached)."""
+        store = self.adapter_store(adapter)
+        folder = store.root / f"v{version:04d}"
+        stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else None
+                      for f in (folder / ADAPTER_WEIGHTS_NAME, folder / LINEAGE_NAME))
+        with self._verdict_lock:
+            cached = self._verdicts.get((adapter, version))
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        why = store.verify(version)
+        with self._verdict_lock:
+            self._verdicts[(adapter, version)] = (stamp, why)
+        if why is not None and (cached is None or cached[1] != why):
+            log.warning("knowledge version v%04d of '%s' is damaged and will not be served: %s", version, adapter, why)
+        return why
+
+    def intact_version(self, adapter: str, up_to: int | None = None) -> tuple[int | None, dict[int, str]]:
+        """The newest intact version of ``adapter`` (at most ``up_to``) and the newer ones skipped, with why."""
+        skipped: dict[int, str] = {}
+        for v in reversed(self.adapter_store(adapter).versions()):
+            if up_to is not None and v > up_to:
+                continue
+            why = self.verify(adapter, v)
+            if why is None:
+                return v, skipped
+            skipped[v] = why
+        return None, skipped
+
+    def skipped_versions(self, adapter: str) -> dict[int, str]:
+        """Versions newer than the one ``adapter`` serves that failed verification (version -> why)."""
+        return self.intact_version(adapter)[1]
 
     def latest_version(self) -> int | None:
         return self.store.latest_version()
@@ -71,8 +138,10 @@ class ServedRun:
         """Domain -> the edge adapter with the lowest held-out loss on it (from the edges' lineage)."""
         best: dict[str, tuple[float, str]] = {}
         for edge in self.edge_ids():
-            store = KnowledgeStore(self.edges_root / edge)
-            for domain, loss in store.lineage(store.latest_version()).get("eval_loss", {}).items():
+            version, _ = self.intact_version(edge)
+            if version is None:
+                continue
+            for domain, loss in self.adapter_store(edge).lineage(version).get("eval_loss", {}).items():
                 if domain not in best or loss < best[domain][0]:
                     best[domain] = (loss, edge)
         return {d: e for d, (_, e) in best.items()}
@@ -94,18 +163,23 @@ class ServedRun:
         path = store.lineage(version).get("base", {}).get("path")
         folder = self.run_dir / path if path else self.model_dir
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"version {version} of {store.root} applies to base '{folder}', which is missing")
+            raise FileNotFoundError(f"version {version} of {self.rel(store.root)} applies to base '{self.rel(folder)}', "
+                                    f"which is missing")
         return folder
 
     def load_base(self, folder: Path | None = None):
         return AutoModelForCausalLM.from_pretrained(folder or self.latest_base_dir()).eval()
 
     def load_model(self, adapter: str = GLOBAL, version: int | None = None) -> tuple[PeftModel, int]:
-        """The adapter's given (default: latest) version on the base it applies to, as plain peft
-        loads it."""
+        """The adapter's given (default: newest intact) version on the base it applies to, as plain
+        peft loads it. A version that fails verification raises ``DamagedVersionError``."""
         store = self.adapter_store(adapter)
-        version = store.latest_version() if version is None else version
         if version is None:
-            raise FileNotFoundError(f"no knowledge version of '{adapter}' in {self.run_dir}")
+            version, skipped = self.intact_version(adapter)
+            if version is None:
+                why = "; ".join(skipped.values()) if skipped else "none published"
+                raise FileNotFoundError(f"no intact knowledge version of '{adapter}' in {self.run_dir.name} ({why})")
+        elif version in store.versions() and (why := self.verify(adapter, version)) is not None:
+            raise DamagedVersionError(f"version {version} of '{adapter}' is damaged: {why}")
         base = self.load_base(self.base_dir_for(store, version))
         return PeftModel.from_pretrained(base, store.path(version)).eval(), version

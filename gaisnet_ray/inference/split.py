@@ -46,6 +46,44 @@ class UnknownSessionError(KeyError):
     pass
 
 
+# Hidden-state dtypes a device may send (cast to the model's dtype on the edge).
+HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Largest |value| accepted in a hidden state: real activations stay orders of magnitude below it,
+# and a larger one would overflow the next layer norm's float32 variance into inf/NaN.
+MAX_HIDDEN_ABS = 1e6
+
+
+class HiddenStateError(ValueError):
+    """A split payload the rest of the model must not run: ``code`` is bad_shape, bad_dtype or non_finite."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self):
+        return (type(self), (self.code, str(self)))
+
+
+def check_hidden(hidden: torch.Tensor, hidden_size: int) -> None:
+    """Raise ``HiddenStateError`` unless ``hidden`` is a (1, T, hidden_size) hidden state with T >= 1,
+    a float dtype of ``HIDDEN_DTYPES``, and finite values of magnitude at most ``MAX_HIDDEN_ABS``."""
+    if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != hidden_size or hidden.shape[1] < 1:
+        raise HiddenStateError("bad_shape", f"hidden state must be (1, T, {hidden_size}) with T >= 1; "
+                                            f"got {tuple(hidden.shape)}")
+    if hidden.dtype not in HIDDEN_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in HIDDEN_DTYPES)
+        raise HiddenStateError("bad_dtype", f"hidden state must be one of {names}; got "
+                                            f"{str(hidden.dtype).removeprefix('torch.')}")
+    values = hidden.float()
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise HiddenStateError("non_finite", f"hidden state has {bad} NaN or infinite values")
+    peak = float(values.abs().max())
+    if peak > MAX_HIDDEN_ABS:
+        raise HiddenStateError("non_finite", f"hidden state has a value of magnitude {peak:.3g}, over the "
+                                             f"{MAX_HIDDEN_ABS:g} a hidden state can plausibly hold")
+
+
 class RestRunner:
     """Edge side: blocks[front_end:L] + final norm + LM head, one KV cache per session (LRU)."""
 
@@ -61,8 +99,7 @@ class RestRunner:
         ``past_len`` (what the caller believes is cached) is checked when given, so a client
         and the edge can never silently disagree about positions.
         """
-        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.split.lm.config.hidden_size:
-            raise ValueError(f"hidden state must be (1, T, {self.split.lm.config.hidden_size}), got {tuple(hidden.shape)}")
+        check_hidden(hidden, self.split.lm.config.hidden_size)
         if session_id in self._sessions:
             cache, past = self._sessions.pop(session_id)
         else:

@@ -30,6 +30,12 @@ from .slots import TierAnswer
 TierName = Literal["edge", "cloud", "end"]
 ROUTER_MODEL = "gaisnet"  # the tiered model: edge first, escalates to the cloud when not confident
 DOMAIN_PREFIX = "gaisnet:"  # "gaisnet:<domain>": tiered, with the domain given instead of inferred
+# Every numeric field is range-checked here, at the API boundary (422 naming the field): a seed is a
+# signed 64-bit integer (OpenAI's range; torch's generator takes it), at most 4 stop strings (OpenAI's).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+MAX_STOP = 4
+Seed = Field(None, ge=SEED_MIN, le=SEED_MAX, description="Sampling seed, a signed 64-bit integer.")
+Stop = Field(None, description=f"Up to {MAX_STOP} strings that end the generation.")
 
 
 # ------------------------------------------------------------------------------------- requests
@@ -45,8 +51,8 @@ class GenerateBody(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Seed
+    stop: str | list[str] | None = Stop
 
 
 class _OpenAIBody(BaseModel):
@@ -58,8 +64,8 @@ class _OpenAIBody(BaseModel):
     n: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: dict | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = Stop
+    seed: int | None = Seed
     tier: TierName | None = None
     domain: str | None = None
 
@@ -160,6 +166,8 @@ def stop_list(stop: str | list[str] | None) -> tuple[str, ...] | None:
     if stop is None:
         return None
     items = (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(items) > MAX_STOP:
+        raise ServeError(422, "invalid_field", f"field 'stop': at most {MAX_STOP} stop strings (got {len(items)})", "stop")
     if any(not s for s in items):
         raise ServeError(422, "invalid_field", "field 'stop': stop strings must not be empty", "stop")
     return items or None

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from ray.serve.config import BackpressureConfig
 from .cloud import CloudTier
 from .edge import EdgeTier
 from .end import EndTier
+from ..knowledge.store import KnowledgeStore
+from .auth import exposure_warning, key_digest, resolve_api_keys
 from .errors import PortInUseError, check_port_free
 from .ingress import Router
 from .settings import TIER_RESOURCE_SHARE, TIER_RESOURCES, ServeSettings, ServeTier
@@ -34,13 +37,25 @@ from .settings import TIER_RESOURCE_SHARE, TIER_RESOURCES, ServeSettings, ServeT
 APP_NAME = "gaisnet"
 
 
+def ingress_serve_limits(s: ServeSettings) -> tuple[int, int]:
+    """Serve's own (max_ongoing, max_queued) for the ingress replica.
+
+    The ingress admits ``ingress_max_ongoing_requests`` and queues ``ingress_max_queued_requests``
+    itself (``gate.Admission``) and answers any more with a JSON 503 + Retry-After. Serve must let
+    those extra requests reach it, or its proxy would refuse them first with a plain-text 503
+    ("Request dropped due to backpressure"): twice the admitted + queued requests may be in the
+    replica at once (the surplus is only being refused, which takes microseconds), and Serve's queue
+    in front of the replica is unbounded (-1), so a burst above even that waits a moment for a
+    refusal instead of being dropped."""
+    return 2 * (s.ingress_max_ongoing_requests + s.ingress_max_queued_requests), -1
+
+
 def deployment_options(tier: str, res: ServeTier, s: ServeSettings) -> dict:
     """Replicas, placement by tier resource, and the request limits that turn overload into 503s."""
     actor: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
     if tier in TIER_RESOURCES:
         actor["resources"] = {TIER_RESOURCES[tier]: TIER_RESOURCE_SHARE}
-    limits = (s.max_ongoing_requests, s.max_queued_requests) if tier in TIER_RESOURCES else (
-        s.ingress_max_ongoing_requests, s.ingress_max_queued_requests)
+    limits = (s.max_ongoing_requests, s.max_queued_requests) if tier in TIER_RESOURCES else ingress_serve_limits(s)
     return {
         "num_replicas": res.num_replicas,
         "ray_actor_options": actor,
@@ -59,15 +74,21 @@ def _check_run_dir(run_dir: str | Path) -> str:
     return str(path)
 
 
-def build_app(run_dir: str | Path, settings: ServeSettings | dict | None = None) -> serve.Application:
-    """The tiered application over ``run_dir`` (checked now, loaded by each replica)."""
+def build_app(run_dir: str | Path, settings: ServeSettings | dict | None = None,
+              api_keys: list[str] | None = None) -> serve.Application:
+    """The tiered application over ``run_dir`` (checked now, loaded by each replica). ``api_keys``:
+    the keys the API asks for (default: ``auth.resolve_api_keys`` of the settings); only their
+    digests go to the ingress."""
     s = settings if isinstance(settings, ServeSettings) else ServeSettings.model_validate(settings or {})
     run_dir = _check_run_dir(run_dir)
+    keys = resolve_api_keys(s) if api_keys is None else api_keys
     raw = s.model_dump(mode="json")
+    raw["api_keys"] = []  # the keys stay here; the ingress gets their digests
     edge = EdgeTier.options(**deployment_options("edge", s.edge, s)).bind(run_dir, raw)
     cloud = CloudTier.options(**deployment_options("cloud", s.cloud, s)).bind(run_dir, raw)
     end = EndTier.options(**deployment_options("end", s.end, s)).bind(edge, run_dir, raw)
-    return Router.options(**deployment_options("ingress", s.ingress, s)).bind(edge, cloud, end, run_dir, raw)
+    return Router.options(**deployment_options("ingress", s.ingress, s)).bind(
+        edge, cloud, end, run_dir, raw, [key_digest(k) for k in keys])
 
 
 class AppArgs(BaseModel):
@@ -118,7 +139,11 @@ def start_serving(run_dir: str | Path, settings: ServeSettings | dict | None = N
         raise RuntimeError("start_serving needs a connected Ray (gaisnet_ray.cluster.connect); "
                            "use serve_run_dir to start one")
     s = settings if isinstance(settings, ServeSettings) else ServeSettings.model_validate(settings or {})
-    app = build_app(run_dir, s)
+    keys = resolve_api_keys(s)
+    app = build_app(run_dir, s, keys)
+    warning = exposure_warning(s.host, s.port, bool(keys))
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     serve.start(http_options={"host": s.host, "port": s.port})
     _run_or_explain(app, s)
     return ServingHandle(f"http://{s.host}:{s.port}", shared_cluster=shared_cluster)
@@ -186,7 +211,11 @@ def serve_run_dir(run_dir: str | Path, cfg=None, blocking: bool = True, address:
     if cfg is None:
         cfg_path = Path(run_dir) / "config.yaml"
         cfg = load_config(cfg_path) if cfg_path.is_file() else default_config()
-    _check_run_dir(run_dir)  # before starting Ray: a wrong path or a taken port fail in milliseconds
+    _check_run_dir(run_dir)  # before starting Ray: a wrong path, a key file or a taken port fail in milliseconds
+    resolve_api_keys(cfg.serve)
+    version, skipped = KnowledgeStore(Path(run_dir) / "knowledge").latest_intact()
+    if version is None and skipped:
+        raise FileNotFoundError(f"'{run_dir}' has no intact knowledge version to serve: {'; '.join(skipped.values())}")
     shared = joins_cluster(address)
     if not shared:
         check_port_free(cfg.serve.host, cfg.serve.port)
@@ -210,8 +239,13 @@ def serve_run_dir(run_dir: str | Path, cfg=None, blocking: bool = True, address:
 
 
 def announce(run_dir: str | Path, handle: ServingHandle) -> None:
-    print(f"serving {Path(run_dir).resolve()} at {handle.url} (OpenAI-compatible API under {handle.url}/v1)",
-          flush=True)
+    """What is served, where; and, plainly, each newer knowledge version skipped as damaged."""
+    version, skipped = KnowledgeStore(Path(run_dir) / "knowledge").latest_intact()
+    served = "no knowledge version yet" if version is None else f"knowledge v{version:04d}"
+    print(f"serving {Path(run_dir).resolve()} ({served}) at {handle.url} (OpenAI-compatible API under "
+          f"{handle.url}/v1)", flush=True)
+    for v, why in sorted(skipped.items()):
+        print(f"skipped knowledge v{v:04d}, which fails verification ({why}); serving {served} instead", flush=True)
 
 
 def wait_for_interrupt() -> None:

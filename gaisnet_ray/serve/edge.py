@@ -20,7 +20,7 @@ from ray import serve
 
 from ..inference.codec import tensor_from_bytes, tensor_to_bytes
 from ..inference.served import GLOBAL, UnknownAdapterError
-from ..inference.split import RestRunner
+from ..inference.split import HiddenStateError, RestRunner, check_hidden
 from ..knowledge.errors import KnowledgeError
 from .errors import ServeError, unknown_model
 from .replica import TierReplica, front_layers_for
@@ -54,7 +54,8 @@ class EdgeTier(TierReplica):
         self.front_end = front_layers_for(run_dir, self.settings)
         self._slots: weakref.WeakValueDictionary[str, ModelSlot] = weakref.WeakValueDictionary()
         self._pinned: OrderedDict[tuple[str, int], ServedModel] = OrderedDict()
-        self._sessions: dict[str, SplitSession] = {}
+        self._sessions: OrderedDict[str, SplitSession] = OrderedDict()  # least recently used first
+        self.evicted = 0
         self._lock = threading.Lock()
         self.start_polling()
 
@@ -106,8 +107,9 @@ class EdgeTier(TierReplica):
         try:
             served = self.load(slot.adapter, version)
         except (KnowledgeError, UnknownAdapterError, FileNotFoundError) as e:
-            raise ServeError(404, "unknown_version", f"adapter '{slot.adapter}' has no version {version}: {e}",
-                             "x-gaisnet-version") from None
+            have = self.run.adapter_store(slot.adapter).versions()
+            why = str(e) if version in have else f"adapter '{slot.adapter}' has no version {version} (have {have})"
+            raise ServeError(404, "unknown_version", self.run.redact(why), "x-gaisnet-version") from None
         with self._lock:
             self._pinned[key] = served
             while len(self._pinned) > PINNED_VERSIONS:
@@ -122,11 +124,14 @@ class EdgeTier(TierReplica):
             raise ServeError(400, "bad_payload", f"activation payload: {e}", "body") from None
         with self._lock:
             session = self._sessions.get(session_id)
+            if session is not None:
+                self._sessions.move_to_end(session_id)
         if session is None:
             if past_len != 0:
                 raise ServeError(409, "unknown_session",
-                                 f"split session '{session_id}' is not open on this edge (never started, closed, or "
-                                 f"idle past {self.settings.split_session_ttl_s:g} s); start again with past_len 0",
+                                 f"split session '{session_id}' is not open on this edge (never started, closed, "
+                                 f"idle past {self.settings.split_session_ttl_s:g} s, or evicted as the longest idle "
+                                 f"of more than {self.settings.max_split_sessions}); start again with past_len 0",
                                  "x-gaisnet-session")
             served = self._served_at(slot, version)
         elif version is not None and version != session.served.version:
@@ -135,20 +140,22 @@ class EdgeTier(TierReplica):
                              f"{version}", "x-gaisnet-version")
         else:
             served = session.served
-        hidden_size = served.model.config.hidden_size
-        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != hidden_size:
-            raise ServeError(422, "bad_shape", f"hidden state must be (1, T, {hidden_size}); got {tuple(hidden.shape)}",
-                             "body")
-        if not hidden.is_floating_point():
-            raise ServeError(422, "bad_dtype", f"hidden state must be floating point; got {hidden.dtype}", "body")
+        try:
+            check_hidden(hidden, served.model.config.hidden_size)
+        except HiddenStateError as e:
+            raise ServeError(422, e.code, str(e), "body") from None
         if past_len + hidden.shape[1] > served.max_context:
             raise ServeError(413, "context_exceeded",
                              f"session would hold {past_len + hidden.shape[1]} positions; the model's context is "
                              f"{served.max_context}", "x-gaisnet-past-len")
-        if session is None:  # a valid first step opens the session
-            session = SplitSession(served, served.rest_runner(self.front_end))
+        if session is None:  # a valid first step opens the session (evicting the longest idle at the cap)
+            session = SplitSession(served, served.rest_runner(self.front_end, self.settings.max_split_sessions))
             with self._lock:
                 session = self._sessions.setdefault(session_id, session)
+                while len(self._sessions) > self.settings.max_split_sessions:
+                    old_id, old = self._sessions.popitem(last=False)
+                    old.runner.close(old_id)
+                    self.evicted += 1
         with session.lock:
             if past_len != session.past_len:
                 raise ServeError(409, "past_len_mismatch",
@@ -199,6 +206,7 @@ class EdgeTier(TierReplica):
             "tier": self.tier,
             "adapters_loaded": {name: slot.current.version for name, slot in list(self._slots.items())},
             "split": {"front_layers": self.front_end, "open_sessions": len(self._sessions),
+                      "max_sessions": self.settings.max_split_sessions, "evicted_sessions": self.evicted,
                       "pinned_versions": [f"{a}@v{v}" for a, v in self._pinned]},
             "poll": self.poll_info(),
             "device": self.torch_device,

@@ -43,6 +43,21 @@ def overloaded(message: str, retry_after_s: float) -> ServeError:
                       {"Retry-After": str(max(0, math.ceil(retry_after_s)))})
 
 
+def internal_error(request_id: str) -> ServeError:
+    """What a client sees of a bug: a generic message and the request id the server log files it under."""
+    return ServeError(500, "internal_error", f"internal server error; the server log has the details under request id "
+                                             f"{request_id}")
+
+
+def unauthorized(message: str) -> ServeError:
+    return ServeError(401, "invalid_api_key", message, None, {"WWW-Authenticate": "Bearer"})
+
+
+def payload_too_large(size: int | str, limit: int, what: str = "request body") -> ServeError:
+    return ServeError(413, "payload_too_large", f"{what} of {size} bytes; the limit is {limit}", "body",
+                      {"Connection": "close"})
+
+
 class PortInUseError(OSError):
     """The HTTP address to serve on is taken; raised before anything starts."""
 

@@ -4,8 +4,10 @@ It composes the tiers through the ``DeploymentHandle``s passed to its constructo
 pure policy of ``gaisnet_ray.inference.routing``: an explicit tier hint overrides; otherwise the
 edge answers first with the adapter that knows the prompt's domain best, and a low-confidence
 answer escalates to the cloud. Every answer says which tier served it, why, and at which knowledge
-version. Errors are JSON in OpenAI's shape with a 4xx/5xx status; a tier over its queue limit
-gives 503 with Retry-After.
+version. Errors are JSON in OpenAI's shape with a 4xx/5xx status (``failures.py``); a tier over its
+queue limit gives 503 with Retry-After. Before a route runs, every request passes the gate
+(``gate.py``): API key, admission (the ingress sheds load itself, so Serve's proxy never answers a
+plain-text 503), body cap and read timeout, and the 500 guard that keeps tracebacks in the log.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at run time.
@@ -16,16 +18,10 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Literal
 
 from fastapi import FastAPI, Header, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import ConfigError, load_config
-from ..data.domains import BUILTIN_DOMAINS
 from ..inference.routing import RouteDecision, RoutingPolicy, infer_domain, route_after_edge, route_hint
 from ..inference.served import GLOBAL, ServedRun
 from .api import (
@@ -42,103 +38,19 @@ from .api import (
     stop_list,
     tier_headers,
 )
-from .errors import ServeError, overloaded, unknown_model
+from .catalog import Catalog, read_catalog
+from .errors import ServeError, internal_error, overloaded, unknown_model
+from .failures import as_serve_error, install_error_handlers
+from .gate import Admission, Gate, HttpPolicy, configure as configure_gate, request_id
 from .settings import ServeSettings
-from .slots import BASE, GenerationRequest, StreamStart, TierAnswer, latest_of
+from .slots import BASE, GenerationRequest, StreamStart, TierAnswer
 
 log = logging.getLogger(__name__)
 api = FastAPI(title="gaisnet", description="Tiered inference over GaisNet's relayed knowledge")
+api.add_middleware(Gate)  # request id + 500 guard, API key, admission, body cap (gate.py)
+install_error_handlers(api)  # every other error: JSON in OpenAI's shape (failures.py)
 HEALTH_TIMEOUT_S = 5.0
 SESSION_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
-
-
-# ------------------------------------------------------------------------------------ errors
-def error_response(err: ServeError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers or None)
-
-
-@api.exception_handler(ServeError)
-async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
-    return error_response(exc)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    for e in errors:
-        if e["type"] == "json_invalid":
-            detail = (e.get("ctx") or {}).get("error", e["msg"])
-            return error_response(ServeError(400, "malformed_json", f"request body is not valid JSON: {detail}"))
-    parts, first = [], None
-    for e in errors:
-        loc = [str(p) for p in e["loc"] if p not in ("body", "query", "header", "path")]
-        name = ".".join(loc) or "body"
-        first = first or name
-        parts.append(f"field '{name}': {e['msg']}")
-    code = "missing_field" if errors and all(e["type"] == "missing" for e in errors) else "invalid_field"
-    return error_response(ServeError(422, code, "; ".join(parts), first))
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    message = f"{request.method} {request.url.path}: {exc.detail}"
-    return error_response(ServeError(exc.status_code, code, message, headers=dict(exc.headers or {})))
-
-
-@api.exception_handler(Exception)
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("request failed: %s %s", request.method, request.url.path)
-    return error_response(ServeError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
-
-
-def as_serve_error(exc: BaseException, retry_after_s: float) -> ServeError | None:
-    """A downstream failure as the HTTP error it means (None: a bug, let it be a 500)."""
-    seen: BaseException | None = exc
-    for _ in range(8):  # a ServeError may come wrapped twice (end tier -> edge tier)
-        if seen is None:
-            return None
-        if isinstance(seen, RayTaskError):
-            seen = seen.cause
-            continue
-        if isinstance(seen, ServeError):
-            return ServeError(seen.status, seen.code, seen.message, seen.param, seen.headers)
-        if isinstance(seen, BackPressureError):
-            return overloaded(f"a tier is at its queue limit ({seen.message})", retry_after_s)
-        if isinstance(seen, (DeploymentUnavailableError, RayActorError)):
-            err = overloaded(f"a tier is unavailable: {type(seen).__name__}", retry_after_s)
-            err.code = "tier_unavailable"
-            return err
-        seen = seen.__cause__
-    return None
-
-
-# ----------------------------------------------------------------------------------- catalog
-@dataclass(frozen=True)
-class Catalog:
-    """What the run folder serves right now (re-read at most every poll interval)."""
-
-    adapters: list[str]  # base, global, edge-0 ...
-    versions: dict[str, int | None]  # newest version on disk per adapter
-    domain_adapters: dict[str, str]  # domain -> the edge adapter that knows it best
-    domains: list[str]
-    read_at: float
-
-
-def read_catalog(run: ServedRun) -> Catalog:
-    adapters = [BASE, *run.adapter_names()]
-    versions = {a: latest_of(run, a) for a in adapters}
-    domain_adapters = run.domain_adapters()
-    domains = list(BUILTIN_DOMAINS)
-    cfg_path = run.run_dir / "config.yaml"
-    if cfg_path.is_file():
-        try:
-            data = load_config(cfg_path).data
-            domains = list(data.domains) if data.source == "builtin" else []
-        except ConfigError as e:  # a run folder written by another version: serve it all the same
-            log.warning("%s: %s; inferring the built-in domains", cfg_path, e)
-    domains += [d for d in domain_adapters if d not in domains]
-    return Catalog(adapters, versions, domain_adapters, domains, time.monotonic())
 
 
 async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
@@ -171,13 +83,20 @@ class Route:
 @serve.ingress(api)
 class Router:
     def __init__(self, edge: DeploymentHandle, cloud: DeploymentHandle, end: DeploymentHandle, run_dir: str,
-                 settings: dict):
+                 settings: dict, key_digests: list[str] | None = None):
+        """``key_digests``: SHA-256 digests of the API keys (``auth.py``); none: no key needed."""
         self.edge, self.cloud, self.end = edge, cloud, end
-        self.settings = ServeSettings.model_validate(settings)
-        r = self.settings.routing
+        self.settings = s = ServeSettings.model_validate(settings)
+        r = s.routing
         self.policy = RoutingPolicy(max_mean_entropy=r.max_mean_entropy, min_token_prob=r.min_token_prob)
         self.run = ServedRun(run_dir)
         self._catalog = read_catalog(self.run)
+        self.admission = Admission(s.ingress_max_ongoing_requests, s.ingress_max_queued_requests, s.retry_after_s)
+        configure_gate(HttpPolicy(list(key_digests or []), s.max_body_bytes, s.split_max_payload_bytes,
+                                  s.body_read_timeout_s, self.admission))
+        for adapter, skipped in self._catalog.skipped.items():
+            log.warning("serving '%s' at v%s; skipped as damaged: %s", adapter, self._catalog.versions.get(adapter),
+                        "; ".join(skipped.values()))
 
     # ---------------------------------------------------------------------------- helpers
     def catalog(self) -> Catalog:
@@ -331,15 +250,23 @@ class Router:
                 ok, tiers[name] = False, {"error": str(e) or type(e).__name__}
         body = {
             "status": "ok" if ok else "degraded",
-            "model": str(self.run.model_dir),
+            "run": self.run.run_dir.name,  # names relative to the run folder, never server paths
+            "model": self.run.rel(self.run.model_dir),
             "base_version": catalog.versions.get(BASE),
             "knowledge_version": catalog.versions.get(GLOBAL),
             "served_version": (tiers.get("cloud") or {}).get("adapters_loaded", {}).get(GLOBAL),
             "adapters": catalog.versions,
+            # newer versions not served because they fail verification: adapter -> {version: why}
+            "skipped_versions": {a: {str(v): why for v, why in sk.items()} for a, sk in catalog.skipped.items()},
             "domain_adapters": catalog.domain_adapters,
+            "ingress": self.admission.info(),
             "tiers": tiers,
         }
-        return JSONResponse(body, status_code=200 if ok else 503)
+        if ok:
+            return JSONResponse(body)
+        err = overloaded("a tier is not answering", self.settings.retry_after_s)
+        err.code = "degraded"
+        return JSONResponse({**body, **err.body()}, status_code=503, headers=err.headers)
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -353,7 +280,7 @@ class Router:
                       description="edge first with the domain's adapter; low confidence escalates to the cloud")]
         data += [entry(DOMAIN_PREFIX + d, kind="domain", domain=d, adapter=c.domain_adapters.get(d, GLOBAL))
                  for d in c.domains]
-        data.append(entry(BASE, kind="base", tier="edge", path=str(self.run.latest_base_dir()),
+        data.append(entry(BASE, kind="base", tier="edge", path=self.run.rel(self.run.latest_base_dir()),
                           version=c.versions.get(BASE)))
         for a in c.adapters:
             if a != BASE:
@@ -413,9 +340,12 @@ class Router:
                 elif item:
                     yield sse(shape.chunk(item))
         except Exception as e:  # after the 200 header: the error goes into the stream, then it ends
-            err = as_serve_error(e, self.settings.retry_after_s) or ServeError(500, "internal_error",
-                                                                               f"{type(e).__name__}: {e}")
-            log.warning("stream failed: %s", err)
+            err = as_serve_error(e, self.settings.retry_after_s)
+            if err is None:  # a bug: the traceback goes to the log, the client gets the request id
+                log.exception("request %s: stream failed", request_id())
+                err = internal_error(request_id())
+            else:
+                log.warning("request %s: stream failed: %s", request_id(), err)
             yield sse(err.body())
             yield SSE_DONE
             return
@@ -450,16 +380,9 @@ class Router:
         """The rest of the model for a device that runs the front: body = safetensors bytes of the
         hidden state (1, T, H); answer = the last position's logits (safetensors bytes, ``out=logits``)
         or the greedy token as JSON (``out=token``). Headers carry the session, the positions the
-        device believes are cached, and the knowledge version its front runs."""
-        limit = self.settings.split_max_payload_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ServeError(413, "payload_too_large", f"activation payload of {declared} bytes; the limit is {limit}",
-                             "body")
+        device believes are cached, and the knowledge version its front runs. The gate has already
+        capped the body at ``serve.split_max_payload_bytes``."""
         payload = await request.body()
-        if len(payload) > limit:
-            raise ServeError(413, "payload_too_large", f"activation payload of {len(payload)} bytes; the limit is "
-                                                       f"{limit}", "body")
         if not payload:
             raise ServeError(400, "bad_payload", "empty body: send the hidden state as safetensors bytes", "body")
         catalog = self.catalog()

@@ -90,8 +90,9 @@ class TierReplica:
             raise RuntimeError(f"{self.tier}: knowledge version poller stopped: {exc!r}")
 
     def poll_info(self) -> dict:
+        error = self.poll_state["error"]
         return {"interval_s": self.settings.poll_interval_s, "last_poll": self.poll_state["last_poll"],
-                "swaps": self.poll_state["swaps"], "error": self.poll_state["error"]}
+                "swaps": self.poll_state["swaps"], "error": None if error is None else self.run.redact(error)}
 
     # --------------------------------------------------------------------------- generation
     async def answer(self, served: ServedModel, req: GenerationRequest) -> TierAnswer:

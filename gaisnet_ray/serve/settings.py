@@ -47,9 +47,11 @@ class ServeSettings(_Section):
     max_queued_requests: int = Field(
         8, ge=1, description="Requests waiting for a busy tier before new ones get 503 + Retry-After."
     )
-    ingress_max_ongoing_requests: int = Field(64, ge=1, description="Concurrent HTTP requests per ingress replica.")
+    ingress_max_ongoing_requests: int = Field(
+        64, ge=1, description="HTTP requests one ingress replica admits at a time (the /health route is not counted)."
+    )
     ingress_max_queued_requests: int = Field(
-        64, ge=1, description="HTTP requests waiting for the ingress before Serve answers 503."
+        64, ge=0, description="HTTP requests waiting for admission; beyond this the ingress answers a JSON 503 + Retry-After."
     )
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After (seconds) sent with a 503 on overload.")
     poll_interval_s: float = Field(
@@ -61,6 +63,21 @@ class ServeSettings(_Section):
     split_session_ttl_s: float = Field(300.0, gt=0, description="Drop an idle split-inference session (its KV cache) after this.")
     split_max_payload_bytes: int = Field(
         16 * 2**20, ge=1024, description="Largest activation payload POST /v1/split/forward accepts."
+    )
+    max_split_sessions: int = Field(
+        64, ge=1, description="Open split-inference sessions per edge replica; opening one more evicts the longest idle."
+    )
+    max_body_bytes: int = Field(
+        2**20, ge=1024, description="Largest request body (bytes) of every route but POST /v1/split/forward; larger: 413."
+    )
+    body_read_timeout_s: float = Field(
+        30.0, gt=0, description="A request body not fully received within this many seconds gets 408 and is dropped."
+    )
+    api_keys: list[str] = Field(
+        [], description="Bearer keys; with any key set (here, in api_key_file or $GAISNET_API_KEYS) every route but /health needs one."
+    )
+    api_key_file: str | None = Field(
+        None, description="A file with one API key per line (blank lines and # comments skipped), added to serve.api_keys."
     )
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica.")
     startup_timeout_s: float = Field(
@@ -78,6 +95,9 @@ class ServeSettings(_Section):
                 f"serve.default_new_tokens ({self.default_new_tokens}) must be <= serve.max_new_tokens "
                 f"({self.max_new_tokens})"
             )
+        bad = [i for i, k in enumerate(self.api_keys) if not k or k != k.strip() or any(c.isspace() for c in k)]
+        if bad:
+            raise ValueError(f"serve.api_keys[{bad[0]}]: a key must be non-empty and contain no whitespace")
         return self
 
     def required_resources(self) -> dict[str, float]:

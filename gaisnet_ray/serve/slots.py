@@ -105,14 +105,14 @@ class ServedModel:
                 self._split = SplitModel(self.model)
             return self._split
 
-    def rest_runner(self, front_end: int) -> RestRunner:
+    def rest_runner(self, front_end: int, max_sessions: int = 256) -> RestRunner:
         split = self.split_model()
         if not 1 <= front_end < split.num_layers:
             raise ServeError(500, "bad_split_config", f"serve.split_front_layers={front_end} leaves no block for the "
                                                       f"edge: the model has {split.num_layers} blocks")
         with self._lock:
             if self._rest is None:
-                self._rest = RestRunner(split, front_end)
+                self._rest = RestRunner(split, front_end, max_sessions=max_sessions)
             return self._rest
 
 
@@ -133,11 +133,11 @@ def load_served(run: ServedRun, adapter: str, version: int | None, *, max_prompt
 
 
 def latest_of(run: ServedRun, adapter: str) -> int | None:
-    """Newest published version of an adapter; for the base model, its newest base version (None
-    when the run has one fixed base)."""
+    """Newest intact version of an adapter (a damaged newer one is skipped and logged, never served);
+    for the base model, its newest base version (None when the run has one fixed base)."""
     if adapter == BASE:
         return run.latest_base_version()
-    return run.adapter_store(adapter).latest_version()
+    return run.intact_version(adapter)[0]
 
 
 class ModelSlot:
@@ -171,7 +171,8 @@ async def poll_versions(slots: Callable[[], list[ModelSlot]], interval_s: float,
     """Forever: every ``interval_s`` refresh each slot in a worker thread (the loop keeps serving).
 
     A failed refresh (say, a version folder that cannot be read) is recorded in ``state['error']``
-    and retried on the next tick; the served version stays the previous one.
+    and retried on the next tick; the served version stays the previous one. A version that fails
+    verification is never a refresh candidate (``latest_of`` skips it).
     """
     while True:
         await asyncio.sleep(interval_s)
