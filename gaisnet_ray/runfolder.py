@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from importlib import metadata
@@ -33,12 +34,57 @@ def resolve_run_dir(cfg: Config, out: str | Path | None) -> Path:
     return run_dir
 
 
+def check_creatable(run_dir: Path) -> None:
+    """Refuse a run folder that cannot be made here: a file (``/dev/null``), a path under a file,
+    one where folders cannot be created (``/proc/x``, read-only or no permission). Leaves nothing
+    behind: the test is an empty folder made and removed in the nearest folder that exists."""
+    import tempfile
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"run folder '{run_dir}' exists and is not a folder; choose another --out")
+    base = run_dir
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():  # a path under a regular file (or a broken link)
+        raise RunFolderError(f"run folder '{run_dir}' cannot be created: '{base}' is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".gaisnet-probe-", dir=base))
+    except OSError as e:
+        raise RunFolderError(f"run folder '{run_dir}' cannot be created: {e.strerror or e} in '{base}'") from None
+
+
+def usable_run_dir(cfg: Config, out: str | Path | None) -> Path:
+    """``resolve_run_dir`` and ``check_creatable``: the folder a run on this machine will write."""
+    run_dir = resolve_run_dir(cfg, out)
+    check_creatable(run_dir)
+    return run_dir
+
+
 def prepare_run_dir(cfg: Config, out: str | Path | None) -> Path:
     """Create the run folder and write the resolved config; never overwrite an earlier run."""
     run_dir = resolve_run_dir(cfg, out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_NAME).write_text(config_to_yaml(cfg))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_NAME).write_text(config_to_yaml(cfg))
+    except OSError as e:
+        raise RunFolderError(f"run folder '{run_dir}' cannot be created: {e.strerror or e}") from None
     return run_dir
+
+
+def check_run_folder(run_dir: str | Path, serving: bool = False) -> Path:
+    """``run_dir`` as a run folder to inspect (or, with ``serving``, to serve); else one
+    ``RunFolderError`` line saying what is missing. Reads nothing but the folder's names."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        why = "it does not exist" if not path.exists() else "it is not a folder"
+        raise RunFolderError(f"'{path}' is not a run folder: {why}")
+    if not (path / CONFIG_NAME).is_file():
+        raise RunFolderError(f"'{path}' is not a run folder (no {CONFIG_NAME})")
+    if serving and not (path / "model" / "config.json").is_file():
+        raise RunFolderError(f"'{path}' is not a run folder to serve: no model/config.json in it")
+    if serving and not (path / "knowledge").is_dir():
+        raise RunFolderError(f"'{path}' has no knowledge/ folder: nothing to serve yet")
+    return path
 
 
 INITIAL_EVAL_NAME = "cloud/initial_eval.json"  # the eval before round 1, kept for a resumed run's summary
@@ -54,16 +100,10 @@ def resume_run_dir(run_dir: str | Path, overrides: list[str] | None = None) -> t
     ``training.rounds`` (to extend the run) and ``run.*``/``serve.*``/``faults.*`` keys: anything
     else would make the continuation differ from the run it continues.
     """
-    from .config import ConfigError, load_config
+    from .config import load_config
 
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_NAME).is_file():
-        raise RunFolderError(f"'{run_dir}' is not a run folder to resume (no {CONFIG_NAME})")
-    allowed = ("training.rounds=", "run.", "serve.", "faults.")
-    bad = [o for o in overrides or [] if not o.strip().startswith(allowed)]
-    if bad:
-        raise ConfigError(f"--resume keeps the run's config; only training.rounds, run.*, serve.* and faults.* may "
-                          f"change, not {bad}")
+    check_resumable(run_dir, overrides)
     cfg = load_config(run_dir / CONFIG_NAME, overrides)
     stash = run_dir / "orphaned" / time.strftime("%Y%m%d-%H%M%S")
     rows = _complete_metrics(run_dir, stash)
@@ -78,19 +118,26 @@ def resume_run_dir(run_dir: str | Path, overrides: list[str] | None = None) -> t
     return cfg, done
 
 
+def check_resumable(run_dir: Path, overrides: list[str] | None = None) -> None:
+    """What ``--resume`` can refuse from names alone, before Ray is imported: a folder without
+    config.yaml, an override outside the ones a continuation may change."""
+    from .config import ConfigError
+
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise RunFolderError(f"'{run_dir}' is not a run folder to resume (no {CONFIG_NAME})")
+    allowed = ("training.rounds=", "run.", "serve.", "faults.")
+    bad = [o for o in overrides or [] if not o.strip().startswith(allowed)]
+    if bad:
+        raise ConfigError(f"--resume keeps the run's config; only training.rounds, run.*, serve.* and faults.* may "
+                          f"change, not {bad}")
+
+
 def _complete_metrics(run_dir: Path, stash: Path) -> list[dict]:
-    path = run_dir / METRICS_NAME
-    if not path.exists():
-        return []
-    rows, lines = [], path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            stash.mkdir(parents=True, exist_ok=True)
-            (stash / METRICS_NAME).write_text("\n".join(lines[i:]) + "\n")
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            break
+    rows, tail = split_metrics(run_dir)
+    if tail:
+        stash.mkdir(parents=True, exist_ok=True)
+        (stash / METRICS_NAME).write_text("\n".join(tail) + "\n")
+        (run_dir / METRICS_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
@@ -135,11 +182,30 @@ def append_metrics(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
+def split_metrics(run_dir: str | Path) -> tuple[list[dict], list[str]]:
+    """The rounds of ``metrics.jsonl`` that are complete, and the lines from the first one that is
+    not a JSON object on (a half-written last line a killed driver left, and anything after it).
+    ``--resume`` moves that tail to ``orphaned/``; ``inspect`` and the report skip it."""
     path = Path(run_dir) / METRICS_NAME
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not path.is_file():
+        return [], []
+    rows, lines = [], path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            return rows, lines[i:]
+        rows.append(row)
+    return rows, []
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The complete rounds of ``metrics.jsonl`` (see ``split_metrics``)."""
+    return split_metrics(run_dir)[0]
 
 
 def library_versions() -> dict[str, str]:

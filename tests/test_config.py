@@ -227,7 +227,7 @@ def test_yaml_round_trip(tmp_path):
     assert back == cfg
     assert back.topology.cut_for("end-0-1").back_layers == 2
     # The YAML is the whole tree, plain data only.
-    assert set(yaml.safe_load(text)) == {"model", "peft", "data", "topology", "links", "training", "cloud", "relay", "faults", "serve", "run"}
+    assert set(yaml.safe_load(text)) == set(Config.model_fields) >= {"model", "peft", "data", "topology", "links", "training", "cloud", "relay", "faults", "serve", "run"}
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -285,3 +285,66 @@ def test_cli_cut_that_leaves_the_edge_no_block_exits_2_before_ray(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "invalid value for 'topology.cut'" in proc.stderr and "the model has 4 blocks" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+# ------------------------------------------------------------------ non-finite floats, partial keys
+def _float_keys(model: type, prefix: str = "") -> dict[str, str]:
+    """Every float key under ``model`` -> an override value that is +inf there (a list or a
+    dict of floats gets one inf element)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    out = {}
+    for name, field in model.model_fields.items():
+        ann, key = field.annotation, f"{prefix}{name}"
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(_float_keys(ann, f"{key}."))
+        elif typing.get_origin(ann) is list and args == [float]:
+            out[key] = "[1.0, .inf]"
+        elif typing.get_origin(ann) is dict and args[-1:] == [float]:
+            out[key] = "{x: .inf}"
+        elif ann is float or args == [float]:  # float, float | None
+            out[key] = ".inf"
+    return out
+
+
+def test_no_float_key_takes_inf_or_nan():
+    """inf (and NaN) means nothing for any float key of the run — a rate, a size, a timeout, a share
+    of a resource — so each is refused naming the key (``training.lr=.inf`` started a run that
+    failed in round 1), whichever module the section lives in (serve/settings.py too)."""
+    from gaisnet_ray.config import Config
+
+    keys = _float_keys(Config)
+    assert {"training.lr", "links.end_edge.bandwidth_mbps", "topology.device_compute", "peft.alpha",
+            "run.actor_timeout_s", "topology.cloud.num_gpus", "serve.retry_after_s"} <= set(keys)
+    for key, value in keys.items():
+        for v in (value, value.replace(".inf", "-.inf"), value.replace(".inf", ".nan")):
+            with pytest.raises(ConfigError, match=f"invalid value for '{key}[.a-z0-9]*': Input should be a finite number"):
+                load_config(None, [f"{key}={v}"])
+
+
+def test_a_key_set_alone_keeps_its_sections_other_defaults():
+    """`links.*` and the tier sections are not in default.yaml: setting one key of them used to drop
+    the section's other defaults (bandwidth alone -> 'latency_ms: Field required'; an ingress
+    replica count reset the ingress's own num_cpus to the generic tier default)."""
+    cfg = load_config(None, ["links.end_edge.bandwidth_mbps=50", "serve.ingress.num_replicas=2",
+                             "topology.end.num_gpus=0"])
+    assert (cfg.links.end_edge.bandwidth_mbps, cfg.links.end_edge.latency_ms) == (50.0, 20.0)
+    assert cfg.links.edge_cloud == Config().links.edge_cloud
+    assert (cfg.serve.ingress.num_replicas, cfg.serve.ingress.num_cpus) == (2, 0.1)
+    assert cfg.topology.end.num_cpus == 0.25
+    assert load_config(None) == default_config()
+
+
+def test_config_file_and_override_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: {rounds: 1\n  lr: [\n")
+    for call in (lambda: load_config(bad), lambda: load_config(None, ["training.rounds=[1, 2"])):
+        with pytest.raises(ConfigError) as e:
+            call()
+        assert "\n" not in str(e.value) and "not" in str(e.value) and "YAML" in str(e.value)
+    bad.write_bytes(b"run:\n  out_dir: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 16: invalid start byte\)"):
+        load_config(bad)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from transformers import GPT2Config, LlamaConfig, PretrainedConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # transformers loads only when a config is built: the CLI reads PRESETS before
+    from transformers import PretrainedConfig  # anything heavy is imported (precheck.py)
 
 # (layers, hidden, heads, kv_heads, mlp) per preset. Sizes chosen so `tiny` trains on 2 CPU cores
 # in seconds per round; `base` is ~10x `tiny` in parameters.
@@ -14,6 +17,8 @@ PRESETS: dict[str, tuple[int, int, int, int, int]] = {
 
 
 def preset_config(family: str, preset: str, vocab_size: int, max_positions: int, tokenizer) -> PretrainedConfig:
+    from transformers import GPT2Config, LlamaConfig
+
     from .build import UnknownModelFamilyError
 
     if preset not in PRESETS:
