@@ -18,6 +18,8 @@ from .actors import CloudNode, EdgeNode, EndNode, EndWorker, tier_options
 from .config import TIER_RESOURCES, Config
 from .hfsl.inprocess import relay_down_bytes, tier_parts
 from .hfsl.plan import devices_by_edge, participants, plan_clusters
+from .planner.command import sample_counts as planned_sample_counts
+from .planner.runtime import prepare_run
 
 
 log = logging.getLogger(__name__)
@@ -41,9 +43,16 @@ class RoundFailedError(RuntimeError):
 
 
 class GaisNetDriver:
-    def __init__(self, cfg: Config, run_dir: str | Path):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, run_dir: str | Path, planned: tuple | None = None):
+        # the planner (topology.planner, planner.*): the plan's cuts go into the config every tier builds
+        # from; ``planned``: what planner.runtime.prepare_run already returned for ``cfg`` (run_job plans
+        # before its memory check)
+        self.cfg, self.run_plan = planned or prepare_run(cfg, sample_counts=planned_sample_counts(cfg),
+                                                         run_dir=run_dir)
+        cfg = self.cfg
         self.run_dir = Path(run_dir)
+        if self.run_plan is not None:
+            self.run_plan.record(self.run_dir)
         self.by_edge = devices_by_edge(cfg.topology)
         self.members = {e: list(ds) for e, ds in self.by_edge.items()}  # changes when an edge is lost
         self.dead_devices: set[str] = set()
@@ -135,9 +144,11 @@ class GaisNetDriver:
         steps, timeout_s = cfg.training.local_steps, cfg.faults.turn_timeout_s or self.timeout
         plans = {}
         for e, devices in self.members.items():
-            live = participants(cfg, e, [d for d in devices if d not in self.dead_devices], round_idx)
+            live = participants(cfg, e, [d for d in devices if d not in self.dead_devices and self._trains(d)],
+                                round_idx)
             if e not in self.dead_edges and live:
-                plans[e] = plan_clusters(cfg, e, {d: self.sample_counts[d] for d in live})
+                plans[e] = plan_clusters(cfg, e, {d: self.sample_counts[d] for d in live},
+                                         self.run_plan.clusters_of(e) if self.run_plan else None)
         ready = {e: self.edges[e].begin_round.remote(self.knowledge_ref, clusters) for e, clusters in plans.items()}
         queues = {(e, cid): list(members) for e, clusters in plans.items() for cid, members in clusters.items()}
         unabsorbed: dict[tuple[str, str], object] = {}  # cluster -> its last finished turn not yet at the edge
@@ -155,8 +166,9 @@ class GaisNetDriver:
             d = queues[key].pop(0)
             edge = self.edges[e]
             adapter = edge.begin_turn.remote(cid, d, previous, ready[e])
+            emulation = self.run_plan.emulation(e, plans[e], cid, d) if self.run_plan else None
             result, status = self.devices[d].train_turn.options(num_returns=2).remote(
-                adapter, edge, cid, steps, round_idx, d)
+                adapter, edge, cid, steps, round_idx, d, emulation=emulation)
             running[status] = (e, cid, d, time.monotonic() + timeout_s, result)
 
         for key in queues:
@@ -181,6 +193,7 @@ class GaisNetDriver:
                     self.edges[e].drop_turn.remote(cid, d, dropped[d])
                     start_next((e, cid), None)
         updates = self._finish_edges(plans, unabsorbed, lost_edges)
+        train_s = time.perf_counter() - started  # devices' turns and the edges' updates: what the cost model models
         if len(updates) < cfg.faults.min_edge_updates:
             raise RoundFailedError(
                 f"round {round_idx}: {len(updates)} edge update(s), faults.min_edge_updates is "
@@ -200,7 +213,13 @@ class GaisNetDriver:
             metrics["relay"]["bytes_down"] = self._relay_down()
         metrics["peak_rss_mb"] = self._peak_rss_mb()
         metrics["wall_s"] = time.perf_counter() - started
+        if self.run_plan is not None:  # modeled vs measured, side by side
+            metrics["plan"] = {**self.run_plan.metrics(plans), "measured_train_s": train_s}
         return metrics
+
+    def _trains(self, device: str) -> bool:
+        """False for a device the plan excluded from training (its memory holds no cut)."""
+        return self.run_plan is None or self.run_plan.trains(device)
 
     def _peak_rss_mb(self) -> dict:
         """Each live actor's peak RSS so far, per kind (max, sum, how many answered) and all together."""

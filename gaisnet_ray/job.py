@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from .runfolder import (
     append_metrics,
     prepare_run_dir,
     read_metrics,
-    resolve_run_dir,
+    usable_run_dir,
     write_summary,
 )
 
@@ -39,22 +40,22 @@ def check_model(cfg: Config, convert: bool = True) -> dict:
     here, once, so the cloud actor loads the cached folder) and every device's cut leaves the edge at
     least one block of the model. Returns the model's config dict. Raises ``ModelSourceError``,
     ``UnknownModelFamilyError`` or ``ConfigError`` naming the key."""
-    from .config import ConfigError
     from .models.sources import model_config_dict, num_blocks, resolve_model_dir
-    from .models.split import Cut
+    from .precheck import check_cuts
 
     if convert:
         resolve_model_dir(cfg.model)
     model_config = model_config_dict(cfg.model)
-    n = num_blocks(model_config)
-    t = cfg.topology
-    if cfg.training.scheme != "fl":
-        for key, cut in [("topology.cut", t.cut), *((f"topology.device_cuts.{d}", c) for d, c in t.device_cuts.items())]:
-            try:
-                Cut.from_layers(n, cut.front_layers, cut.back_layers)  # the rule every tier applies
-            except ValueError as e:
-                raise ConfigError(f"invalid value for '{key}': {e}") from None
+    check_cuts(cfg, num_blocks(model_config))
     return model_config
+
+
+def _plan(cfg: Config, model_config: dict, resumed_dir: Path | None):
+    """``planner.runtime.prepare_run``: (the config with the plan's cuts, the run plan or None)."""
+    from .planner.command import sample_counts
+    from .planner.runtime import prepare_run
+
+    return prepare_run(cfg, model_config, sample_counts(cfg), run_dir=resumed_dir)
 
 
 def run_job(cfg: Config, out: str | Path | None = None, progress: bool | None = None, serve: bool = False,
@@ -73,12 +74,15 @@ def run_job(cfg: Config, out: str | Path | None = None, progress: bool | None = 
     its own node, so it must be the same path, on shared storage, there.
     """
     cluster_mode = joins_cluster(address)
+    if cluster_mode and cfg.planner.emulate:
+        print("warning: planner.emulate is on while joining a cluster: real devices will be slowed to their "
+              "profiles' speed too (emulation is meant for local dev mode)", file=sys.stderr)
     if serve and not cluster_mode:  # on a cluster the Serve proxies bind on the cluster's nodes
         from .serve.errors import check_port_free
 
         check_port_free(cfg.serve.host, cfg.serve.port)  # before any work, not after pre-training
     # a taken folder is refused before Ray starts; it is created once Ray (or the cluster) is usable
-    run_dir = resolve_run_dir(cfg, out) if resume_round is None else Path(out)
+    run_dir = usable_run_dir(cfg, out) if resume_round is None else Path(out)
     if cluster_mode:
         run_dir = run_dir.absolute()
     show = cfg.run.progress if progress is None else progress
@@ -86,12 +90,17 @@ def run_job(cfg: Config, out: str | Path | None = None, progress: bool | None = 
     model_config = check_model(cfg, convert=not cluster_mode)
     if check_resources and not cluster_mode:  # a run this machine's memory cannot hold: refused before Ray starts
         check_fits(cfg, model_config=model_config)
+    # the round plan (topology.planner); a plan other than `fixed` changes the cuts, so what devices hold
+    planned = _plan(cfg, model_config, run_dir if resume_round is not None else None)
+    user_cfg, cfg = cfg, planned[0]  # config.yaml keeps what the user asked for; plan.json the plan
+    if check_resources and not cluster_mode and cfg is not user_cfg:
+        check_fits(cfg, model_config=model_config)
     with connect(cfg, training=True, serving=serve, address=address, check_resources=check_resources) as cluster:
         if check_resources and cluster.mode == "cluster":  # the same for the cluster's nodes
             check_cluster_memory(cfg, model_config=model_config)
         if resume_round is None:
-            prepare_run_dir(cfg, run_dir)
-        driver = GaisNetDriver(cfg, run_dir)
+            prepare_run_dir(user_cfg, run_dir)
+        driver = GaisNetDriver(cfg, run_dir, planned=planned)
         serving = None
         try:
             try:

@@ -51,6 +51,14 @@ def write_report(run_dir: str | Path, initial_eval: dict | None = None) -> Path:
         twin = ax.twinx()
         twin.plot(rounds, [r["modeled_comm_s"] for r in rows], "k--", marker="x", label="modeled link delay")
         twin.plot(rounds, [r["wall_s"] for r in rows], "k-", marker="+", label="measured wall time")
+        planned = [r for r in rows if r.get("plan")]
+        if planned:  # the cost model's round (planner.*) next to the measured devices' turns + edge updates
+            emulated = " (emulated devices)" if planned[0]["plan"].get("emulated") else ""
+            xs = [r["round"] for r in planned]
+            twin.plot(xs, [r["plan"]["modeled_round_s"] for r in planned], "r--", marker="x",
+                      label=f"modeled round ({planned[0]['plan']['planner']} plan){emulated}")
+            twin.plot(xs, [r["plan"]["measured_train_s"] for r in planned], "r-", marker="+",
+                      label=f"measured training part{emulated}")
         twin.set_ylabel("seconds")
         twin.set_ylim(bottom=0)
         twin.legend(fontsize=7, loc="center right")

@@ -49,13 +49,14 @@ class EndNode(BaseHolderNode):
 
     @crosses_boundary
     def train_turn(self, adapter: StateDict, edge, cluster_id: str, steps: int,
-                   round_idx: int | None = None, device_id: str | None = None) -> tuple[TurnResult, dict]:
+                   round_idx: int | None = None, device_id: str | None = None,
+                   emulation=None) -> tuple[TurnResult, dict]:
         """Call with ``.options(num_returns=2)``: the turn's result (for the edge), and a small
         status the driver waits on."""
         if device_id not in (None, self.device_id):
             raise ValueError(f"{self.device_id} was asked to train as {device_id}")
         link = RayEdgeLink(edge, cluster_id, self.device_id, self.timeout_s)
-        result = self.core.train_turn(adapter, link, cluster_id, steps, round_idx)
+        result = self.core.train_turn(adapter, link, cluster_id, steps, round_idx, emulation)
         return result, {"device": self.device_id, "steps": len(result.losses)}
 
 
@@ -77,12 +78,12 @@ class EndWorker(AuditedNode):
 
     @crosses_boundary
     def train_turn(self, adapter: StateDict, edge, cluster_id: str, steps: int, round_idx: int | None,
-                   device_id: str) -> tuple[TurnResult, dict]:
+                   device_id: str, emulation=None) -> tuple[TurnResult, dict]:
         core = self.cores.get(device_id)
         if core is None:
             raise ValueError(f"{self.worker_id} does not host {device_id}")
         link = RayEdgeLink(edge, cluster_id, device_id, self.timeout_s)
-        result = core.train_turn(adapter, link, cluster_id, steps, round_idx)
+        result = core.train_turn(adapter, link, cluster_id, steps, round_idx, emulation)
         return result, {"device": device_id, "steps": len(result.losses)}
 
     @crosses_boundary

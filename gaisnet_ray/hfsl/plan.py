@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 from ..config import Config, TopologyConfig, device_id, edge_id
-from ..models.split import Cut
 from .clustering import DeviceProfile, cluster_devices
+
+if TYPE_CHECKING:  # imported where used: the planner reads this module without torch
+    from ..models.split import Cut
 
 
 def devices_by_edge(topo: TopologyConfig) -> dict[str, list[str]]:
@@ -18,7 +21,9 @@ def device_compute(topo: TopologyConfig, device: str) -> float:
     return topo.device_compute[(e * topo.devices_per_edge + d) % len(topo.device_compute)]
 
 
-def device_cut(topo: TopologyConfig, device: str, num_layers: int) -> Cut:
+def device_cut(topo: TopologyConfig, device: str, num_layers: int) -> "Cut":
+    from ..models.split import Cut
+
     c = topo.cut_for(device)
     try:
         return Cut.from_layers(num_layers, c.front_layers, c.back_layers)
@@ -37,14 +42,25 @@ def participants(cfg: Config, edge: str, devices: list[str], round_idx: int | No
     return [d for d in devices if d in chosen]
 
 
-def plan_clusters(cfg: Config, edge: str, sample_counts: dict[str, int]) -> dict[str, list[str]]:
-    """Cluster id -> member device ids in training order, for one edge and one round."""
+def plan_clusters(cfg: Config, edge: str, sample_counts: dict[str, int],
+                  planned: list[list[str]] | None = None) -> dict[str, list[str]]:
+    """Cluster id -> member device ids in training order, for one edge and one round.
+    ``planned``: the planner's clusters of this edge (``topology.planner`` not fixed); the devices
+    of this round keep them, and devices it did not plan here (moved from a lost edge) are
+    clustered as usual after them."""
     devices = list(sample_counts)
     scheme = cfg.training.scheme
     if scheme == "fl":
         groups = [[d] for d in devices]
     elif scheme == "sl":
         groups = [devices]
+    elif planned is not None:
+        live = set(devices)
+        groups = [g for g in ([d for d in c if d in live] for c in planned) if g]
+        seen = {d for c in planned for d in c}
+        rest = [d for d in devices if d not in seen]
+        if rest:
+            groups += plan_clusters(cfg, edge, {d: sample_counts[d] for d in rest}).values()
     else:
         profiles = [DeviceProfile(d, sample_counts[d], device_compute(cfg.topology, d)) for d in devices]
         groups = cluster_devices(profiles, cfg.topology.cluster_size, cfg.topology.clustering)
