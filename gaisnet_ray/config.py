@@ -8,6 +8,7 @@ only its own sub-config (``cfg.model``, ``cfg.training`` ...), never the whole t
 from __future__ import annotations
 
 import importlib.resources
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .cloudengine.settings import CloudEngineConfig
+from .planner.settings import PlannerConfig
 from .serve.settings import ServeSettings
 from .tiers import TIER_RESOURCES
 
@@ -33,7 +35,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: no float key of the run means anything at inf or NaN (a rate, a size, a
+    # timeout, a share); load_config refuses them in every section (_non_finite), this in code too
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------- model
@@ -139,6 +143,12 @@ class TopologyConfig(_Section):
     device_compute: list[float] = Field(
         default_factory=lambda: [1.0, 0.5],
         description="Relative compute speed of devices, cycled over device ids (for clustering).",
+    )
+    planner: Literal["fixed", "balanced", "optimized"] = Field(
+        "fixed", description="fixed: the configured cuts and clustering; balanced: the configured cuts, clusters "
+        "balanced by the devices' modeled turn times (planner.*); optimized: each device's cut within its memory, "
+        "the clusters and each cluster's share of the edge bandwidth chosen to minimize the modeled round "
+        "(`gaisnet plan` shows it)."
     )
     end_workers: int | None = Field(
         None, ge=1, description="Run the end devices as logical devices on this many EndWorker actors (each holds "
@@ -262,6 +272,46 @@ class FaultConfig(_Section):
     )
 
 
+# ------------------------------------------------------------------------------------- privacy
+class PrivacyConfig(_Section):
+    activation_clip: float | None = Field(
+        None, gt=0, description="Clip the L2 norm of each token's hidden state a device sends its edge to this; "
+        "None: not clipped. Needed by activation_noise (the noise is relative to it)."
+    )
+    activation_noise: float = Field(
+        0.0, ge=0, description="Gaussian noise added to each clipped hidden-state row a device sends its edge, as a "
+        "noise-to-signal ratio (noise L2 norm / activation_clip); 0: none. Defends the device's tokens against "
+        "inversion by the edge (see README, Privacy)."
+    )
+    nopeek_weight: float = Field(
+        0.0, ge=0, description="Weight of the NoPeek penalty (distance correlation between each token's input "
+        "embedding and the hidden state sent to the edge) added to the device's loss; 0: none."
+    )
+    dp_clip: float | None = Field(
+        None, gt=0, description="Differentially private aggregation at the cloud: clip each edge update's L2 "
+        "distance from the current knowledge to this and add Gaussian noise (needs dp_epsilon or "
+        "dp_noise_multiplier, and training.aggregation fedavg); None: off."
+    )
+    dp_epsilon: float | None = Field(
+        None, gt=0, description="Target epsilon after training.rounds rounds; the noise multiplier is the smallest "
+        "that meets it (Opacus RDP accountant, every edge in every round)."
+    )
+    dp_noise_multiplier: float | None = Field(
+        None, ge=0, description="Noise std as a multiple of the update sensitivity (instead of dp_epsilon)."
+    )
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="The delta of the (epsilon, delta)-DP guarantee.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PrivacyConfig":
+        if self.activation_noise > 0 and self.activation_clip is None:
+            raise ValueError("privacy.activation_noise needs privacy.activation_clip (the noise is relative to it)")
+        if self.dp_clip is not None and (self.dp_epsilon is None) == (self.dp_noise_multiplier is None):
+            raise ValueError("privacy.dp_clip needs exactly one of privacy.dp_epsilon and privacy.dp_noise_multiplier")
+        if self.dp_clip is None and (self.dp_epsilon is not None or self.dp_noise_multiplier is not None):
+            raise ValueError("privacy.dp_epsilon / privacy.dp_noise_multiplier need privacy.dp_clip")
+        return self
+
+
 # ----------------------------------------------------------------------------------------- run
 class RunConfig(_Section):
     out_dir: str | None = Field(None, description="Run folder; default runs/<timestamp>.")
@@ -286,7 +336,9 @@ class Config(_Section):
     training: TrainingConfig = TrainingConfig()
     cloud: CloudEngineConfig = CloudEngineConfig()
     relay: RelayConfig = RelayConfig()
+    planner: PlannerConfig = PlannerConfig()
     faults: FaultConfig = FaultConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     serve: ServeSettings = ServeSettings()
     run: RunConfig = RunConfig()
 
@@ -305,7 +357,25 @@ def _format_errors(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
+def _one_line(error: Exception) -> str:
+    """A YAML error's text (several lines, with a caret drawing) as one line."""
+    return " ".join(str(error).split())
+
+
+def _non_finite(value: Any, key: str = "") -> list[str]:
+    """An error naming each dotted key under ``value`` that holds inf or NaN: no key of the config
+    means anything there (a rate, a size, a timeout, a share), whichever module its section lives in."""
+    if isinstance(value, float):
+        ok = math.isfinite(value)
+        return [] if ok else [f"invalid value for '{key}': Input should be a finite number (got {value})"]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [k for sub, v in items for k in _non_finite(v, f"{key}.{sub}" if key else str(sub))]
+
+
 def _validate(data: dict[str, Any]) -> Config:
+    bad = _non_finite(data)
+    if bad:
+        raise ConfigError("; ".join(bad))
     try:
         return Config.model_validate(data)
     except ValidationError as err:
@@ -345,7 +415,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"invalid value for '{key}': not YAML ({e})") from None
+            raise ConfigError(f"invalid value for '{key}': not YAML ({_one_line(e)})") from None
         nested: Any = value
         for part in reversed(key.split(".")):
             nested = {part: nested}
@@ -356,17 +426,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the embedded default), apply overrides and validate.
 
-    A user file is merged over the embedded default, so it only needs the keys it changes.
+    A user file is merged over the embedded default, so it only needs the keys it changes. Both sit
+    on every field's own default, so a key set alone (``links.end_edge.latency_ms=5``) keeps its
+    section's other defaults instead of dropping them.
     """
-    data = default_config_dict()
+    data = _deep_merge(Config().model_dump(), default_config_dict())
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist")
+            raise ConfigError(f"config file '{p}' " + ("is a folder, not a YAML file" if p.is_dir() else "does not exist"))
         try:
-            user = yaml.safe_load(p.read_text())
+            user = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file '{p}' is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except OSError as e:
+            raise ConfigError(f"config file '{p}' cannot be read: {e.strerror or e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+            raise ConfigError(f"config file '{p}' is not valid YAML: {_one_line(e)}") from None
         if user is None:
             user = {}
         if not isinstance(user, dict):

@@ -14,6 +14,8 @@ from ..knowledge.store import KnowledgeStore
 from ..models.adapters import (adapter_state, attach_lora, base_state_view, load_adapter_state, load_base_state,
                                merged_base_state)
 from ..models.build import FoundationPackage, build_foundation, family_of, load_foundation, save_foundation
+from ..privacy import active_defenses
+from ..privacy.dp import DPAggregator
 from .cloudjobs import CloudPeers, peer_start, pretrain
 from .evaluate import domain_loss, evaluate_domains
 from .linkmodel import transfer_s
@@ -64,6 +66,8 @@ class CloudCore:
         self.store = KnowledgeStore(run_dir / "knowledge")
         self.edges_root = run_dir / "knowledge" / "edges"  # each edge's own adapter, for serving
         self.eval_sets = eval_examples(cfg.data)
+        self.dp = (DPAggregator(cfg.privacy, cfg.training.rounds, cfg.training.aggregation)
+                   if cfg.privacy.dp_clip is not None else None)
         self.version = 0
         self._base_eval: dict | None = None  # the current base alone, once a relay has measured it
         self.knowledge: StateDict = {}
@@ -121,9 +125,14 @@ class CloudCore:
         anything is changed: the previous version stays current and on disk.
         """
         t = self.cfg.training
-        knowledge = aggregate(t.aggregation, [u.adapter for u in updates], [u.num_samples for u in updates],
-                              reference=self.knowledge, trim_ratio=t.trim_ratio, clip_norm=t.clip_norm,
-                              sources=[u.edge_id for u in updates])
+        dp_report = None
+        if self.dp is not None:  # privacy.dp_*: clipped deltas, Gaussian noise, epsilon accounted
+            knowledge, dp_report = self.dp.aggregate(round_idx, [u.adapter for u in updates],
+                                                     [u.num_samples for u in updates], self.knowledge)
+        else:
+            knowledge = aggregate(t.aggregation, [u.adapter for u in updates], [u.num_samples for u in updates],
+                                  reference=self.knowledge, trim_ratio=t.trim_ratio, clip_norm=t.clip_norm,
+                                  sources=[u.edge_id for u in updates])
         parent = self.version
         lineage = {
             "round": round_idx,
@@ -141,6 +150,7 @@ class CloudCore:
         self.knowledge, self.version = knowledge, parent + 1
         self._publish_edges(parent + 1, round_idx, updates)
         metrics = round_metrics(self.cfg, round_idx, self.version, updates, knowledge)
+        metrics["privacy"] = {**active_defenses(self.cfg.privacy), **(dp_report or {})}
         due = round_idx % t.eval_every == 0 or round_idx == t.rounds
         metrics["eval"] = self.evaluate() if due else {}
         if self.bases is not None:

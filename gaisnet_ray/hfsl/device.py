@@ -16,6 +16,8 @@ from ..knowledge.codec import payload_nbytes, tensor_nbytes
 from ..models.adapters import adapter_state, load_adapter_state, load_base_state, trainable_parameters
 from ..models.parts import ModelPart
 from ..models.split import Cut, build_tier_model
+from ..privacy.attacks import lengths_of
+from ..privacy.noise import nopeek_penalty, privatize_hidden
 from .messages import LinkUsage, StateDict, TurnResult
 
 
@@ -34,12 +36,13 @@ class DeviceTrainer:
 
     def __init__(self, device_id: str, package, peft_cfg: PeftConfig, training: TrainingConfig,
                  examples: list[Example], seq_len: int, cut: Cut | None, seed: int,
-                 torch_device: str = "cpu", split=None, system: str | None = None):
+                 torch_device: str = "cpu", split=None, system: str | None = None, privacy=None):
         """``package``: a ``FoundationPackage`` holding at least this device's part (``self.part``;
         only that part is built). ``split``: a tier model to share with other logical devices of the
         same cut (a pool worker runs one turn at a time, and every turn loads all of its adapter
         keys first). ``system``: the chat template's system turn (``data.system_prompt``), as
-        evaluation and serving format prompts."""
+        evaluation and serving format prompts. ``privacy``: the ``PrivacyConfig`` (clip and noise on
+        the hidden states sent to the edge, NoPeek penalty); None: none."""
         if not examples:
             raise ValueError(f"device {device_id} has no private examples")
         self.device_id = device_id
@@ -56,6 +59,8 @@ class DeviceTrainer:
         self._gen = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.long)
         self._round: int | None = None
+        self.privacy = privacy
+        self._noise_gen = torch.Generator().manual_seed(seed * 7_919 + 17)  # link noise, never sent
 
     @property
     def num_samples(self) -> int:
@@ -116,24 +121,44 @@ class DeviceTrainer:
 
         def split_step(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, LinkUsage]:
             h_k = self.split.front(input_ids, cut.front_end)  # (B, T, H)
-            sent = h_k.detach().cpu()
+            h_link = self._privatize(h_k)  # clipped + noised when privacy.activation_noise is on
+            sent = h_link.detach().cpu()
             h_m = link.forward(sent).to(self.torch_device).requires_grad_()  # (B, T, H) from edge
             loss = self.split.back_loss(h_m, cut.back_start, labels)  # logits only where labels are supervised
             loss.backward()
             grad_m = h_m.grad.detach().cpu()
             grad_k = link.backward(grad_m).to(self.torch_device)  # dL/dh_k from edge
             if h_k.requires_grad:
-                h_k.backward(grad_k)
+                roots, grads = [h_link], [grad_k]
+                if self.privacy is not None and self.privacy.nopeek_weight > 0:
+                    mask = torch.arange(input_ids.shape[1]) < lengths_of(labels.cpu())[:, None]
+                    with torch.no_grad():
+                        emb = self.split.front(input_ids, 0)  # (B, T, H) token embeddings
+                    penalty = nopeek_penalty(emb, h_k, mask.to(h_k.device), generator=self._noise_gen)
+                    roots.append(self.privacy.nopeek_weight * penalty)
+                    grads.append(None)
+                torch.autograd.backward(roots, grads)
             return loss, LinkUsage(bytes_up=tensor_nbytes(sent) + tensor_nbytes(grad_m),
                                    bytes_down=tensor_nbytes(h_m) + tensor_nbytes(grad_k),
                                    messages_up=2, messages_down=2)
 
         return self._run_turn(adapter, cluster_id, steps, split_step)
 
+    def _privatize(self, h_k: torch.Tensor) -> torch.Tensor:
+        """What crosses the link: rows clipped to ``privacy.activation_clip``, plus Gaussian noise at
+        ``privacy.activation_noise`` (both inside the graph: the front trains through them)."""
+        p = self.privacy
+        if p is None or (p.activation_clip is None and p.activation_noise == 0):
+            return h_k
+        return privatize_hidden(h_k, p.activation_clip, p.activation_noise, self._noise_gen)
+
     def train_turn(self, adapter: StateDict, link: EdgeLink | None, cluster_id: str, steps: int,
-                   round_idx: int | None = None) -> TurnResult:
+                   round_idx: int | None = None, emulation=None) -> TurnResult:
         """One turn under this device's scheme: split with the edge, or local (whole model, FL).
-        ``round_idx`` reseeds the batch order for that round (see ``_start_round``)."""
+        ``round_idx`` reseeds the batch order for that round (see ``_start_round``). ``emulation``
+        (``planner.emulation.DeviceEmulation``, local dev mode): the turn takes its profile's time."""
+        if emulation is not None:
+            return emulation.run_turn(lambda lk: self.train_turn(adapter, lk, cluster_id, steps, round_idx), link)
         self._start_round(round_idx)
         if self.cut is None:
             return self.train_local_turn(adapter, cluster_id, steps)

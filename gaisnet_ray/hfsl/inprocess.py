@@ -6,6 +6,7 @@ reference the distributed run is checked against (same seeds -> same knowledge).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -90,7 +91,7 @@ def device_trainers(cfg: Config, devices: list[str], packages, torch_device: str
         split = shared.get(part) if share_model else None
         out[d] = DeviceTrainer(d, package_for(packages, part), cfg.peft, cfg.training, examples[d],
                                cfg.model.max_seq_len, cut, device_seed(cfg, d), torch_device, split=split,
-                               system=cfg.data.system_prompt)
+                               system=cfg.data.system_prompt, privacy=cfg.privacy)
         if share_model:
             shared.setdefault(part, out[d].split)
     return out
@@ -118,7 +119,13 @@ class DirectEdgeLink:
 
 class InProcessGaisNet:
     def __init__(self, cfg: Config, run_dir: str | Path):
-        self.cfg = cfg
+        from ..planner.command import sample_counts
+        from ..planner.runtime import prepare_run
+
+        # the planner, as in the Ray driver: the plan's cuts go into the config every tier builds from
+        self.cfg, self.run_plan = prepare_run(cfg, sample_counts=sample_counts(cfg), run_dir=run_dir)
+        cfg = self.cfg
+        self._clusters: dict[str, dict[str, list[str]]] = {}  # this round's, per edge (for the cost model)
         self.cloud = CloudCore(cfg, run_dir)
         package = self.cloud.package
         self.by_edge = devices_by_edge(cfg.topology)
@@ -129,8 +136,12 @@ class InProcessGaisNet:
 
     def edge_round(self, edge: str, round_idx: int | None = None) -> EdgeUpdate:
         trainer = self.edges[edge]
-        chosen = participants(self.cfg, edge, self.by_edge[edge], round_idx)
-        clusters = plan_clusters(self.cfg, edge, {d: self.devices[d].num_samples for d in chosen})
+        plan = self.run_plan
+        trains = [d for d in self.by_edge[edge] if plan is None or plan.trains(d)]
+        chosen = participants(self.cfg, edge, trains, round_idx)
+        clusters = plan_clusters(self.cfg, edge, {d: self.devices[d].num_samples for d in chosen},
+                                 plan.clusters_of(edge) if plan else None)
+        self._clusters[edge] = clusters
         trainer.begin_round(self.knowledge, clusters)
         last = {}
         for cid, members in clusters.items():
@@ -138,13 +149,19 @@ class InProcessGaisNet:
             for d in members:
                 adapter = trainer.begin_turn(cid, d, previous)
                 previous = self.devices[d].train_turn(adapter, DirectEdgeLink(trainer, cid, d), cid,
-                                                      self.cfg.training.local_steps, round_idx)
+                                                      self.cfg.training.local_steps, round_idx,
+                                                      plan.emulation(edge, clusters, cid, d) if plan else None)
             last[cid] = previous
         return trainer.finish_round(last)
 
     def run_round(self, round_idx: int) -> dict:
+        started = time.perf_counter()
+        self._clusters = {}
         updates = [self.edge_round(e, round_idx) for e in self.by_edge]
+        train_s = time.perf_counter() - started  # edges one after another here, in parallel on Ray
         self.knowledge, metrics = self.cloud.aggregate_round(round_idx, updates)
+        if self.run_plan is not None:
+            metrics["plan"] = {**self.run_plan.metrics(self._clusters), "measured_train_s": train_s}
         if "relay" in metrics:  # relay down: each edge and device gets its part of the new base
             base = self.cloud.package
             metrics["relay"]["bytes_down"] = relay_down_bytes(
