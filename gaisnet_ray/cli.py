@@ -3,6 +3,10 @@
 Exit codes: 0 success; 2 bad config or arguments, a Ray cluster that cannot be joined or lacks
 the tier resources, or a run whose estimated peak memory does not fit (nothing was started); 1 the run (or a submitted job) failed; 130 interrupted
 (Ctrl-C or SIGTERM; what was finished stays on disk).
+
+Bad input found from names and small files alone (config keys and values, --out, model.path, cuts,
+run folders) exits 2 before torch, transformers or Ray are imported: keep those imports inside the
+functions that need them.
 """
 
 from __future__ import annotations
@@ -70,40 +74,102 @@ def _parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="summarize a run folder: rounds, eval, bytes, versions")
     ins.add_argument("run_dir")
+
+    pl = sub.add_parser("plan", help="plan the round (cuts, clusters, bandwidth shares) and show its modeled "
+                                     "delay, energy and device memory next to the alternatives; writes JSON")
+    pl.add_argument("config", nargs="?", help="YAML config; omitted: the embedded default")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pl.add_argument("--out", default="plan.json", help="JSON file of the plans (default: plan.json)")
+
+    pa = sub.add_parser("privacy-audit", help="attack a run folder as a curious edge/cloud would and report what "
+                                              "leaks next to exact match (writes RUN_DIR/privacy_audit.json)")
+    pa.add_argument("run_dir")
+    pa.add_argument("--examples", type=int, default=48, help="private training examples attacked (default 48)")
+    pa.add_argument("--set", dest="overrides", action="append", default=[], metavar="privacy.KEY=VALUE",
+                    help="audit as if the run had sent its hidden states under these privacy settings")
     return p
 
 
 def _inspect(run_dir: Path) -> int:
-    from .runfolder import read_metrics
+    """One JSON line per complete round; then what is damaged: a metrics tail that is not complete
+    JSON (skipped, as ``--resume`` does) and knowledge versions that fail their content hash."""
+    from .runfolder import METRICS_NAME, RunFolderError, check_run_folder, split_metrics
 
-    if not (run_dir / "config.yaml").exists():
-        print(f"error: '{run_dir}' is not a run folder (no config.yaml)", file=sys.stderr)
+    try:
+        check_run_folder(run_dir)
+    except RunFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    for m in read_metrics(run_dir):
-        ev = m.get("eval", {})
-        em = {d: round(v["exact_match"], 3) for d, v in ev.items()}
-        loss = {d: round(v["loss"], 3) for d, v in ev.items()}
-        row = {"round": m["round"], "version": m["version"], "train_loss": round(m["train_loss"], 4),
-               "eval_loss": loss, "exact_match": em, "bytes_up": m["bytes_up"], "bytes_down": m["bytes_down"],
-               "modeled_comm_s": round(m["modeled_comm_s"], 3), "wall_s": round(m["wall_s"], 2)}
-        if m.get("relay"):
-            rel = m["relay"]
-            row["relay"] = {"policy": rel["policy"], "base_version": rel["base_version"],
-                            **{f"cloud_loss_{k}": {d: round(v["loss"], 3) for d, v in rel[f"cloud_{k}"].items()}
-                               for k in ("before", "after")}}
-        print(json.dumps(row))
+    rows, tail = split_metrics(run_dir)
+    for m in rows:
+        try:
+            print(json.dumps(_inspect_row(m)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            print(json.dumps({"round": m.get("round"), "unreadable": f"{type(e).__name__}: {e}"}))
+    if tail:
+        total = len((run_dir / METRICS_NAME).read_text(encoding="utf-8", errors="replace").splitlines())
+        print(f"{METRICS_NAME}: skipped {len(tail)} line(s) from line {total - len(tail) + 1} on: not a complete "
+              f"JSON record (a half-written line a killed driver left); `gaisnet run --resume` moves them to "
+              f"orphaned/")
     versions = sorted(p.name for p in (run_dir / "knowledge").glob("v*") if p.is_dir())
     print(f"knowledge versions: {', '.join(versions) or 'none'}")
+    _inspect_damage(run_dir / "knowledge")
     bases = sorted(p.name for p in (run_dir / "knowledge" / "bases").glob("b*") if p.is_dir())
     if bases:
         print(f"base versions: {', '.join(bases)} (model/ = {bases[-1]})")
     return 0
 
 
+def _inspect_row(m: dict) -> dict:
+    ev = m.get("eval") or {}
+    em = {d: round(v["exact_match"], 3) for d, v in ev.items()}
+    loss = {d: round(v["loss"], 3) for d, v in ev.items()}
+    row = {"round": m["round"], "version": m["version"], "train_loss": round(m["train_loss"], 4),
+           "eval_loss": loss, "exact_match": em, "bytes_up": m["bytes_up"], "bytes_down": m["bytes_down"],
+           "modeled_comm_s": round(m["modeled_comm_s"], 3), "wall_s": round(m["wall_s"], 2)}
+    if m.get("relay"):
+        rel = m["relay"]
+        row["relay"] = {"policy": rel["policy"], "base_version": rel["base_version"],
+                        **{f"cloud_loss_{k}": {d: round(v["loss"], 3) for d, v in rel[f"cloud_{k}"].items()}
+                           for k in ("before", "after")}}
+    return row
+
+
+def _inspect_damage(knowledge: Path) -> None:
+    """A line per knowledge version (global, then each edge's) that fails ``KnowledgeStore.verify``
+    (its weights do not match the content hash its lineage recorded, or a file is missing or cut),
+    and the newest intact global version: the one serving falls back to."""
+    import re
+
+    from .knowledge import KnowledgeStore
+
+    def folder_versions(root: Path) -> list[int]:  # every vNNNN folder, with or without lineage.json
+        found = (re.fullmatch(r"v(\d{4,})", p.name) for p in root.glob("v*") if p.is_dir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    stores = [("", knowledge)]
+    if (knowledge / "edges").is_dir():
+        stores += [(f"edges/{p.name}/", p) for p in sorted((knowledge / "edges").iterdir()) if p.is_dir()]
+    for prefix, root in stores:
+        store = KnowledgeStore(root)
+        damaged = store.damaged()  # and the folders it does not list as versions (no lineage.json)
+        damaged.update({v: why for v in set(folder_versions(root)) - set(store.versions())
+                        if (why := store.verify(v)) is not None})
+        for v in sorted(damaged):
+            print(f"damaged: {prefix}{damaged[v]}")
+        if damaged and not prefix:
+            newest = store.latest_intact()[0]
+            print(f"newest intact version: {'none' if newest is None else f'v{newest:04d}'}")
+
+
 def _serve(args) -> int:
+    from .runfolder import RunFolderError, check_run_folder
+
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        print(f"error: '{run_dir}' is not a run folder (no config.yaml)", file=sys.stderr)
+    try:
+        check_run_folder(run_dir, serving=True)  # before Ray, Serve or torch are imported
+    except RunFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     overrides = list(args.overrides)
     if args.host is not None:
@@ -112,6 +178,7 @@ def _serve(args) -> int:
         overrides.append(f"serve.port={args.port}")
     try:
         cfg = load_config(run_dir / "config.yaml", overrides)
+        _check_api_keys(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -146,29 +213,36 @@ def _submit(args, cfg) -> int:
 
 
 def _resume(args) -> int:
-    from .runfolder import RunFolderError, resume_run_dir
+    from .runfolder import RunFolderError, check_resumable, resume_run_dir
 
     if args.config or args.out:
         print("error: --resume continues RUN_DIR with its own config.yaml; give no CONFIG or --out",
               file=sys.stderr)
         return 2
+    try:
+        check_resumable(Path(args.resume), args.overrides)  # names only, before Ray is imported
+    except (ConfigError, RunFolderError) as e:
+        return _refuse(e)
     from .cluster import ClusterError, check_address
 
     try:
         check_address(args.address)  # before the folder is touched
     except ClusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _refuse(e)
     try:
         cfg, done = resume_run_dir(args.resume, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except RunFolderError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if args.serve:
+            _check_api_keys(cfg)
+    except (ConfigError, RunFolderError) as e:
+        return _refuse(e)
     print(f"resuming {args.resume} after round {done} of {cfg.training.rounds}", flush=True)
     return _run(args, cfg, args.resume, resume_round=done)
+
+
+def _refuse(e: Exception) -> int:
+    """Exit 2 with one line: ``config error: ...`` for a ConfigError, ``error: ...`` otherwise."""
+    print(f"config error: {e}" if isinstance(e, ConfigError) else f"error: {e}", file=sys.stderr)
+    return 2
 
 
 def _run(args, cfg, out, resume_round: int | None = None) -> int:
@@ -198,6 +272,34 @@ def _run(args, cfg, out, resume_round: int | None = None) -> int:
     return 0
 
 
+def _check_api_keys(cfg) -> None:
+    """Read the API keys now (``serve.api_keys``, the key file, ``$GAISNET_API_KEYS``), so a missing
+    key file or a malformed key is a one-line ConfigError before Ray starts, not after round 1."""
+    from .serve.auth import resolve_api_keys
+
+    resolve_api_keys(cfg.serve)
+
+
+def _precheck(cfg, out, serve: bool = False) -> bool:
+    """``precheck.check_run_input``: the --out folder, the model source and the cuts, before
+    torch, transformers or Ray are imported. True (after one line on stderr) when they are wrong."""
+    from .models.sources import ModelSourceError
+    from .precheck import check_run_input
+    from .runfolder import RunFolderError
+
+    try:
+        check_run_input(cfg, out)
+        if serve:
+            _check_api_keys(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return True
+    except (RunFolderError, ModelSourceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return True
+    return False
+
+
 def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -206,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "inspect":
         return _inspect(Path(args.run_dir))
+    if args.command == "privacy-audit":
+        from .privacy.command import run_command
+
+        return run_command(args)
     # `kill` and container runtimes send SIGTERM: unwind like Ctrl-C, so actors, Serve and a local
     # Ray started here are shut down and every finished round stays on disk
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
@@ -227,10 +333,16 @@ def _main(args) -> int:
     if args.command == "config":
         print(config_to_yaml(cfg), end="")
         return 0
+    if args.command == "plan":
+        from .planner.command import plan_command
+
+        return plan_command(cfg, args.out)
     if args.command == "submit":
         return _submit(args, cfg)
     if args.command == "run" and args.resume:
         return _resume(args)
+    if _precheck(cfg, args.out, serve=args.serve):
+        return 2
     from .cluster import ClusterError, check_address
 
     try:

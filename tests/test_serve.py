@@ -45,15 +45,20 @@ PROMPT = "12+"  # a prompt the test model answers with several tokens
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A run folder (config.yaml, model/, knowledge/ with global and per-edge versions), no Ray."""
+    out = make_run(tmp_path_factory.mktemp("serve") / "run")
+    assert (out / "knowledge" / "edges" / "edge-0").is_dir()
+    return out
+
+
+def make_run(out: Path) -> Path:
+    """The tiny run folder the serving tests share: config.yaml and one in-process round (v1)."""
     from gaisnet_ray.config import config_to_yaml, load_config
     from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
 
     cfg = load_config(TINY_YAML, RUN)
-    out = tmp_path_factory.mktemp("serve") / "run"
     out.mkdir()
     (out / "config.yaml").write_text(config_to_yaml(cfg))
     InProcessGaisNet(cfg, out).run_round(1)
-    assert (out / "knowledge" / "edges" / "edge-0").is_dir()
     return out
 
 

@@ -28,8 +28,7 @@ import pytest
 
 from gaisnet_ray.serve.settings import ServeSettings
 
-from test_serve import RUN, _free_port, _publish_scaled, _wait
-from tinycfg import TINY_YAML
+from test_serve import _free_port, _publish_scaled, _wait, make_run
 
 KEY, ENV_KEY = "k-test-config", "k-test-env"
 PROMPT = "12+"
@@ -46,14 +45,7 @@ def _damage(path: Path) -> None:
 @pytest.fixture(scope="module")
 def hostile_run(tmp_path_factory) -> Path:
     """test_serve's run folder recipe (round 1: v1), plus v2 published and then cut in half."""
-    from gaisnet_ray.config import config_to_yaml, load_config
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
-
-    cfg = load_config(TINY_YAML, RUN)
-    out = tmp_path_factory.mktemp("hostile") / "run"
-    out.mkdir()
-    (out / "config.yaml").write_text(config_to_yaml(cfg))
-    InProcessGaisNet(cfg, out).run_round(1)
+    out = make_run(tmp_path_factory.mktemp("hostile") / "run")
     _publish_scaled(out, 1, 2)
     _damage(out / "knowledge" / "v0002" / "adapter_model.safetensors")
     return out
