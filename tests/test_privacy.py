@@ -18,7 +18,7 @@ from gaisnet_ray.privacy import attacks as A
 from gaisnet_ray.privacy.dp import DPAggregator, dp_fedavg, epsilon_after, noise_multiplier_for
 from gaisnet_ray.privacy.noise import clip_rows, distance_correlation, noise_std, privatize_hidden
 from gaisnet_ray.privacy.secagg import SecAggError, reconstruct, secure_fedavg, share
-from tests.tinycfg import tiny_config
+from tinycfg import tiny_config
 
 
 @pytest.fixture(scope="module")
