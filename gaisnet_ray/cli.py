@@ -139,22 +139,14 @@ def _inspect_damage(knowledge: Path) -> None:
     """A line per knowledge version (global, then each edge's) that fails ``KnowledgeStore.verify``
     (its weights do not match the content hash its lineage recorded, or a file is missing or cut),
     and the newest intact global version: the one serving falls back to."""
-    import re
-
     from .knowledge import KnowledgeStore
-
-    def folder_versions(root: Path) -> list[int]:  # every vNNNN folder, with or without lineage.json
-        found = (re.fullmatch(r"v(\d{4,})", p.name) for p in root.glob("v*") if p.is_dir())
-        return sorted(int(m.group(1)) for m in found if m)
 
     stores = [("", knowledge)]
     if (knowledge / "edges").is_dir():
         stores += [(f"edges/{p.name}/", p) for p in sorted((knowledge / "edges").iterdir()) if p.is_dir()]
     for prefix, root in stores:
         store = KnowledgeStore(root)
-        damaged = store.damaged()  # and the folders it does not list as versions (no lineage.json)
-        damaged.update({v: why for v in set(folder_versions(root)) - set(store.versions())
-                        if (why := store.verify(v)) is not None})
+        damaged = store.damaged()
         for v in sorted(damaged):
             print(f"damaged: {prefix}{damaged[v]}")
         if damaged and not prefix:

@@ -406,3 +406,7 @@ def test_store_verify_catches_truncated_and_edited_versions_and_finds_newest_int
     assert store.latest_intact(up_to=0) == (0, {})
     (store.path(0) / "adapter_config.json").unlink()
     assert store.latest_intact() == (None, {**skipped, 0: "v0000: adapter_config.json is missing"})
+    # a version folder whose lineage.json is gone is no published version, but it is damaged
+    (store.path(2) / "lineage.json").unlink()
+    assert store.versions() == [0, 1]
+    assert store.damaged()[2] == "v0002: lineage.json is missing" and set(store.damaged()) == {0, 1, 2}

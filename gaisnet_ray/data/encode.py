@@ -93,3 +93,10 @@ def encode_examples(
         input_ids[i, :n] = torch.tensor(prompt + target, dtype=torch.long)
         labels[i, len(prompt) : n] = torch.tensor(target, dtype=torch.long)
     return {"input_ids": input_ids, "labels": labels}
+
+
+def lengths_of(labels: torch.Tensor) -> torch.Tensor:
+    """(N, T) labels of ``encode_examples`` (answer + eos supervised, -100 on the prompt and the
+    padding after) -> (N,) real tokens in each sequence."""
+    t = torch.arange(labels.shape[1]).expand_as(labels)
+    return torch.where(labels != -100, t + 1, torch.zeros_like(t)).max(dim=1).values

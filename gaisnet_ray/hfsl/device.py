@@ -12,11 +12,11 @@ import torch
 
 from ..config import PeftConfig, TrainingConfig
 from ..data import Example, encode_examples
+from ..data.encode import lengths_of
 from ..knowledge.codec import payload_nbytes, tensor_nbytes
 from ..models.adapters import adapter_state, load_adapter_state, load_base_state, trainable_parameters
 from ..models.parts import ModelPart
 from ..models.split import Cut, build_tier_model
-from ..privacy.attacks import lengths_of
 from ..privacy.noise import nopeek_penalty, privatize_hidden
 from .messages import LinkUsage, StateDict, TurnResult
 

@@ -116,14 +116,14 @@ class KnowledgeStore:
 
     def versions(self) -> list[int]:
         """Published versions, ascending (temporary folders are ignored)."""
+        return [v for v in self._folder_versions() if (self._dir(v) / LINEAGE_NAME).is_file()]
+
+    def _folder_versions(self) -> list[int]:
+        """Every ``vNNNN`` folder, ascending, with or without its lineage.json."""
         if not self.root.is_dir():
             return []
-        found = []
-        for p in self.root.iterdir():
-            m = _VERSION_DIR.match(p.name)
-            if m and (p / LINEAGE_NAME).is_file():
-                found.append(int(m.group(1)))
-        return sorted(found)
+        found = (_VERSION_DIR.match(p.name) for p in self.root.iterdir() if p.is_dir())
+        return sorted(int(m.group(1)) for m in found if m)
 
     def latest_version(self) -> int | None:
         versions = self.versions()
@@ -171,8 +171,10 @@ class KnowledgeStore:
         return None
 
     def damaged(self) -> dict[int, str]:
-        """Version -> reason, for every published version that fails :meth:`verify`."""
-        return {v: why for v in self.versions() if (why := self.verify(v)) is not None}
+        """Version -> reason, for every version folder that fails :meth:`verify`, including a
+        ``vNNNN`` folder whose lineage.json is gone (:meth:`versions` does not list it: publish
+        renames a complete folder into place, so such a folder was damaged afterwards)."""
+        return {v: why for v in self._folder_versions() if (why := self.verify(v)) is not None}
 
     def latest_intact(self, up_to: int | None = None) -> tuple[int | None, dict[int, str]]:
         """The newest version (at most ``up_to``) that passes :meth:`verify`, and the newer ones skipped

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.encode import lengths_of
+
 Front = Callable[[torch.Tensor], torch.Tensor]  # (B, T) token ids -> (B, T, H) hidden states
 Ranker = Callable[[torch.Tensor], torch.Tensor]  # (N, H) hidden rows -> (N, V) candidate scores
 NextRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # prefix (a, t), cand (a, k) -> (a, k, H)
@@ -47,12 +49,6 @@ def cached_next_rows(split, front_end: int) -> NextRows:
         return split.front(cand.reshape(-1, 1), front_end, cache=cache, past_len=prefix.shape[1]).view(a, k, -1)
 
     return rows
-
-
-def lengths_of(labels: torch.Tensor) -> torch.Tensor:
-    """(N, T) labels (answer + eos supervised, -100 elsewhere) -> (N,) tokens in each sequence."""
-    t = torch.arange(labels.shape[1]).expand_as(labels)
-    return torch.where(labels != -100, t + 1, torch.zeros_like(t)).max(dim=1).values
 
 
 @dataclass
