@@ -313,7 +313,7 @@ def _float_keys(model: type, prefix: str = "") -> dict[str, str]:
 def test_no_float_key_takes_inf_or_nan():
     """inf (and NaN) means nothing for any float key of the run — a rate, a size, a timeout, a share
     of a resource — so each is refused naming the key (``training.lr=.inf`` started a run that
-    failed in round 1), whichever module the section lives in (serve/settings.py too)."""
+    failed in round 1), whichever module the section lives in (config/serve.py too)."""
     from gaisnet_ray.config import Config
 
     keys = _float_keys(Config)

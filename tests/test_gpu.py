@@ -176,7 +176,7 @@ def test_actor_given_num_gpus_runs_on_cuda():
 
         class Probe:  # defined here so cloudpickle ships it by value to the worker
             def __init__(self, num_gpus: float):
-                from gaisnet_ray.actors.placement import setup_worker
+                from gaisnet_ray.worker_setup import setup_worker
 
                 self.device = setup_worker(1, num_gpus)
 

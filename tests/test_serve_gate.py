@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from gaisnet_ray.serve.settings import ServeSettings
+from gaisnet_ray.config import ServeSettings
 
 from tinycfg import TINY_YAML
 

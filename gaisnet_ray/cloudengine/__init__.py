@@ -2,23 +2,27 @@
 DeepSpeed (ZeRO 0-3, offload, bf16, gradient accumulation), checkpoints, resume, HF export.
 
 Core code: no Ray import, and deepspeed is imported only when a DeepSpeed engine is built.
-``settings`` needs only pydantic (``gaisnet_ray.config`` imports it); the trainer and the world
-load on first use, so importing the settings never pulls in torch or the data package.
+Its settings (the ``cloud:`` section) live in the config layer, ``gaisnet_ray.config.cloud``; the
+trainer and the world load on first use, so importing this package never pulls in torch or the
+data package.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .settings import CloudEngineConfig
+from ..config import CloudEngineConfig
 
 if TYPE_CHECKING:
-    from .engine import CheckpointError, CloudTrainer, deepspeed_config
+    from .checkpoint import CheckpointError
+    from .dsconfig import deepspeed_config
+    from .engine import CloudTrainer
     from .world import WorldError
 
 __all__ = ["CheckpointError", "CloudEngineConfig", "CloudTrainer", "WorldError", "deepspeed_config"]
 
-_LAZY = {"CheckpointError": "engine", "CloudTrainer": "engine", "deepspeed_config": "engine", "WorldError": "world"}
+_LAZY = {"CheckpointError": "checkpoint", "CloudTrainer": "engine", "deepspeed_config": "dsconfig",
+         "WorldError": "world"}
 
 
 def __getattr__(name: str):

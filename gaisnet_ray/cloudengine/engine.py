@@ -2,8 +2,8 @@
 
 One object, two engines chosen by ``CloudEngineConfig.engine``:
 
-- ``torch``: AdamW on the model as it is; the reference, and what ``hfsl/pretrain.py`` does
-  (``train`` reproduces ``pretrain_foundation`` exactly: same batch sampling, optimizer, schedule).
+- ``torch``: AdamW on the model as it is; the reference engine (the cloud's pre-training,
+  ``hfsl/cloudjobs.pretrain``, and its relay training run on whichever engine ``cloud.engine`` names).
 - ``deepspeed``: a DeepSpeed engine built from the settings (ZeRO stage, optimizer / parameter
   offload, bf16, gradient accumulation) around a ``torch.optim.AdamW`` (no op to compile), or
   ``DeepSpeedCPUAdam`` when optimizer offload runs on a GPU machine (or when asked for).
@@ -12,14 +12,14 @@ Both engines share the semantics of a step: ``step`` takes one micro-batch, back
 mean token loss divided by ``grad_accum_steps`` and steps the optimizer (and the cosine schedule)
 every ``grad_accum_steps`` micro-batches, so an optimizer step follows the mean of the micro-batch
 mean losses. Under ZeRO-3 the module's parameters are partitioned (shape (0,)) outside forward;
-read them with ``state_dict_for``, which gathers them.
+read them with ``state_dict_for``, which gathers them. The DeepSpeed config comes from
+``dsconfig.deepspeed_config``; saving and resuming from ``checkpoint.TrainerCheckpoints``.
 
 deepspeed is imported lazily, inside the methods that need it, so importing gaisnet_ray stays fast.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -27,70 +27,23 @@ from typing import Literal
 
 import torch
 
+from ..config import CloudEngineConfig
 from ..data import Example, encode_examples
-from .settings import CloudEngineConfig
-from .world import World, WorldSpec, close_world, ensure_accelerator, open_world
+from .checkpoint import CheckpointError, TrainerCheckpoints
+from .dsconfig import deepspeed_config
+from .world import World, WorldSpec, close_world, ensure_accelerator, open_world, process_rank
 
 __all__ = ["CheckpointError", "CloudTrainer", "deepspeed_config"]
-
-LATEST = "latest"  # DeepSpeed's name for the file holding the newest checkpoint tag; used for both engines
-META_NAME = "cloud_engine.json"  # beside each checkpoint tag: settings, steps, time
-TORCH_STATE_NAME = "trainer_state.pt"  # the torch engine's checkpoint inside a tag folder
 
 KeySelection = Iterable[str] | Callable[[str], bool] | None
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]  # (logits, batch) -> scalar loss
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing, or was written by a different engine or ZeRO stage."""
-
-
-def _merged(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def deepspeed_config(settings: CloudEngineConfig, micro_batch_size: int = 1, overrides: dict | None = None) -> dict:
-    """The DeepSpeed config dict for ``settings`` (one process: train batch = micro x accumulation).
-
-    ``micro_batch_size`` only feeds DeepSpeed's bookkeeping (samples counted, throughput logs); the
-    batches ``step`` receives may have any size. ``overrides`` is merged in last (nested dicts
-    merge), for DeepSpeed options the settings do not cover, e.g.
-    ``{"zero_optimization": {"stage3_param_persistence_threshold": 0}}``.
-    """
-    zero: dict = {"stage": settings.zero_stage}
-    if settings.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if settings.offload_params:
-        zero["offload_param"] = {"device": "cpu"}
-    config = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": settings.grad_accum_steps,
-        "train_batch_size": micro_batch_size * settings.grad_accum_steps * settings.workers,
-        "zero_optimization": zero,
-        "bf16": {"enabled": settings.precision == "bf16"},
-        "gradient_clipping": 0.0,
-        # a torch optimizer with offload is allowed (on the CPU it is the same work as cpu_adam)
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    return _merged(config, overrides or {})
-
-
-class CloudTrainer:
+class CloudTrainer(TrainerCheckpoints):
     """Trains every trainable parameter of ``model`` (a Hugging Face causal LM, or a peft model).
 
-    ``lr`` and ``weight_decay`` are AdamW's (0.01 is torch's default, what ``pretrain_foundation``
-    uses); ``total_steps`` > 0 decays the learning rate with a cosine over that many optimizer
+    ``lr`` and ``weight_decay`` are AdamW's (0.01 is torch's default, what cloud
+    pre-training uses); ``total_steps`` > 0 decays the learning rate with a cosine over that many optimizer
     steps (``CosineAnnealingLR``), None keeps it constant. ``optimizer``: ``auto`` picks
     ``DeepSpeedCPUAdam`` only for optimizer offload on a non-CPU accelerator, torch AdamW otherwise;
     ``cpu_adam`` forces it (its op compiles on first use, ~50 s on 2 cores).
@@ -217,7 +170,7 @@ class CloudTrainer:
         """``steps`` optimizer steps on ``examples``; returns each step's mean micro-batch loss.
         ``system``: the chat template's system turn (``data.system_prompt``), as in every tier.
 
-        Batches are drawn as in ``pretrain_foundation``: one ``torch.Generator`` seeded with
+        Batches are drawn from one ``torch.Generator`` seeded with
         ``seed`` (plus the rank in a multi-worker world, so each rank trains on its own batches),
         ``batch_size`` row indices with replacement per micro-batch. The stream is a
         function of (seed, micro-batches already seen), so a trainer resumed from a checkpoint
@@ -324,77 +277,11 @@ class CloudTrainer:
                     import deepspeed
 
                     with deepspeed.zero.GatheredParameters([t], modifier_rank=0):
-                        if _rank() == 0:
+                        if process_rank() == 0:
                             t.data.copy_(value.to(t.device, t.dtype))
                 else:
                     t.data.copy_(value.to(t.device, t.dtype))
         return len(done)
-
-    # ------------------------------------------------------------------------------- checkpoints
-    def _meta(self) -> dict:
-        return {"settings": self.settings.model_dump(mode="json"), "micro_steps": self.micro_steps,
-                "optimizer_steps": self.optimizer_steps, "optimizer": self.optimizer_kind,
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-    def save_checkpoint(self, directory: str | Path) -> Path:
-        """Everything needed to resume (model, optimizer, schedule, steps, RNG) under
-        ``directory/step<N>``; ``directory/latest`` names the newest tag. DeepSpeed writes its own
-        (per-rank, ZeRO-partitioned) checkpoint; the torch engine one ``trainer_state.pt``."""
-        self._check_open()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tag = f"step{self.optimizer_steps}"
-        client = {"micro_steps": self.micro_steps, "torch_rng": torch.get_rng_state()}
-        if self._engine is not None:
-            self._engine.save_checkpoint(str(directory), tag=tag, client_state=client)
-        else:
-            (directory / tag).mkdir(exist_ok=True)
-            state = {
-                "model": self._module.state_dict(),
-                "optimizer": self._optimizer.state_dict(),
-                "scheduler": self._scheduler.state_dict() if self._scheduler is not None else None,
-                "optimizer_steps": self._optimizer_steps,
-                **client,
-            }
-            torch.save(state, directory / tag / TORCH_STATE_NAME)
-            (directory / LATEST).write_text(tag)
-        if _rank() == 0:
-            (directory / tag / META_NAME).write_text(json.dumps(self._meta(), indent=2) + "\n")
-        return directory / tag
-
-    def load_checkpoint(self, directory: str | Path) -> int:
-        """Resume from the newest checkpoint in ``directory`` (written by the same engine and ZeRO
-        stage); returns the optimizer step it was saved at."""
-        self._check_open()
-        directory = Path(directory)
-        if not (directory / LATEST).is_file():
-            raise CheckpointError(f"'{directory}' holds no checkpoint (no '{LATEST}' file)")
-        tag = (directory / LATEST).read_text().strip()
-        meta_path = directory / tag / META_NAME
-        if not meta_path.is_file():
-            raise CheckpointError(f"checkpoint '{directory / tag}' has no {META_NAME}")
-        saved = json.loads(meta_path.read_text())["settings"]
-        for key in ("engine", "zero_stage"):
-            if saved[key] != getattr(self.settings, key):
-                raise CheckpointError(
-                    f"checkpoint '{directory / tag}' was written with cloud.{key}={saved[key]!r}, this trainer "
-                    f"has cloud.{key}={getattr(self.settings, key)!r}; resume with the same settings, or start "
-                    "from its exported Hugging Face folder instead")
-        if self._engine is not None:
-            path, client = self._engine.load_checkpoint(str(directory), tag=tag)
-            if path is None:
-                raise CheckpointError(f"DeepSpeed could not load checkpoint '{directory / tag}'")
-        else:
-            # CPU first (the RNG state must stay a CPU tensor); load_state_dict moves to the model's device
-            client = torch.load(directory / tag / TORCH_STATE_NAME, map_location="cpu", weights_only=False)
-            self._module.load_state_dict(client["model"])
-            self._optimizer.load_state_dict(client["optimizer"])
-            if self._scheduler is not None and client["scheduler"] is not None:
-                self._scheduler.load_state_dict(client["scheduler"])
-            self._optimizer_steps = client["optimizer_steps"]
-        self.micro_steps = int(client["micro_steps"])
-        torch.set_rng_state(client["torch_rng"])
-        return self.optimizer_steps
 
     def export_hf(self, directory: str | Path, tokenizer=None, dtype: torch.dtype | None = torch.float32) -> Path:
         """A consolidated Hugging Face folder (``AutoModelForCausalLM.from_pretrained`` loads it).
@@ -418,7 +305,7 @@ class CloudTrainer:
                 if id(v) not in cast:
                     cast[id(v)] = v.to(dtype) if v.is_floating_point() else v
                 state[k] = cast[id(v)]
-        if _rank() == 0:
+        if process_rank() == 0:
             directory.mkdir(parents=True, exist_ok=True)
             self._module.save_pretrained(directory, state_dict=state)
             if dtype is not None:  # config.json records the module's dtype; make it say what was written

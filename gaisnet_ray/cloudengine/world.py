@@ -70,6 +70,13 @@ def ensure_accelerator() -> str:
     return os.environ.get("DS_ACCELERATOR", "cuda")
 
 
+def process_rank() -> int:
+    """This process's rank in the torch.distributed world it is in; 0 outside one."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now (for a rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

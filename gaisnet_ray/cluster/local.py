@@ -25,7 +25,8 @@ from typing import Iterator
 import ray
 from ray.exceptions import AuthenticationError
 
-from ..config import TIER_RESOURCES, Config
+from ..config import Config
+from ..tiers import TIER_RESOURCES, placements, total_demand
 from .preflight import demands, placement_problems, resource_error_message
 
 
@@ -66,26 +67,13 @@ def joins_cluster(address: str | None = None) -> bool:
 
 
 def required_resources(cfg: Config, training: bool = True, serving: bool = False) -> dict[str, float]:
-    """What a run asks of Ray: one tier resource per actor (``cloud.workers`` for the cloud) plus the
-    tiers' CPUs and GPUs when
-    ``training``, and the Serve deployments' share of them when ``serving``.
+    """What a run asks of Ray in all (``tiers.placements``): one tier resource per actor
+    (``cloud.workers`` for the cloud) plus the tiers' CPUs and GPUs when ``training``, and the Serve
+    deployments' share of them when ``serving``.
 
     Tier resources are rounded up to whole units: a node declares ``gaisnet_edge: 2``, not 2.03.
     """
-    t = cfg.topology
-    need = {TIER_RESOURCES["cloud"]: 0.0, TIER_RESOURCES["edge"]: 0.0, TIER_RESOURCES["end"]: 0.0,
-            "CPU": 0.0, "GPU": 0.0}
-    if training:
-        workers = cfg.cloud.workers  # the CloudNode and its peer CloudWorkers
-        need[TIER_RESOURCES["cloud"]] += workers
-        need[TIER_RESOURCES["edge"]] += t.edges
-        ends = t.end_workers or t.num_devices  # EndWorker pool actors, or one EndNode per device
-        need[TIER_RESOURCES["end"]] += ends
-        need["CPU"] += workers * t.cloud.num_cpus + t.edges * t.edge.num_cpus + ends * t.end.num_cpus
-        need["GPU"] += workers * t.cloud.num_gpus + t.edges * t.edge.num_gpus + ends * t.end.num_gpus
-    if serving:
-        for k, v in cfg.serve.required_resources().items():
-            need[k] += v
+    need = total_demand(placements(cfg, training, serving))
     for k in TIER_RESOURCES.values():
         need[k] = math.ceil(need[k])
     return need

@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from ..config import Config
 from ..hfsl.memory import (GB, InsufficientMemoryError, JobEstimate, estimate_job, model_config_of, monitor_threshold,
                            refusal_message)
-from ..serve.settings import TIER_RESOURCE_SHARE
-from ..tiers import TIER_RESOURCES
+from ..tiers import TIER_RESOURCES, placements
 
 
 @dataclass(frozen=True)
@@ -41,19 +40,10 @@ class Demand:
 
 
 def demands(cfg: Config, training: bool = True, serving: bool = False) -> list[Demand]:
-    t = cfg.topology
-    out: list[Demand] = []
-    if training:
-        for tier in ("cloud", "edge", "end"):
-            res = getattr(t, tier)
-            out.append(Demand(f"{tier} actor", tier, {TIER_RESOURCES[tier]: 1.0, "CPU": res.num_cpus,
-                                                      "GPU": res.num_gpus}, dict(res.node_labels)))
-    if serving:
-        for tier in ("cloud", "edge", "end"):
-            rep = getattr(cfg.serve, tier)
-            out.append(Demand(f"{tier} Serve replica", tier, {TIER_RESOURCES[tier]: TIER_RESOURCE_SHARE,
-                                                              "CPU": rep.num_cpus, "GPU": rep.num_gpus}))
-    return out
+    """One ``Demand`` per kind of actor or Serve replica that has a tier (``tiers.placements``: the
+    shapes the actors and deployments really ask for; the ingress goes anywhere and is not checked)."""
+    return [Demand(p.what, p.shape.tier, p.shape.demand(), dict(p.shape.labels))
+            for p in placements(cfg, training, serving) if p.shape.tier is not None]
 
 
 def _alive(nodes: list[dict]) -> list[dict]:

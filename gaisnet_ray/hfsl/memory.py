@@ -1,7 +1,7 @@
 """How much memory each actor of a run needs at its peak, estimated before any actor starts.
 
-Pure arithmetic over the model's config dict (no weights loaded), the cut, the topology and the
-scheme, so a run that cannot fit is refused in seconds, with the numbers, instead of Ray's memory
+Pure arithmetic over the model's sizes (``models.geometry.ModelGeometry``, read from its config
+dict: no weights loaded), the cut, the topology and the scheme, so a run that cannot fit is refused in seconds, with the numbers, instead of Ray's memory
 monitor killing a worker mid-round. Each actor's peak resident memory (what ``ru_maxrss`` reports,
 and the round metrics' ``peak_rss_mb``) is the sum of
 
@@ -30,16 +30,12 @@ Peaks of different actors rarely coincide, so the check errs on the safe side.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
-from typing import TYPE_CHECKING
-
 from ..config import Config
-
-if TYPE_CHECKING:  # imported where used: this module loads without torch (the CLI checks before torch loads)
-    from ..models.parts import ModelPart
+from ..models.geometry import ModelGeometry
+from ..schemes import scheme_of
 
 GB = 1e9
 MB = 1e6
@@ -52,11 +48,6 @@ RUNTIME_SHARED_BYTES = int(0.18 * GB)
 # Local dev mode besides the actors: raylet, GCS and other Ray processes, and the driver (which
 # imports torch).
 LOCAL_SYSTEM_BYTES = int(1.2 * GB)
-# Autograd keeps per token and block about ACT_H x hidden + ACT_I x intermediate fp32 values under
-# LoRA training (the inputs of every projection, norms, attention and MLP intermediates; measured on
-# SmolLM2-135M: ~73 kB per token and block).
-ACT_H = 22
-ACT_I = 4
 # The head's logits (N, V) in fp32, N the supervised positions (``SplitModel.back_loss``): the logits'
 # log-softmax kept for the backward and two gradients. SUPERVISED is the fraction of positions
 # with a label assumed (answer-only loss; the built-in tasks have 10-25%).
@@ -81,78 +72,6 @@ class InsufficientMemoryError(RuntimeError):
 
     def __reduce__(self):
         return (type(self), (self.message,))
-
-
-# ---------------------------------------------------------------------------------- the model
-@dataclass(frozen=True)
-class ModelGeometry:
-    """The sizes that set a causal LM's memory, read from its config dict."""
-
-    family: str
-    num_layers: int
-    hidden: int
-    intermediate: int
-    vocab: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    positions: int  # learned position embeddings (GPT-2); 0 for rotary
-    tied: bool
-    bias: bool  # GPT-2's projections have biases
-
-    @classmethod
-    def from_config(cls, c: dict) -> "ModelGeometry":
-        family = str(c.get("model_type"))
-        if family == "gpt2":
-            h = int(c["n_embd"])
-            heads = int(c["n_head"])
-            return cls(family, int(c["n_layer"]), h, int(c.get("n_inner") or 4 * h), int(c["vocab_size"]), heads,
-                       heads, h // heads, int(c.get("n_positions", 0)), bool(c.get("tie_word_embeddings", True)), True)
-        h = int(c["hidden_size"])
-        heads = int(c["num_attention_heads"])
-        return cls(family, int(c["num_hidden_layers"]), h, int(c["intermediate_size"]), int(c["vocab_size"]), heads,
-                   int(c.get("num_key_value_heads") or heads), int(c.get("head_dim") or h // heads), 0,
-                   bool(c.get("tie_word_embeddings", False)), bool(c.get("attention_bias", False)))
-
-    # parameters ------------------------------------------------------------------------------
-    def block_params(self) -> int:
-        h, i = self.hidden, self.intermediate
-        if self.family == "gpt2":
-            return 4 * h * h + 2 * h * i + 9 * h + i  # c_attn, c_proj, c_fc, mlp c_proj (+ biases), 2 norms
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.bias else 0)
-        return attn + 3 * h * i + 2 * h
-
-    def embedding_params(self) -> int:
-        return (self.vocab + self.positions) * self.hidden
-
-    def head_params(self) -> int:
-        norm = 2 * self.hidden if self.family == "gpt2" else self.hidden
-        return norm + (0 if self.tied else self.vocab * self.hidden)
-
-    def part_bytes(self, part: "ModelPart", bytes_per_param: int = 4) -> int:
-        n = len(part.held_layers(self.num_layers)) * self.block_params()
-        n += self.embedding_params() if part.embeddings else 0
-        if part.head:
-            n += self.head_params() + (self.vocab * self.hidden if self.tied and not part.embeddings else 0)
-        return n * bytes_per_param
-
-    def lora_params_per_block(self, r: int, targets: list[str] | None) -> int:
-        h, i = self.hidden, self.intermediate
-        if self.family == "gpt2":
-            shapes = {"c_attn": [(h, 3 * h)], "c_proj": [(h, h), (i, h)], "c_fc": [(h, i)]}
-            default = ["c_attn", "c_proj", "c_fc"]
-        else:
-            q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-            shapes = {"q_proj": [(h, q)], "k_proj": [(h, kv)], "v_proj": [(h, kv)], "o_proj": [(q, h)],
-                      "gate_proj": [(h, i)], "up_proj": [(h, i)], "down_proj": [(i, h)]}
-            default = list(shapes)
-        # a target this table does not know is counted as one hidden x hidden projection
-        return sum(r * (a + b) for t in (targets or default) for a, b in shapes.get(t, [(h, h)]))
-
-    def activation_bytes_per_token_block(self, attn_eager: bool, seq_len: int) -> int:
-        floats = ACT_H * self.hidden + ACT_I * self.intermediate + (2 * self.heads * seq_len if attn_eager else 0)
-        return 4 * floats
 
 
 # ------------------------------------------------------------------------------- the estimate
@@ -220,18 +139,6 @@ class JobEstimate:
                                     "holds": a.what} for a in self.actors}}
 
 
-def _clusters_in_flight(cfg: Config, devices: int) -> int:
-    """How many clusters of one edge can hold a forward graph at once."""
-    t = cfg.training
-    if t.participants_per_edge:
-        devices = min(devices, t.participants_per_edge)
-    if t.scheme == "fl":
-        return 0
-    if t.scheme == "sl":
-        return 1
-    return math.ceil(devices / cfg.topology.cluster_size)
-
-
 def estimate_job(cfg: Config, model_config: dict, local: bool = True) -> JobEstimate:
     """Each actor kind's estimated peak memory for ``cfg`` on the model ``model_config`` (its
     ``PretrainedConfig.to_dict()``); ``local`` adds Ray's own processes and the driver."""
@@ -248,7 +155,8 @@ def estimate_job(cfg: Config, model_config: dict, local: bool = True) -> JobEsti
     logits = int(LOGIT_COPIES * SUPERVISED * tokens * g.vocab * 4)
     lora_block = g.lora_params_per_block(cfg.peft.r, cfg.peft.target_modules) * LORA_BYTES_PER_PARAM
     whole = g.part_bytes(ModelPart.whole())
-    fl = t.scheme == "fl"
+    scheme = scheme_of(cfg)
+    fl = not scheme.splits  # devices hold the whole model, the edge none of it
 
     # end devices: the largest part any device holds (its cut); one batch in flight
     def cut_of(device: str) -> Cut:
@@ -274,7 +182,7 @@ def estimate_job(cfg: Config, model_config: dict, local: bool = True) -> JobEsti
                   edge_part(cut_of(f"end-{e}-{d}") for d in range(topo.devices_per_edge)) for e in range(topo.edges)]
     e_part = max(edge_parts, key=g.part_bytes)
     e_blocks = len(e_part.held_layers(n))
-    clusters = _clusters_in_flight(cfg, topo.devices_per_edge)
+    clusters = scheme.clusters_in_flight(cfg, topo.devices_per_edge)  # each holds a forward graph at once
     edge = ActorEstimate("edge", topo.edges, {
         "runtime": RUNTIME_BYTES,
         "weights": g.part_bytes(e_part),

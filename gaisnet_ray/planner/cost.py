@@ -28,13 +28,8 @@ import math
 from dataclasses import dataclass
 
 from ..config import Config
-from ..hfsl.memory import (
-    LOGIT_COPIES,
-    LORA_BYTES_PER_PARAM,
-    RUNTIME_BYTES,
-    SUPERVISED,
-    ModelGeometry,
-)
+from ..hfsl.memory import LOGIT_COPIES, LORA_BYTES_PER_PARAM, RUNTIME_BYTES, SUPERVISED
+from ..models.geometry import ModelGeometry
 
 BACKWARD_RATIO = 1.0  # LoRA training: the backward is about one more forward (input gradients only)
 FP32 = 4

@@ -14,9 +14,8 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
-from ..config import Config, ConfigError
-from ..hfsl.plan import device_compute, devices_by_edge
-from .settings import DeviceSpec
+from ..config import Config, ConfigError, DeviceSpec
+from ..hfsl.topology import device_compute, devices_by_edge
 
 GIGA = 1e9
 MEGA = 1e6

@@ -1,9 +1,10 @@
 """Wiring: the Serve application over a run folder, and starting it from the CLI.
 
-- ``build_app(run_dir, settings)``: the application (edge, cloud, end, ingress), each deployment
-  placed by its tier resource and sized by the settings.
+- ``build_app(run_dir, settings, node_labels=...)``: the application (edge, cloud, end, ingress), each
+  deployment placed by its tier resource (and the tier's node labels, ``tiers.resource_shape``, as
+  the tier's actors are) and sized by the settings.
 - ``app_builder(args)``: the same for ``serve run deploy/serve_config.yaml`` (``args``: ``run_dir``,
-  optional ``settings``).
+  optional ``settings``; the node labels are the run's own ``topology.<tier>.node_labels``).
 - ``serve_run_dir(run_dir, cfg, address=None)``: ``gaisnet serve``: Ray (local dev mode unless one is
   up, or the existing cluster at ``address`` / ``RAY_ADDRESS``) + Serve on ``cfg.serve.host:port``;
   blocks until Ctrl-C or SIGTERM.
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
 import time
@@ -28,11 +30,13 @@ from ray.serve.config import BackpressureConfig
 from .cloud import CloudTier
 from .edge import EdgeTier
 from .end import EndTier
+from ..config import ConfigError, ServeSettings, ServeTier, load_config
 from ..knowledge.store import KnowledgeStore
+from ..layout import KNOWLEDGE_DIR, MODEL_CONFIG_NAME, MODEL_DIR, RunLayout
+from ..tiers import SERVE_REPLICA_SHARE, TIER_RESOURCES, resource_shape, tier_labels
 from .auth import exposure_warning, key_digest, resolve_api_keys
 from .errors import PortInUseError, check_port_free
 from .ingress import Router
-from .settings import TIER_RESOURCE_SHARE, TIER_RESOURCES, ServeSettings, ServeTier
 
 APP_NAME = "gaisnet"
 
@@ -50,12 +54,12 @@ def ingress_serve_limits(s: ServeSettings) -> tuple[int, int]:
     return 2 * (s.ingress_max_ongoing_requests + s.ingress_max_queued_requests), -1
 
 
-def deployment_options(tier: str, res: ServeTier, s: ServeSettings) -> dict:
-    """Replicas, placement by tier resource, and the request limits that turn overload into 503s."""
-    actor: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
-    if tier in TIER_RESOURCES:
-        actor["resources"] = {TIER_RESOURCES[tier]: TIER_RESOURCE_SHARE}
-    limits = (s.max_ongoing_requests, s.max_queued_requests) if tier in TIER_RESOURCES else ingress_serve_limits(s)
+def deployment_options(tier: str, res: ServeTier, s: ServeSettings, labels: dict[str, str] | None = None) -> dict:
+    """Replicas, placement (``tiers.resource_shape``: a share of the tier resource, CPUs, GPUs, and the
+    tier's node ``labels``; the ingress has no tier), and the request limits that turn overload into 503s."""
+    is_tier = tier in TIER_RESOURCES
+    actor: dict[str, Any] = resource_shape(tier if is_tier else None, res, SERVE_REPLICA_SHARE, labels or {}).ray_options()
+    limits = (s.max_ongoing_requests, s.max_queued_requests) if is_tier else ingress_serve_limits(s)
     return {
         "num_replicas": res.num_replicas,
         "ray_actor_options": actor,
@@ -66,27 +70,30 @@ def deployment_options(tier: str, res: ServeTier, s: ServeSettings) -> dict:
 
 
 def _check_run_dir(run_dir: str | Path) -> str:
-    path = Path(run_dir).resolve()
-    if not (path / "model" / "config.json").is_file():
-        raise FileNotFoundError(f"'{run_dir}' is not a run folder to serve: no model/config.json in it")
-    if not (path / "knowledge").is_dir():
-        raise FileNotFoundError(f"'{run_dir}' has no knowledge/ folder: nothing to serve yet")
-    return str(path)
+    run = RunLayout(Path(run_dir).resolve())
+    if not run.model_config.is_file():
+        raise FileNotFoundError(f"'{run_dir}' is not a run folder to serve: no {MODEL_DIR}/{MODEL_CONFIG_NAME} in it")
+    if not run.knowledge.is_dir():
+        raise FileNotFoundError(f"'{run_dir}' has no {KNOWLEDGE_DIR}/ folder: nothing to serve yet")
+    return str(run.root)
 
 
 def build_app(run_dir: str | Path, settings: ServeSettings | dict | None = None,
-              api_keys: list[str] | None = None) -> serve.Application:
+              api_keys: list[str] | None = None,
+              node_labels: dict[str, dict[str, str]] | None = None) -> serve.Application:
     """The tiered application over ``run_dir`` (checked now, loaded by each replica). ``api_keys``:
     the keys the API asks for (default: ``auth.resolve_api_keys`` of the settings); only their
-    digests go to the ingress."""
+    digests go to the ingress. ``node_labels``: tier -> the labels its replicas' nodes must have
+    (``tiers.tier_labels(cfg.topology)``; default: the tier resource alone decides)."""
     s = settings if isinstance(settings, ServeSettings) else ServeSettings.model_validate(settings or {})
     run_dir = _check_run_dir(run_dir)
     keys = resolve_api_keys(s) if api_keys is None else api_keys
     raw = s.model_dump(mode="json")
     raw["api_keys"] = []  # the keys stay here; the ingress gets their digests
-    edge = EdgeTier.options(**deployment_options("edge", s.edge, s)).bind(run_dir, raw)
-    cloud = CloudTier.options(**deployment_options("cloud", s.cloud, s)).bind(run_dir, raw)
-    end = EndTier.options(**deployment_options("end", s.end, s)).bind(edge, run_dir, raw)
+    labels = node_labels or {}
+    edge = EdgeTier.options(**deployment_options("edge", s.edge, s, labels.get("edge"))).bind(run_dir, raw)
+    cloud = CloudTier.options(**deployment_options("cloud", s.cloud, s, labels.get("cloud"))).bind(run_dir, raw)
+    end = EndTier.options(**deployment_options("end", s.end, s, labels.get("end"))).bind(edge, run_dir, raw)
     return Router.options(**deployment_options("ingress", s.ingress, s)).bind(
         edge, cloud, end, run_dir, raw, [key_digest(k) for k in keys])
 
@@ -106,7 +113,18 @@ def app_builder(args: dict) -> serve.Application:
         settings = ServeSettings.model_validate(parsed.settings)
     except ValidationError as e:
         raise ValueError(f"invalid gaisnet serve args: {e}") from None
-    return build_app(parsed.run_dir, settings)
+    return build_app(parsed.run_dir, settings, node_labels=run_tier_labels(parsed.run_dir))
+
+
+def run_tier_labels(run_dir: str | Path) -> dict[str, dict[str, str]]:
+    """The run's own ``topology.<tier>.node_labels`` (its config.yaml): a tier's replicas go where its
+    actors went. {} (the tier resource alone decides) when the folder has no readable config."""
+    cfg_path = RunLayout(run_dir).config
+    try:
+        return tier_labels(load_config(cfg_path).topology) if cfg_path.is_file() else {}
+    except ConfigError as e:
+        logging.getLogger(__name__).warning("%s: %s; serving replicas are placed by tier resource alone", cfg_path, e)
+        return {}
 
 
 @dataclass
@@ -129,10 +147,11 @@ class ServingHandle:
 
 
 def start_serving(run_dir: str | Path, settings: ServeSettings | dict | None = None,
-                  shared_cluster: bool = False) -> ServingHandle:
+                  shared_cluster: bool = False, node_labels: dict[str, dict[str, str]] | None = None) -> ServingHandle:
     """Start Serve on the Ray this process is connected to and deploy the app; returns once every
     replica is up. Ray must already be initialised (``cluster.connect``): the caller owns it.
-    ``shared_cluster``: Ray is an existing cluster others may serve on too (see ``ServingHandle``)."""
+    ``shared_cluster``: Ray is an existing cluster others may serve on too (see ``ServingHandle``).
+    ``node_labels``: as for ``build_app``."""
     import ray
 
     if not ray.is_initialized():
@@ -140,12 +159,12 @@ def start_serving(run_dir: str | Path, settings: ServeSettings | dict | None = N
                            "use serve_run_dir to start one")
     s = settings if isinstance(settings, ServeSettings) else ServeSettings.model_validate(settings or {})
     keys = resolve_api_keys(s)
-    app = build_app(run_dir, s, keys)
+    app = build_app(run_dir, s, keys, node_labels)
     warning = exposure_warning(s.host, s.port, bool(keys))
     if warning:
         print(warning, file=sys.stderr, flush=True)
     serve.start(http_options={"host": s.host, "port": s.port})
-    _run_or_explain(app, s)
+    _run_or_explain(app, s, node_labels or {})
     return ServingHandle(f"http://{s.host}:{s.port}", shared_cluster=shared_cluster)
 
 
@@ -153,7 +172,7 @@ class ServeStartupError(RuntimeError):
     """The app did not come up in time; the message names the deployments and what Serve says."""
 
 
-def _run_or_explain(app: serve.Application, s: ServeSettings) -> None:
+def _run_or_explain(app: serve.Application, s: ServeSettings, labels: dict[str, dict[str, str]]) -> None:
     """``serve.run`` waits for every replica; a replica that can never be placed (a tier resource no
     node declares) would make that wait endless. Wait at most ``startup_timeout_s``, then say what
     is missing."""
@@ -179,10 +198,10 @@ def _run_or_explain(app: serve.Application, s: ServeSettings) -> None:
     deployments = status.deployments.items() if status else []
     waiting = {name: getattr(d.status, "value", str(d.status)) + (f" ({d.message})" if d.message else "")
                for name, d in deployments if getattr(d.status, "value", str(d.status)) != "HEALTHY"}
-    asks = {name: {**opts["ray_actor_options"].get("resources", {}), "CPU": opts["ray_actor_options"]["num_cpus"]}
-            for name, opts in (("edge", deployment_options("edge", s.edge, s)),
-                               ("cloud", deployment_options("cloud", s.cloud, s)),
-                               ("end", deployment_options("end", s.end, s)))}
+    asks = {}
+    for tier in ("edge", "cloud", "end"):
+        shape = resource_shape(tier, getattr(s, tier), SERVE_REPLICA_SHARE, labels.get(tier, {}))
+        asks[tier] = {**shape.resources, "CPU": shape.num_cpus, **({"labels": shape.labels} if shape.labels else {})}
     free = ray.available_resources()
     serve.shutdown()
     raise ServeStartupError(
@@ -206,14 +225,14 @@ def serve_run_dir(run_dir: str | Path, cfg=None, blocking: bool = True, address:
     started here (or disconnects from the cluster).
     """
     from ..cluster import connect, joins_cluster
-    from ..config import default_config, load_config
+    from ..config import default_config
 
     if cfg is None:
-        cfg_path = Path(run_dir) / "config.yaml"
+        cfg_path = RunLayout(run_dir).config
         cfg = load_config(cfg_path) if cfg_path.is_file() else default_config()
     _check_run_dir(run_dir)  # before starting Ray: a wrong path, a key file or a taken port fail in milliseconds
     resolve_api_keys(cfg.serve)
-    version, skipped = KnowledgeStore(Path(run_dir) / "knowledge").latest_intact()
+    version, skipped = KnowledgeStore(RunLayout(run_dir).knowledge).latest_intact()
     if version is None and skipped:
         raise FileNotFoundError(f"'{run_dir}' has no intact knowledge version to serve: {'; '.join(skipped.values())}")
     shared = joins_cluster(address)
@@ -223,7 +242,7 @@ def serve_run_dir(run_dir: str | Path, cfg=None, blocking: bool = True, address:
     stack.enter_context(connect(cfg, training=False, serving=True, address=address,
                                 check_resources=check_resources))
     try:
-        handle = start_serving(run_dir, cfg.serve, shared_cluster=shared)
+        handle = start_serving(run_dir, cfg.serve, shared_cluster=shared, node_labels=tier_labels(cfg.topology))
     except BaseException:
         stack.close()
         raise
@@ -240,7 +259,7 @@ def serve_run_dir(run_dir: str | Path, cfg=None, blocking: bool = True, address:
 
 def announce(run_dir: str | Path, handle: ServingHandle) -> None:
     """What is served, where; and, plainly, each newer knowledge version skipped as damaged."""
-    version, skipped = KnowledgeStore(Path(run_dir) / "knowledge").latest_intact()
+    version, skipped = KnowledgeStore(RunLayout(run_dir).knowledge).latest_intact()
     served = "no knowledge version yet" if version is None else f"knowledge v{version:04d}"
     print(f"serving {Path(run_dir).resolve()} ({served}) at {handle.url} (OpenAI-compatible API under "
           f"{handle.url}/v1)", flush=True)

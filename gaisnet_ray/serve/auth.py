@@ -19,8 +19,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from ..config import ConfigError
-from .settings import ServeSettings
+from ..config import ConfigError, ServeSettings
 
 API_KEYS_ENV = "GAISNET_API_KEYS"
 OPEN_ROUTES = ("/health",)  # answered without a key (load balancers and probes ask it)

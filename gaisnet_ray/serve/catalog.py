@@ -33,7 +33,7 @@ def read_catalog(run: ServedRun) -> Catalog:
     skipped = {a: s for a in adapters if a != BASE and (s := run.skipped_versions(a))}
     domain_adapters = run.domain_adapters()
     domains = list(BUILTIN_DOMAINS)
-    cfg_path = run.run_dir / "config.yaml"
+    cfg_path = run.layout.config
     if cfg_path.is_file():
         try:
             data = load_config(cfg_path).data

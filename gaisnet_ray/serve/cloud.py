@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from ray import serve
 
+from ..config import ServeSettings
 from ..inference.served import GLOBAL
 from .replica import TierReplica
-from .settings import ServeSettings
 from .slots import GenerationRequest, ModelSlot, TierAnswer
 
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 import torch
 from ray import serve
 
+from ..config import ServeSettings
 from ..inference.codec import tensor_from_bytes, tensor_to_bytes
 from ..inference.served import GLOBAL, UnknownAdapterError
 from ..inference.split import HiddenStateError, RestRunner, check_hidden
 from ..knowledge.errors import KnowledgeError
 from .errors import ServeError, unknown_model
 from .replica import TierReplica, front_layers_for
-from .settings import ServeSettings
 from .slots import BASE, GenerationRequest, ModelSlot, ServedModel, TierAnswer
 
 # Adapters one edge replica keeps loaded (LRU beyond this). A class-level constant because

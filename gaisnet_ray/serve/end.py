@@ -11,13 +11,13 @@ import uuid
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from ..config import ServeSettings
 from ..inference.codec import tensor_from_bytes, tensor_to_bytes
 from ..inference.generate import Generation, PromptTooLongError
 from ..inference.served import GLOBAL
 from ..inference.split import FrontRunner, split_stream
 from .errors import prompt_too_long
 from .replica import TierReplica, front_layers_for, stream_steps
-from .settings import ServeSettings
 from .slots import GenerationRequest, ModelSlot, ServedModel, StreamStart, TierAnswer
 
 @serve.deployment(name="end")

@@ -1,9 +1,9 @@
 """The ingress: the HTTP API (FastAPI under ``@serve.ingress``) and the tier router.
 
-It composes the tiers through the ``DeploymentHandle``s passed to its constructor. Routing is the
-pure policy of ``gaisnet_ray.inference.routing``: an explicit tier hint overrides; otherwise the
-edge answers first with the adapter that knows the prompt's domain best, and a low-confidence
-answer escalates to the cloud. Every answer says which tier served it, why, and at which knowledge
+It composes the tiers through the ``DeploymentHandle``s passed to its constructor; which tier
+answers is ``router.TierRouter``'s (the policy of ``gaisnet_ray.inference.routing``: an explicit tier
+hint overrides; otherwise the edge answers first with the adapter that knows the prompt's domain
+best, and a low-confidence answer escalates to the cloud). Every answer says which tier served it, why, and at which knowledge
 version. Errors are JSON in OpenAI's shape with a 4xx/5xx status (``failures.py``); a tier over its
 queue limit gives 503 with Retry-After. Before a route runs, every request passes the gate
 (``gate.py``): API key, admission (the ingress sheds load itself, so Serve's proxy never answers a
@@ -13,8 +13,6 @@ plain-text 503), body cap and read timeout, and the 500 guard that keeps traceba
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at run time.
 import asyncio
 import logging
-import time
-from dataclasses import dataclass
 from typing import AsyncIterator, Literal
 
 from fastapi import FastAPI, Header, Query, Request
@@ -22,8 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from ..inference.routing import RouteDecision, RoutingPolicy, infer_domain, route_after_edge, route_hint
-from ..inference.served import GLOBAL, ServedRun
+from ..inference.served import GLOBAL
 from .api import (
     DOMAIN_PREFIX,
     ROUTER_MODEL,
@@ -38,11 +35,10 @@ from .api import (
     stop_list,
     tier_headers,
 )
-from .catalog import Catalog, read_catalog
 from .errors import ServeError, internal_error, overloaded, unknown_model
 from .failures import as_serve_error, install_error_handlers
 from .gate import Admission, Gate, HttpPolicy, configure as configure_gate, request_id
-from .settings import ServeSettings
+from .router import Route, TierRouter
 from .slots import BASE, GenerationRequest, StreamStart, TierAnswer
 
 log = logging.getLogger(__name__)
@@ -53,44 +49,15 @@ HEALTH_TIMEOUT_S = 5.0
 SESSION_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 
 
-async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
-    yield first
-    async for item in rest:
-        yield item
-
-
-async def _replay(answer: TierAnswer) -> AsyncIterator:
-    """An answer already generated (the edge's, kept by the router) as a stream: start, text, answer."""
-    yield StreamStart(answer.tier, answer.adapter, answer.version)
-    if answer.generation.text:
-        yield answer.generation.text
-    yield answer
-
-
-@dataclass(frozen=True)
-class Route:
-    """A routing decision: the tier's handle to ask, or the edge answer already kept."""
-
-    decision: RouteDecision
-    domain: str | None
-    handle: DeploymentHandle | None
-    answered: TierAnswer | None = None  # the edge answer the router keeps (nothing more to ask)
-    edge_attempt: TierAnswer | None = None  # the edge answer that was escalated
-
-
 # ------------------------------------------------------------------------------------ router
 @serve.deployment(name="ingress")
 @serve.ingress(api)
-class Router:
+class Router(TierRouter):
     def __init__(self, edge: DeploymentHandle, cloud: DeploymentHandle, end: DeploymentHandle, run_dir: str,
                  settings: dict, key_digests: list[str] | None = None):
         """``key_digests``: SHA-256 digests of the API keys (``auth.py``); none: no key needed."""
-        self.edge, self.cloud, self.end = edge, cloud, end
-        self.settings = s = ServeSettings.model_validate(settings)
-        r = s.routing
-        self.policy = RoutingPolicy(max_mean_entropy=r.max_mean_entropy, min_token_prob=r.min_token_prob)
-        self.run = ServedRun(run_dir)
-        self._catalog = read_catalog(self.run)
+        super().__init__(edge, cloud, end, run_dir, settings)
+        s = self.settings
         self.admission = Admission(s.ingress_max_ongoing_requests, s.ingress_max_queued_requests, s.retry_after_s)
         configure_gate(HttpPolicy(list(key_digests or []), s.max_body_bytes, s.split_max_payload_bytes,
                                   s.body_read_timeout_s, self.admission))
@@ -99,20 +66,6 @@ class Router:
                         "; ".join(skipped.values()))
 
     # ---------------------------------------------------------------------------- helpers
-    def catalog(self) -> Catalog:
-        if time.monotonic() - self._catalog.read_at > self.settings.poll_interval_s:
-            self._catalog = read_catalog(self.run)
-        return self._catalog
-
-    async def _call(self, response):
-        try:
-            return await response
-        except Exception as e:
-            err = as_serve_error(e, self.settings.retry_after_s)
-            if err is None:
-                raise
-            raise err from None
-
     def _request(self, prompt: str, max_new_tokens: int | None, param: str, temperature: float, top_p: float,
                  seed: int | None, stop, *, chat: bool = True, route_text: str | None = None) -> GenerationRequest:
         limit = self.settings.max_new_tokens
@@ -120,123 +73,6 @@ class Router:
         if n > limit:
             raise ServeError(422, "invalid_field", f"field '{param}': {n} is over this server's limit of {limit}", param)
         return GenerationRequest(prompt, n, temperature, top_p, seed, stop_list(stop), chat=chat, route_text=route_text)
-
-    def _domain(self, prompt: str, domain: str | None, catalog: Catalog) -> str | None:
-        if domain is None:
-            return infer_domain(prompt, catalog.domains)
-        if domain not in catalog.domains:
-            raise ServeError(404, "unknown_domain", f"unknown domain '{domain}': served domains are {catalog.domains}",
-                             "domain")
-        return domain
-
-    def _edge_adapter(self, domain: str | None, catalog: Catalog) -> tuple[str, str]:
-        if domain is None:
-            return GLOBAL, "no domain recognised, global adapter"
-        adapter = catalog.domain_adapters.get(domain)
-        if adapter is None:
-            return GLOBAL, f"domain '{domain}', no edge adapter specialises in it: global adapter"
-        return adapter, f"domain '{domain}' -> adapter '{adapter}'"
-
-    def _resolve_model(self, model: str, domain: str | None, catalog: Catalog) -> tuple[str | None, str | None]:
-        """OpenAI ``model`` -> (pinned adapter or None for the router, domain)."""
-        if model == ROUTER_MODEL:
-            return None, domain
-        if model.startswith(DOMAIN_PREFIX):
-            d = model[len(DOMAIN_PREFIX):]
-            if d not in catalog.domains:
-                raise unknown_model(model, self.model_ids(catalog))
-            return None, d
-        if model in catalog.adapters:
-            return model, domain
-        raise unknown_model(model, self.model_ids(catalog))
-
-    @staticmethod
-    def model_ids(catalog: Catalog) -> list[str]:
-        return [ROUTER_MODEL, *(DOMAIN_PREFIX + d for d in catalog.domains), *catalog.adapters]
-
-    def _plan(self, tier: str | None, adapter: str | None, catalog: Catalog) -> RouteDecision | None:
-        try:
-            hint = route_hint(tier)
-        except ValueError as e:
-            raise ServeError(422, "invalid_field", f"field 'tier': {e}", "tier") from None
-        if adapter is not None:
-            if adapter not in catalog.adapters:
-                raise unknown_model(adapter, catalog.adapters, param="adapter")
-            if hint is not None and hint.tier != "edge":
-                raise ServeError(422, "conflicting_fields",
-                                 f"adapter '{adapter}' is served by the edge tier, but tier '{hint.tier}' was asked; "
-                                 f"drop one of them", "tier")
-            return RouteDecision("edge", f"adapter '{adapter}' requested")
-        return hint
-
-    # ---------------------------------------------------------------------------- routing
-    async def _decide(self, req: GenerationRequest, tier: str | None, domain: str | None,
-                      adapter: str | None) -> Route:
-        """Which tier answers and why. Without a hint or a pinned adapter the edge answers first
-        (with the adapter that knows the prompt's domain best) and the policy judges its answer."""
-        catalog = self.catalog()
-        decision = self._plan(tier, adapter, catalog)
-        domain = self._domain(req.route_text or req.prompt, domain, catalog)
-        if decision is not None and decision.tier == "cloud":
-            return Route(decision, domain, self.cloud)
-        if decision is not None and decision.tier == "end":
-            return Route(decision, domain, self.end)
-        if adapter is not None:
-            return Route(decision, domain, self.edge.options(multiplexed_model_id=adapter))
-        edge_adapter, why = self._edge_adapter(domain, catalog)
-        edge = self.edge.options(multiplexed_model_id=edge_adapter)
-        if decision is not None:  # tier hint 'edge'
-            return Route(RouteDecision("edge", f"{decision.reason}; {why}"), domain, edge)
-        first = await self._call(edge.generate.remote(req))
-        verdict = route_after_edge(first.generation, self.policy)
-        if verdict.tier == "edge":
-            return Route(RouteDecision("edge", f"{verdict.reason}; {why}"), domain, None, answered=first)
-        return Route(RouteDecision("cloud", f"{verdict.reason}; {why}", escalated=True), domain, self.cloud,
-                     edge_attempt=first)
-
-    @staticmethod
-    def _keep_edge(route: Route, err: ServeError) -> Route:
-        """The cloud cannot take an escalated request (overload): the edge's answer is better than none."""
-        reason = f"{route.decision.reason}; but the cloud is unavailable ({err.code}): kept the edge answer"
-        return Route(RouteDecision("edge", reason), route.domain, None, answered=route.edge_attempt)
-
-    async def route(self, req: GenerationRequest, *, tier: str | None, domain: str | None,
-                    adapter: str | None) -> RoutedAnswer:
-        route = await self._decide(req, tier, domain, adapter)
-        if route.answered is not None:
-            return RoutedAnswer(route.answered, route.decision, route.domain)
-        try:
-            answer = await self._call(route.handle.generate.remote(req))
-        except ServeError as e:
-            if e.status != 503 or route.edge_attempt is None:
-                raise
-            route = self._keep_edge(route, e)
-            return RoutedAnswer(route.answered, route.decision, route.domain)
-        return RoutedAnswer(answer, route.decision, route.domain, route.edge_attempt)
-
-    async def route_stream(self, req: GenerationRequest, *, tier: str | None, domain: str | None,
-                           adapter: str | None) -> tuple[Route, AsyncIterator]:
-        """Decide the tier, then stream from it: ``StreamStart``, text deltas, the ``TierAnswer``. An edge
-        answer the router keeps is already whole and goes out as one piece; a hinted tier or the cloud
-        after an escalation streams token by token. Errors before the first token come out of this
-        call (so they become a 4xx/5xx, not a broken 200 stream)."""
-        route = await self._decide(req, tier, domain, adapter)
-        if route.answered is not None:
-            return route, _replay(route.answered)
-        items = route.handle.options(stream=True).stream.remote(req)
-        try:
-            first = await items.__anext__()
-        except StopAsyncIteration:
-            raise ServeError(500, "empty_stream", "the tier ended the stream without an answer") from None
-        except Exception as e:
-            err = as_serve_error(e, self.settings.retry_after_s)
-            if err is None:
-                raise
-            if err.status == 503 and route.edge_attempt is not None:
-                route = self._keep_edge(route, err)
-                return route, _replay(route.answered)
-            raise err from None
-        return route, _prepend(first, items)
 
     # ------------------------------------------------------------------------------ routes
     @api.get("/health")

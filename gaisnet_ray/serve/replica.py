@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
-from ..actors.placement import setup_worker
-from ..config import ConfigError, load_config
+from ..config import ConfigError, ServeSettings, ServeTier, load_config
 from ..inference.generate import Generation, PromptTooLongError
 from ..inference.served import ServedRun
+from ..layout import RunLayout
+from ..worker_setup import setup_worker
 from .errors import prompt_too_long
-from .settings import ServeSettings, ServeTier
 from .slots import (
     GenerationRequest,
     ModelSlot,
@@ -37,7 +37,7 @@ def front_layers_for(run_dir: str | Path, settings: ServeSettings) -> int:
     """Blocks in the device front: the setting, else the run's ``topology.cut.front_layers``, else 1."""
     if settings.split_front_layers is not None:
         return settings.split_front_layers
-    cfg_path = Path(run_dir) / "config.yaml"
+    cfg_path = RunLayout(run_dir).config
     if cfg_path.is_file():
         try:
             return load_config(cfg_path).topology.cut.front_layers

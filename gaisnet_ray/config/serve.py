@@ -1,31 +1,25 @@
-"""Settings of the serving layer: the ``serve:`` section of the run config (pydantic, no Ray).
+"""``serve:``: the serving layer's settings (the deployments themselves are ``gaisnet_ray.serve``).
 
 Every field has a description (it feeds the README's config table) and unknown keys are errors,
-like every other section of ``gaisnet_ray.config``.
+like every other section. Where replicas run is ``tiers.resource_shape``'s business: each tier's
+replicas take a small share of the tier resource, on the nodes ``topology.<tier>.node_labels`` pins.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from ..tiers import TIER_RESOURCES
-
-# Share of its tier resource each replica asks for: a node declaring ``gaisnet_edge: 1`` hosts up to
-# 100 edge replicas, a node declaring none hosts none (placement by tier, as for the actors).
-TIER_RESOURCE_SHARE = 0.01
+from ..tiers import serve_placements, total_demand
+from .section import Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ServeTier(_Section):
+class ServeTier(Section):
     num_replicas: int = Field(1, ge=1, description="Replicas of this deployment.")
     num_cpus: float = Field(0.25, ge=0, description="Logical CPUs each replica asks for.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; >0 serves on CUDA.")
 
 
-class RoutingSettings(_Section):
+class RoutingSettings(Section):
     max_mean_entropy: float = Field(
         2.5, ge=0, description="Escalate to the cloud when the edge answer's mean token entropy (nats) is above this."
     )
@@ -34,7 +28,7 @@ class RoutingSettings(_Section):
     )
 
 
-class ServeSettings(_Section):
+class ServeSettings(Section):
     host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port of the Serve proxy.")
     max_new_tokens: int = Field(64, ge=1, description="Most tokens one request may generate.")
@@ -101,9 +95,6 @@ class ServeSettings(_Section):
         return self
 
     def required_resources(self) -> dict[str, float]:
-        """What the serving deployments ask of Ray, to add to a local dev-mode node's resources."""
-        tiers = {"end": self.end, "edge": self.edge, "cloud": self.cloud}
-        out = {TIER_RESOURCES[t]: TIER_RESOURCE_SHARE * r.num_replicas for t, r in tiers.items()}
-        out["CPU"] = sum(r.num_cpus * r.num_replicas for r in (*tiers.values(), self.ingress))
-        out["GPU"] = sum(r.num_gpus * r.num_replicas for r in (*tiers.values(), self.ingress))
-        return out
+        """What the serving deployments ask of Ray in all (tier resources, ``CPU``, ``GPU``), to add to
+        a local dev-mode node's resources."""
+        return total_demand(serve_placements(self))

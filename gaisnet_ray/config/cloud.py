@@ -1,21 +1,19 @@
-"""Settings of the cloud training engine: plain torch, or DeepSpeed with ZeRO and offload.
+"""``cloud:``: the cloud training engine's settings: plain torch, or DeepSpeed with ZeRO and offload.
 
-The main config holds this model as its ``cloud:`` section. Cross-field checks name the fields
-that conflict, so a bad combination stops the run before any model is built.
+Cross-field checks name the fields that conflict, so a bad combination stops the run before any
+model is built. The engine itself is ``gaisnet_ray.cloudengine``.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-__all__ = ["CloudEngineConfig"]
+from .section import Section
 
 
-class CloudEngineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class CloudEngineConfig(Section):
     engine: Literal["torch", "deepspeed"] = Field(
         "torch", description="torch: plain AdamW in one process (the reference); "
         "deepspeed: a DeepSpeed engine with the ZeRO, offload and precision settings below."

@@ -1,18 +1,16 @@
-"""The ``planner:`` section of the run config (pydantic, no Ray): the device fleet's profiles and
-how the round is planned. ``topology.planner`` picks the planner (fixed | balanced | optimized)."""
+"""``planner:``: the device fleet's profiles and how the round is planned (the planner itself is
+``gaisnet_ray.planner``). ``topology.planner`` picks the planner (fixed | balanced | optimized)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from .section import Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DeviceSpec(_Section):
+class DeviceSpec(Section):
     """One device's profile (``planner.devices``), or the centre of a class (``planner.classes``)."""
 
     gflops: float = Field(gt=0, description="Sustained compute speed of LoRA training, GFLOP/s.")
@@ -47,7 +45,7 @@ def _default_classes() -> dict[str, DeviceClass]:
     }
 
 
-class PlannerConfig(_Section):
+class PlannerConfig(Section):
     fleet: Literal["host", "classes"] = Field(
         "host", description="host: every device computes at planner.host_gflops "
         "times its topology.device_compute, no memory limit, links.end_edge links; classes: a seeded "

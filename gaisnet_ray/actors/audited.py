@@ -1,0 +1,49 @@
+"""What every tier actor shares: the message audit of what crosses its boundary, and its memory.
+
+``crosses_boundary`` wraps the actor methods that carry data (arguments in, return value out) so
+a run with ``run.audit_messages`` can show that no raw sample, label or token id ever leaves a
+device; ``AuditedNode`` dumps that audit and reports the actor's peak RSS; ``BaseHolderNode`` adds
+the relay down of a new foundation model to a node that holds part of it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from ..worker_setup import peak_rss_mb
+
+
+def crosses_boundary(method):
+    """Record the method's arguments (in) and return value (out) in the actor's message audit."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self._audit.record(method.__name__, "in", {"args": list(args), "kwargs": kwargs})
+        out = method(self, *args, **kwargs)
+        self._audit.record(method.__name__, "out", out)
+        return out
+
+    return wrapper
+
+
+class AuditedNode:
+    """What every tier actor shares: a message audit (``self._audit``), dumped on request, and its
+    own peak memory."""
+
+    def dump_audit(self, directory: str) -> str | None:
+        path = self._audit.dump(directory)
+        return str(path) if path else None
+
+    def peak_rss_mb(self) -> float:
+        """The actor's peak RSS so far (MB); the driver records it per actor kind every round."""
+        return peak_rss_mb()
+
+
+class BaseHolderNode(AuditedNode):
+    """A tier actor over one trainer (``self.core``) that holds part of the foundation model."""
+
+    @crosses_boundary
+    def update_base(self, package) -> int:
+        """Relay down: load this node's part of the new base (it holds exactly what the node holds);
+        returns the bytes taken."""
+        return self.core.update_base(package)

@@ -1,0 +1,47 @@
+"""``privacy:``: what protects a device's data on its way up: activation clipping and noise, the
+NoPeek penalty, and differentially private aggregation at the cloud."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from .section import Section
+
+
+class PrivacyConfig(Section):
+    activation_clip: float | None = Field(
+        None, gt=0, description="Clip the L2 norm of each token's hidden state a device sends its edge to this; "
+        "None: not clipped. Needed by activation_noise (the noise is relative to it)."
+    )
+    activation_noise: float = Field(
+        0.0, ge=0, description="Gaussian noise added to each clipped hidden-state row a device sends its edge, as a "
+        "noise-to-signal ratio (noise L2 norm / activation_clip); 0: none. Defends the device's tokens against "
+        "inversion by the edge (see README, Privacy)."
+    )
+    nopeek_weight: float = Field(
+        0.0, ge=0, description="Weight of the NoPeek penalty (distance correlation between each token's input "
+        "embedding and the hidden state sent to the edge) added to the device's loss; 0: none."
+    )
+    dp_clip: float | None = Field(
+        None, gt=0, description="Differentially private aggregation at the cloud: clip each edge update's L2 "
+        "distance from the current knowledge to this and add Gaussian noise (needs dp_epsilon or "
+        "dp_noise_multiplier, and training.aggregation fedavg); None: off."
+    )
+    dp_epsilon: float | None = Field(
+        None, gt=0, description="Target epsilon after training.rounds rounds; the noise multiplier is the smallest "
+        "that meets it (Opacus RDP accountant, every edge in every round)."
+    )
+    dp_noise_multiplier: float | None = Field(
+        None, ge=0, description="Noise std as a multiple of the update sensitivity (instead of dp_epsilon)."
+    )
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="The delta of the (epsilon, delta)-DP guarantee.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PrivacyConfig":
+        if self.activation_noise > 0 and self.activation_clip is None:
+            raise ValueError("privacy.activation_noise needs privacy.activation_clip (the noise is relative to it)")
+        if self.dp_clip is not None and (self.dp_epsilon is None) == (self.dp_noise_multiplier is None):
+            raise ValueError("privacy.dp_clip needs exactly one of privacy.dp_epsilon and privacy.dp_noise_multiplier")
+        if self.dp_clip is None and (self.dp_epsilon is not None or self.dp_noise_multiplier is not None):
+            raise ValueError("privacy.dp_epsilon / privacy.dp_noise_multiplier need privacy.dp_clip")
+        return self
