@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 def _inspect(run_dir: Path) -> int:
     """One JSON line per complete round; then what is damaged: a metrics tail that is not complete
     JSON (skipped, as ``--resume`` does) and knowledge versions that fail their content hash."""
+    from .layout import ORPHANED_DIR, RunLayout
     from .runfolder import METRICS_NAME, RunFolderError, check_run_folder, split_metrics
 
     try:
@@ -100,6 +101,7 @@ def _inspect(run_dir: Path) -> int:
     except RunFolderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    run = RunLayout(run_dir)
     rows, tail = split_metrics(run_dir)
     for m in rows:
         try:
@@ -107,16 +109,11 @@ def _inspect(run_dir: Path) -> int:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             print(json.dumps({"round": m.get("round"), "unreadable": f"{type(e).__name__}: {e}"}))
     if tail:
-        total = len((run_dir / METRICS_NAME).read_text(encoding="utf-8", errors="replace").splitlines())
+        total = len(run.metrics.read_text(encoding="utf-8", errors="replace").splitlines())
         print(f"{METRICS_NAME}: skipped {len(tail)} line(s) from line {total - len(tail) + 1} on: not a complete "
               f"JSON record (a half-written line a killed driver left); `gaisnet run --resume` moves them to "
-              f"orphaned/")
-    versions = sorted(p.name for p in (run_dir / "knowledge").glob("v*") if p.is_dir())
-    print(f"knowledge versions: {', '.join(versions) or 'none'}")
-    _inspect_damage(run_dir / "knowledge")
-    bases = sorted(p.name for p in (run_dir / "knowledge" / "bases").glob("b*") if p.is_dir())
-    if bases:
-        print(f"base versions: {', '.join(bases)} (model/ = {bases[-1]})")
+              f"{ORPHANED_DIR}/")
+    _inspect_stores(run)
     return 0
 
 
@@ -135,26 +132,37 @@ def _inspect_row(m: dict) -> dict:
     return row
 
 
-def _inspect_damage(knowledge: Path) -> None:
-    """A line per knowledge version (global, then each edge's) that fails ``KnowledgeStore.verify``
-    (its weights do not match the content hash its lineage recorded, or a file is missing or cut),
-    and the newest intact global version: the one serving falls back to."""
+def _inspect_stores(run) -> None:
+    """The knowledge versions, then a line per version (global, then each edge's, then each base)
+    that fails its store's ``verify`` (weights that do not match the content hash their lineage
+    recorded, a file missing or cut), the newest intact global version (the one serving falls back
+    to), and the base versions."""
     from .knowledge import KnowledgeStore
+    from .knowledge.bases import BaseStore
 
+    knowledge = KnowledgeStore(run.knowledge)
+    print(f"knowledge versions: {', '.join(knowledge.name(v) for v in knowledge.folder_versions()) or 'none'}")
     stores = [("", knowledge)]
-    if (knowledge / "edges").is_dir():
-        stores += [(f"edges/{p.name}/", p) for p in sorted((knowledge / "edges").iterdir()) if p.is_dir()]
-    for prefix, root in stores:
-        store = KnowledgeStore(root)
+    if run.edges.is_dir():
+        stores += [(f"{p.relative_to(run.knowledge).as_posix()}/", KnowledgeStore(p))
+                   for p in sorted(run.edges.iterdir()) if p.is_dir()]
+    for prefix, store in stores:
         damaged = store.damaged()
         for v in sorted(damaged):
             print(f"damaged: {prefix}{damaged[v]}")
         if damaged and not prefix:
             newest = store.latest_intact()[0]
-            print(f"newest intact version: {'none' if newest is None else f'v{newest:04d}'}")
+            print(f"newest intact version: {'none' if newest is None else store.name(newest)}")
+    bases = BaseStore(run.bases)
+    names = [bases.name(v) for v in bases.folder_versions()]
+    if names:
+        print(f"base versions: {', '.join(names)} ({run.model.name}/ = {names[-1]})")
+    for _, why in sorted(bases.damaged().items()):
+        print(f"damaged: {run.bases.relative_to(run.knowledge).as_posix()}/{why}")
 
 
 def _serve(args) -> int:
+    from .layout import RunLayout
     from .runfolder import RunFolderError, check_run_folder
 
     run_dir = Path(args.run_dir)
@@ -169,7 +177,7 @@ def _serve(args) -> int:
     if args.port is not None:
         overrides.append(f"serve.port={args.port}")
     try:
-        cfg = load_config(run_dir / "config.yaml", overrides)
+        cfg = load_config(RunLayout(run_dir).config, overrides)
         _check_api_keys(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

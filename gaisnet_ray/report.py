@@ -10,7 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .runfolder import REPORT_NAME, read_metrics  # noqa: E402
+from .layout import RunLayout  # noqa: E402
+from .runfolder import read_metrics  # noqa: E402
 
 
 def write_report(run_dir: str | Path, initial_eval: dict | None = None) -> Path:
@@ -65,7 +66,7 @@ def write_report(run_dir: str | Path, initial_eval: dict | None = None) -> Path:
     if relays:
         _plot_relay(axes[2, 0], axes[2, 1], relays)
     fig.tight_layout()
-    path = run_dir / REPORT_NAME
+    path = RunLayout(run_dir).report
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

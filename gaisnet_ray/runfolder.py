@@ -1,4 +1,5 @@
-"""The run folder contract (design.md): config.yaml, model/, metrics.jsonl, knowledge/, report.png."""
+"""The run folder's life: choose and create it, check it before serving or inspecting, append
+metrics, get it ready to ``--resume``. Its paths are named in ``layout.RunLayout``."""
 
 from __future__ import annotations
 
@@ -10,11 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .config import Config, config_to_yaml
-
-METRICS_NAME = "metrics.jsonl"
-CONFIG_NAME = "config.yaml"
-SUMMARY_NAME = "run.json"
-REPORT_NAME = "report.png"
+from .layout import CONFIG_NAME, KNOWLEDGE_DIR, METRICS_NAME, MODEL_CONFIG_NAME, MODEL_DIR, RunLayout
 
 
 class RunFolderError(ValueError):
@@ -29,7 +26,7 @@ def resolve_run_dir(cfg: Config, out: str | Path | None) -> Path:
     """Where the run folder goes (``out``, else ``run.out_dir``, else runs/<timestamp>); refuses a
     folder that already holds a run. Creates nothing."""
     run_dir = Path(out or cfg.run.out_dir or default_run_dir())
-    if (run_dir / METRICS_NAME).exists() or (run_dir / "knowledge").exists():
+    if RunLayout(run_dir).holds_run():
         raise RunFolderError(f"run folder '{run_dir}' already holds a run; choose another --out")
     return run_dir
 
@@ -65,7 +62,7 @@ def prepare_run_dir(cfg: Config, out: str | Path | None) -> Path:
     run_dir = resolve_run_dir(cfg, out)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_NAME).write_text(config_to_yaml(cfg))
+        RunLayout(run_dir).config.write_text(config_to_yaml(cfg))
     except OSError as e:
         raise RunFolderError(f"run folder '{run_dir}' cannot be created: {e.strerror or e}") from None
     return run_dir
@@ -75,19 +72,17 @@ def check_run_folder(run_dir: str | Path, serving: bool = False) -> Path:
     """``run_dir`` as a run folder to inspect (or, with ``serving``, to serve); else one
     ``RunFolderError`` line saying what is missing. Reads nothing but the folder's names."""
     path = Path(run_dir)
+    run = RunLayout(path)
     if not path.is_dir():
         why = "it does not exist" if not path.exists() else "it is not a folder"
         raise RunFolderError(f"'{path}' is not a run folder: {why}")
-    if not (path / CONFIG_NAME).is_file():
+    if not run.config.is_file():
         raise RunFolderError(f"'{path}' is not a run folder (no {CONFIG_NAME})")
-    if serving and not (path / "model" / "config.json").is_file():
-        raise RunFolderError(f"'{path}' is not a run folder to serve: no model/config.json in it")
-    if serving and not (path / "knowledge").is_dir():
-        raise RunFolderError(f"'{path}' has no knowledge/ folder: nothing to serve yet")
+    if serving and not run.model_config.is_file():
+        raise RunFolderError(f"'{path}' is not a run folder to serve: no {MODEL_DIR}/{MODEL_CONFIG_NAME} in it")
+    if serving and not run.knowledge.is_dir():
+        raise RunFolderError(f"'{path}' has no {KNOWLEDGE_DIR}/ folder: nothing to serve yet")
     return path
-
-
-INITIAL_EVAL_NAME = "cloud/initial_eval.json"  # the eval before round 1, kept for a resumed run's summary
 
 
 def resume_run_dir(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[Config, int]:
@@ -95,26 +90,30 @@ def resume_run_dir(run_dir: str | Path, overrides: list[str] | None = None) -> t
 
     A round is complete when its metrics line is on disk (written after the round's knowledge,
     base and edge versions). Whatever a killed driver left of a later round (a version folder, a
-    base version, a half-written metrics line) is moved to ``orphaned/<time>/``, not deleted, and
-    ``model/`` is reset to the base of the last complete round. ``overrides`` may change only
+    base version, a half-written metrics line, a half-built ``model/`` swap) is moved to
+    ``orphaned/<time>/``, not deleted, and ``model/`` is reset to the base of the last complete
+    round. The versions the continuation loads must be intact (``VersionedStore.verify``), else it
+    is refused before anything but the metrics tail moved. ``overrides`` may change only
     ``training.rounds`` (to extend the run) and ``run.*``/``serve.*``/``faults.*`` keys: anything
     else would make the continuation differ from the run it continues.
     """
     from .config import load_config
 
-    run_dir = Path(run_dir)
+    run = RunLayout(run_dir)
+    run_dir = run.root
     check_resumable(run_dir, overrides)
-    cfg = load_config(run_dir / CONFIG_NAME, overrides)
-    stash = run_dir / "orphaned" / time.strftime("%Y%m%d-%H%M%S")
+    cfg = load_config(run.config, overrides)
+    stash = run.orphaned_at(time.strftime("%Y%m%d-%H%M%S"))
     rows = _complete_metrics(run_dir, stash)
     if [r["round"] for r in rows] != list(range(1, len(rows) + 1)):
         raise RunFolderError(f"'{run_dir}/{METRICS_NAME}' does not hold rounds 1..n in order: cannot resume")
     done = len(rows)
-    if done == 0 and not (run_dir / "knowledge" / "v0000").is_dir():
-        raise RunFolderError(f"'{run_dir}' never finished its start (no knowledge/v0000): start it again "
-                             "instead of resuming")
-    _stash_later_versions(run_dir, done, stash)
-    (run_dir / CONFIG_NAME).write_text(config_to_yaml(cfg))
+    if done == 0 and not run.version_dir(0).is_dir():
+        raise RunFolderError(f"'{run_dir}' never finished its start (no {run.rel(run.version_dir(0))}): start it "
+                             "again instead of resuming")
+    _check_resume_inputs(run, done, relay=cfg.relay.policy != "none")
+    _stash_later_versions(run, done, stash)
+    run.config.write_text(config_to_yaml(cfg))
     return cfg, done
 
 
@@ -123,7 +122,7 @@ def check_resumable(run_dir: Path, overrides: list[str] | None = None) -> None:
     config.yaml, an override outside the ones a continuation may change."""
     from .config import ConfigError
 
-    if not (run_dir / CONFIG_NAME).is_file():
+    if not RunLayout(run_dir).config.is_file():
         raise RunFolderError(f"'{run_dir}' is not a run folder to resume (no {CONFIG_NAME})")
     allowed = ("training.rounds=", "run.", "serve.", "faults.")
     bad = [o for o in overrides or [] if not o.strip().startswith(allowed)]
@@ -137,48 +136,53 @@ def _complete_metrics(run_dir: Path, stash: Path) -> list[dict]:
     if tail:
         stash.mkdir(parents=True, exist_ok=True)
         (stash / METRICS_NAME).write_text("\n".join(tail) + "\n")
-        (run_dir / METRICS_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        RunLayout(run_dir).metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
-def _stash_later_versions(run_dir: Path, done: int, stash: Path) -> None:
-    import re
+def _stores(run: RunLayout) -> list:
+    """Every versioned store of a run folder: global knowledge, bases, each edge's knowledge."""
+    from .knowledge.bases import BaseStore  # torch loads with the knowledge package: not before the checks
+    from .knowledge.store import KnowledgeStore
+
+    stores = [KnowledgeStore(run.knowledge), BaseStore(run.bases)]
+    if run.edges.is_dir():
+        stores += [KnowledgeStore(p) for p in sorted(run.edges.iterdir()) if p.is_dir()]
+    return stores
+
+
+def _check_resume_inputs(run: RunLayout, done: int, relay: bool) -> None:
+    """Refuse to continue from a damaged version: the cloud reloads v0000 and v<done> (and, with a
+    relay, base b<done>, checked byte for byte: it becomes model/)."""
+    knowledge, bases = _stores(run)[:2]
+    damaged = [why for v in sorted({0, done}) if (why := knowledge.verify(v)) is not None]
+    if relay and (why := bases.verify(done, deep=True)) is not None:
+        damaged.append(f"bases/{why}")
+    if damaged:
+        raise RunFolderError(f"cannot resume '{run.root}' after round {done}: {'; '.join(damaged)}")
+
+
+def _stash_later_versions(run: RunLayout, done: int, stash: Path) -> None:
+    """Each store cuts itself back to version ``done`` (``VersionedStore.truncate``); a half-built
+    model/ swap moves aside too; ``model/`` becomes base ``done`` again when the run has bases."""
     import shutil
 
-    knowledge = run_dir / "knowledge"
-    stores = [(knowledge, "v"), (knowledge / "bases", "b")]
-    if (knowledge / "edges").is_dir():
-        stores += [(p, "v") for p in sorted((knowledge / "edges").iterdir()) if p.is_dir()]
-    for root, prefix in stores:
-        if not root.is_dir():
-            continue
-        for folder in sorted(root.iterdir()):
-            m = re.fullmatch(rf"{prefix}(\d{{4,}})", folder.name)
-            stale_tmp = folder.name.startswith(".tmp-")
-            if (m and int(m.group(1)) > done) or stale_tmp:
-                target = stash / folder.relative_to(run_dir)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(folder), str(target))
-        history = root / "lineage.jsonl"
-        if history.is_file():
-            keep, later = [], []
-            for line in history.read_text().splitlines():
-                (later if json.loads(line).get("version", 0) > done else keep).append(line)
-            if later:
-                target = stash / history.relative_to(run_dir)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text("\n".join(later) + "\n")
-                history.write_text("".join(x + "\n" for x in keep))
-    bases = knowledge / "bases"
-    if (bases / f"b{done:04d}").is_dir():  # model/ may already hold a later round's base
+    stores = _stores(run)
+    for store in stores:
+        store.truncate(after=done, stash=stash / store.root.relative_to(run.root))
+    for leftover in run.model_swaps():
+        stash.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(leftover), str(stash / leftover.name))
+    bases = stores[1]
+    if bases.folder(done).is_dir():  # model/ may already hold a later round's base
         from .knowledge.bases import refresh_model_dir
 
-        refresh_model_dir(run_dir, bases / f"b{done:04d}")
+        refresh_model_dir(run.root, bases.folder(done))
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
     """One JSON line per round, flushed at once so a crash keeps every finished round."""
-    with open(run_dir / METRICS_NAME, "a") as f:
+    with open(RunLayout(run_dir).metrics, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -186,7 +190,7 @@ def split_metrics(run_dir: str | Path) -> tuple[list[dict], list[str]]:
     """The rounds of ``metrics.jsonl`` that are complete, and the lines from the first one that is
     not a JSON object on (a half-written last line a killed driver left, and anything after it).
     ``--resume`` moves that tail to ``orphaned/``; ``inspect`` and the report skip it."""
-    path = Path(run_dir) / METRICS_NAME
+    path = RunLayout(run_dir).metrics
     if not path.is_file():
         return [], []
     rows, lines = [], path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -220,4 +224,4 @@ def library_versions() -> dict[str, str]:
 
 def write_summary(run_dir: Path, summary: dict) -> None:
     summary = {**summary, "versions": library_versions()}
-    (run_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+    RunLayout(run_dir).summary.write_text(json.dumps(summary, indent=2) + "\n")

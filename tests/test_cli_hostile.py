@@ -341,6 +341,25 @@ def test_an_allowed_resume_override_passes_the_early_check(tmp_path):
         check_resumable(tmp_path / "nope", [])
 
 
+def test_the_allowed_resume_overrides_take_effect_and_are_recorded(tmp_path):
+    """README "Faults and resume": the whitelisted keys (training.rounds, run.*, serve.*, faults.*)
+    change the continuation, and config.yaml records them; every other key keeps the run's value."""
+    from gaisnet_ray.config import load_config
+
+    run = tmp_path / "run"
+    _synthetic_run(run, versions=3)  # rounds 1..2 complete
+    before = load_config(run / "config.yaml")
+    cfg, done = resume_run_dir(run, ["training.rounds=9", "run.actor_timeout_s=77", "serve.port=8001",
+                                     "faults.min_edge_updates=2"])
+    assert done == 2
+    changed = (cfg.training.rounds, cfg.run.actor_timeout_s, cfg.serve.port, cfg.faults.min_edge_updates)
+    assert changed == (9, 77, 8001, 2)
+    assert load_config(run / "config.yaml") == cfg  # what a later --resume or `gaisnet serve` reads
+    assert cfg.model_dump(exclude={"training": {"rounds"}, "run": True, "serve": True, "faults": True}) == \
+        before.model_dump(exclude={"training": {"rounds"}, "run": True, "serve": True, "faults": True})
+    assert not (run / "orphaned").exists() or not any((run / "orphaned").rglob("v*"))  # nothing was in flight
+
+
 def test_precheck_imports_nothing_heavy():
     code = ("import sys, gaisnet_ray.cli, gaisnet_ray.precheck, gaisnet_ray.runfolder; "
             "print(sorted(m for m in ('torch', 'transformers', 'ray', 'peft') if m in sys.modules))")

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import TextIO
 
 from ..config import Config, config_to_yaml
-from ..runfolder import CONFIG_NAME, RunFolderError, resolve_run_dir
+from ..layout import CONFIG_NAME
+from ..runfolder import RunFolderError, resolve_run_dir
 
 DEFAULT_JOBS_ADDRESS = "http://127.0.0.1:8265"
 

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..knowledge.bases import BaseStore
 from ..knowledge.errors import KnowledgeError
 from ..knowledge.store import ADAPTER_WEIGHTS_NAME, LINEAGE_NAME, KnowledgeStore
+from ..layout import MODEL_CONFIG_NAME, RunLayout
 
 GLOBAL = "global"
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class UnknownAdapterError(KeyError):
 def _system_prompt(run_dir: Path) -> str | None:
     """The system turn the run trained with (``data.system_prompt`` of its config.yaml), so served
     prompts are formatted exactly as training formatted them."""
-    path = run_dir / "config.yaml"
+    path = RunLayout(run_dir).config
     if not path.is_file():
         return None
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -55,25 +56,22 @@ def _system_prompt(run_dir: Path) -> str | None:
 class ServedRun:
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        self.model_dir = self.run_dir / "model"
-        if not (self.model_dir / "config.json").is_file():
+        self.layout = RunLayout(self.run_dir)
+        self.model_dir = self.layout.model
+        if not self.layout.model_config.is_file():
             raise FileNotFoundError(f"'{self.run_dir}' is not a run folder with a model/ (no model/config.json)")
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.system_prompt = _system_prompt(self.run_dir)
-        self.store = KnowledgeStore(self.run_dir / "knowledge")
-        self.edges_root = self.run_dir / "knowledge" / "edges"
-        self.bases = BaseStore(self.run_dir / "knowledge" / "bases")
+        self.store = KnowledgeStore(self.layout.knowledge)
+        self.edges_root = self.layout.edges
+        self.bases = BaseStore(self.layout.bases)
         self._verdicts: dict[tuple[str, int], tuple[tuple, str | None]] = {}
         self._verdict_lock = threading.Lock()
 
     # ------------------------------------------------------------------------- names for clients
     def rel(self, path: str | Path) -> str:
         """``path`` relative to the run folder (its bare name when it lies outside)."""
-        p = Path(path)
-        try:
-            return p.resolve().relative_to(self.run_dir.resolve()).as_posix() or "."
-        except ValueError:
-            return p.name
+        return self.layout.rel(path)
 
     def redact(self, text: str) -> str:
         """``text`` with the run folder's absolute path taken out (messages that go to clients)."""
@@ -86,7 +84,7 @@ class ServedRun:
     def verify(self, adapter: str, version: int) -> str | None:
         """None if ``adapter``'s ``version`` is intact, else why not (``KnowledgeStore.verify``, cached)."""
         store = self.adapter_store(adapter)
-        folder = store.root / f"v{version:04d}"
+        folder = store.folder(version)
         stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else None
                       for f in (folder / ADAPTER_WEIGHTS_NAME, folder / LINEAGE_NAME))
         with self._verdict_lock:
@@ -151,7 +149,7 @@ class ServedRun:
         return self.bases.latest_version()
 
     def base_dir(self, version: int | None) -> Path:
-        return self.bases.path(version) if version is not None else self.model_dir
+        return self.bases.folder(version) if version is not None else self.model_dir
 
     def latest_base_dir(self) -> Path:
         """The newest foundation: the last base version a relay wrote, else ``model/``."""
@@ -162,7 +160,7 @@ class ServedRun:
         base between versions); runs written before base versioning used ``model/``."""
         path = store.lineage(version).get("base", {}).get("path")
         folder = self.run_dir / path if path else self.model_dir
-        if not (folder / "config.json").is_file():
+        if not (folder / MODEL_CONFIG_NAME).is_file():
             raise FileNotFoundError(f"version {version} of {self.rel(store.root)} applies to base '{self.rel(folder)}', "
                                     f"which is missing")
         return folder

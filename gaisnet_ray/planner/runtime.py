@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import Config
+from ..layout import PLAN_NAME, RunLayout
+from ..schemes import scheme_of
 from .cost import RoundShape, cloud_overhead_s, edge_overhead_s, turn_seconds, turn_terms
 from .emulation import DeviceEmulation
 from .planning import RoundPlan, apply_plan, plan_round
@@ -20,7 +22,6 @@ from .profiles import Fleet, build_fleet
 
 log = logging.getLogger(__name__)
 
-PLAN_NAME = "plan.json"
 UNLIMITED = 1e18  # bits/s of a link that costs nothing (local dev mode without emulation)
 
 
@@ -97,7 +98,7 @@ class RunPlan:
                 "fleet": [d.to_dict() for d in self.fleet.devices]}
 
     def record(self, run_dir: str | Path) -> Path:
-        path = Path(run_dir) / PLAN_NAME
+        path = RunLayout(run_dir).plan
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         return path
@@ -122,7 +123,7 @@ def recorded_host_gflops(run_dir: str | Path) -> float | None:
     """The host speed an earlier start of this run planned with (its ``plan.json``), so a resumed run
     plans exactly as the run it continues instead of recalibrating on a host that may be busier."""
     try:
-        return float(json.loads((Path(run_dir) / PLAN_NAME).read_text())["host_gflops"])
+        return float(json.loads(RunLayout(run_dir).plan.read_text())["host_gflops"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -133,9 +134,10 @@ def prepare_run(cfg: Config, model_config: dict | None = None,
     """Plan ``cfg``'s round: (the config the runtime runs, with the plan's cuts; the run plan).
     Under FL (no cut) nothing is planned: (cfg, None). With ``run_dir`` holding a ``plan.json``
     (a resumed run) the host speed recorded there is reused, so the plan is the same."""
-    if cfg.training.scheme == "fl":
+    if not scheme_of(cfg).splits:
         if cfg.topology.planner != "fixed" or cfg.planner.emulate:
-            log.warning("training.scheme 'fl' has no cut to plan: topology.planner and planner.emulate are ignored")
+            log.warning("training.scheme '%s' has no cut to plan: topology.planner and planner.emulate are ignored",
+                        cfg.training.scheme)
         return cfg, None
     from ..hfsl.memory import model_config_of
     from .command import host_gflops

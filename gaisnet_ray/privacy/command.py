@@ -23,12 +23,13 @@ import sys
 import time
 from pathlib import Path
 
+from ..layout import CONFIG_NAME, MODEL_DIR, PRIVACY_AUDIT_NAME, RunLayout
 from . import active_defenses
 
 # torch, transformers and the attacks are imported inside the functions that need them, so bad
 # input exits 2 before they load (as every `gaisnet` command does)
 
-AUDIT_FILE = "privacy_audit.json"
+AUDIT_FILE = PRIVACY_AUDIT_NAME
 PUBLIC_DOMAINS = ("capitals", "arithmetic", "strings", "units", "facts")  # built-in public text
 
 
@@ -39,29 +40,31 @@ class AuditInputError(ValueError):
 def audit_path(run_dir: str | Path, overrides: list[str] | None = None) -> Path:
     """Where an audit is written: ``privacy_audit.json``, or, audited under other privacy settings,
     ``privacy_audit-<settings>.json`` (the run's own audit is never overwritten by a what-if)."""
-    if not overrides:
-        return Path(run_dir) / AUDIT_FILE
-    tag = "_".join(o.removeprefix("privacy.").replace("=", "-") for o in overrides)
-    return Path(run_dir) / f"privacy_audit-{''.join(c if c.isalnum() or c in '-_.' else '_' for c in tag)}.json"
+    tag = "_".join(o.removeprefix("privacy.").replace("=", "-") for o in overrides or [])
+    return RunLayout(run_dir).privacy_audit(tag or None)
 
 
 def check_audit_input(run_dir: Path, overrides: list[str] | None = None):
     """The run's config (with ``overrides``), or ``AuditInputError`` saying what is missing."""
     from ..config import ConfigError, load_config
 
-    if not (run_dir / "config.yaml").is_file():
-        raise AuditInputError(f"'{run_dir}' is not a run folder (no config.yaml)")
-    if not (run_dir / "model").is_dir():
-        raise AuditInputError(f"'{run_dir}' has no model/ folder (the run did not get far enough)")
+    run = RunLayout(run_dir)
+    if not run.config.is_file():
+        raise AuditInputError(f"'{run_dir}' is not a run folder (no {CONFIG_NAME})")
+    if not run.model.is_dir():
+        raise AuditInputError(f"'{run_dir}' has no {MODEL_DIR}/ folder (the run did not get far enough)")
     try:
-        return load_config(run_dir / "config.yaml", overrides or [])
+        return load_config(run.config, overrides or [])
     except ConfigError as e:
         raise AuditInputError(f"config error: {e}") from None
 
 
 def _latest_knowledge(run_dir: Path) -> Path | None:
-    versions = sorted(p for p in (run_dir / "knowledge").glob("v[0-9]*") if p.is_dir())
-    return versions[-1] if versions else None
+    from ..knowledge.store import KnowledgeStore
+
+    store = KnowledgeStore(RunLayout(run_dir).knowledge)
+    latest = store.latest_version()
+    return None if latest is None else store.path(latest)
 
 
 def _load_models(run_dir: Path, cfg):
@@ -70,13 +73,14 @@ def _load_models(run_dir: Path, cfg):
     model is model/ with the latest knowledge version merged into it."""
     from ..models.build import load_foundation
 
-    bases0 = run_dir / "knowledge" / "bases" / "b0000"
+    run = RunLayout(run_dir)
+    bases0 = run.base_dir(0)
     if cfg.relay.policy != "none" and bases0.is_dir():
         public, tok = load_foundation(bases0, cfg.model.attn_implementation)
-        final, _ = load_foundation(run_dir / "model", cfg.model.attn_implementation)
+        final, _ = load_foundation(run.model, cfg.model.attn_implementation)
         return public, final, tok
-    public, tok = load_foundation(run_dir / "model", cfg.model.attn_implementation)
-    final, _ = load_foundation(run_dir / "model", cfg.model.attn_implementation)
+    public, tok = load_foundation(run.model, cfg.model.attn_implementation)
+    final, _ = load_foundation(run.model, cfg.model.attn_implementation)
     latest = _latest_knowledge(run_dir)
     if latest is not None:
         from peft import PeftModel
@@ -97,7 +101,7 @@ def _front(model, tok, cfg, front_layers: int):
 def _private_batch(cfg, tok, n: int):
     """n training examples spread over the devices (round robin), and n held-out ones of the same domains."""
     from ..data import device_examples, encode_examples, eval_examples
-    from ..hfsl.plan import devices_by_edge
+    from ..hfsl.topology import devices_by_edge
 
     ids = [d for ds in devices_by_edge(cfg.topology).values() for d in ds]
     per_device = device_examples(cfg.data, ids)
@@ -126,7 +130,8 @@ def audit_run(run_dir: str | Path, *, examples: int = 48, candidates: int = 1024
     keys to audit with instead of the run's own (e.g. a noise level it did not train with)."""
     import torch
 
-    from ..hfsl.plan import device_cut
+    from ..hfsl.topology import device_cut
+    from ..schemes import scheme_of
     from . import attacks as A
     from .noise import clip_rows, privatize_hidden
 
@@ -140,7 +145,7 @@ def audit_run(run_dir: str | Path, *, examples: int = 48, candidates: int = 1024
                  "examples": int(members["input_ids"].shape[0])}
 
     # ---- inversion of what crosses the end-edge link (split schemes only)
-    if cfg.training.scheme != "fl":
+    if scheme_of(cfg).splits:
         num_layers = int(final.config.num_hidden_layers)
         first = "end-0-0"
         k = device_cut(cfg.topology, first, num_layers).front_end
@@ -199,10 +204,9 @@ def audit_run(run_dir: str | Path, *, examples: int = 48, candidates: int = 1024
 
 def _final_exact_match(run_dir: Path) -> dict:
     """The last evaluated round's exact match per domain (metrics.jsonl), next to the leakage."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    evals = [m["eval"] for m in map(json.loads, path.read_text().splitlines()) if m.get("eval")]
+    from ..runfolder import read_metrics  # the complete rounds: a half-written last line is skipped
+
+    evals = [m["eval"] for m in read_metrics(run_dir) if m.get("eval")]
     return {d: v["exact_match"] for d, v in evals[-1].items()} if evals else {}
 
 
