@@ -19,6 +19,7 @@ from pathlib import Path
 from .config import Config, ConfigError, ModelConfig
 from .models.sources import REAL_PRESETS, ModelSourceError, _classify_path, num_blocks, preset_gguf
 from .runfolder import usable_run_dir
+from .schemes import scheme_of
 
 __all__ = ["check_run_input", "check_cuts", "quick_num_blocks"]
 
@@ -66,9 +67,9 @@ def quick_num_blocks(model: ModelConfig) -> int | None:
 def check_cuts(cfg: Config, num_layers: int) -> None:
     """Every device's cut (``topology.cut`` and each ``topology.device_cuts`` entry) leaves the edge
     at least one of the model's ``num_layers`` blocks (the rule ``models.split.Cut.from_layers``
-    applies in every tier). FL trains the whole model on the device: no cut."""
+    applies in every tier). A scheme without a split (FL) trains the whole model on the device: no cut."""
     t = cfg.topology
-    if cfg.training.scheme == "fl":
+    if not scheme_of(cfg).splits:
         return
     for key, cut in [("topology.cut", t.cut), *((f"topology.device_cuts.{d}", c) for d, c in t.device_cuts.items())]:
         if cut.front_layers + cut.back_layers >= num_layers:

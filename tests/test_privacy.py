@@ -167,7 +167,7 @@ def test_dp_aggregator_needs_fedavg():
 
 # ------------------------------------------------------------------------ what the edge holds
 def test_edge_holds_no_front_or_back_weights(tiny):
-    from gaisnet_ray.hfsl.inprocess import edge_part_of, edge_trainer
+    from gaisnet_ray.hfsl.factory import edge_part_of, edge_trainer
 
     cfg = tiny_config()
     model, tok = build_foundation(cfg.model)

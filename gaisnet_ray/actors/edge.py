@@ -1,8 +1,10 @@
 """EdgeNode: an edge server as a Ray actor, a thin shell over ``hfsl.edge.EdgeTrainer``.
 
-It runs out of order: calls are ordered by their data dependencies (the driver passes the
-``begin_round`` result into every ``begin_turn``), so one cluster waiting on a slow member never
-holds back another cluster's calls.
+A plain (synchronous) actor: it runs one call at a time, each caller's calls in the order that
+caller submitted them (Ray's actor ordering). The driver submits a cluster's next ``begin_turn``
+only once the previous member's turn is done (and passes the ``begin_round`` result into it), so a
+queued call never waits on a slow member; the devices' ``forward`` / ``backward`` calls come from
+other callers and interleave with the driver's, so clusters proceed independently.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import ray
 
 from ..config import Config
 from ..hfsl.audit import MessageAudit
-from ..hfsl.inprocess import edge_trainer
-from ..hfsl.plan import device_cut
+from ..hfsl.factory import edge_cuts, edge_trainer
 from ..hfsl.messages import EdgeUpdate, StateDict, TurnResult
-from .placement import BaseHolderNode, crosses_boundary, setup_tier_worker
+from ..worker_setup import setup_tier_worker
+from .audited import BaseHolderNode, crosses_boundary
 
 
 @ray.remote
@@ -57,4 +59,4 @@ class EdgeNode(BaseHolderNode):
     @crosses_boundary
     def add_devices(self, device_ids: list[str]) -> None:
         """Take over devices of an edge that died (from the next round on)."""
-        self.core.add_devices({d: device_cut(self._cfg.topology, d, self._num_layers) for d in device_ids})
+        self.core.add_devices(edge_cuts(self._cfg, device_ids, self._num_layers))

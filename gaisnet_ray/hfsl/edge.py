@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import LinkConfig, PeftConfig, TrainingConfig
-from ..knowledge.aggregate import aggregate
+from ..knowledge.aggregate import aggregator_of
 from ..models.adapters import adapter_state, load_adapter_state, load_base_state, trainable_parameters
 from ..models.parts import ModelPart
-from ..models.split import Cut, SplitModel, build_tier_model, edge_part, select_keys
+from ..models.split import Cut, SplitModel, build_tier_model, select_keys
 from .linkmodel import clusters_comm_s
 from .messages import EdgeUpdate, LinkUsage, StateDict, TurnResult
 
@@ -36,16 +36,19 @@ class _ClusterState:
 
 
 class EdgeTrainer:
-    def __init__(self, edge_id: str, package, peft_cfg: PeftConfig, training: TrainingConfig,
-                 device_cuts: dict[str, Cut], link: LinkConfig, torch_device: str = "cpu"):
+    def __init__(self, edge_id: str, package, part: ModelPart, peft_cfg: PeftConfig, training: TrainingConfig,
+                 device_cuts: dict[str, Cut | None], link: LinkConfig, torch_device: str = "cpu"):
+        """``part``: the blocks this edge runs, as its scheme decides (``factory.edge_part_of``;
+        none when devices train the whole model). ``device_cuts``: each served device's cut (None:
+        it trains the whole model, with no split step here)."""
         self.edge_id = edge_id
         self.training = training
         self.device_cuts = device_cuts
         self.link = link
         self.torch_device = torch_device
         self.num_layers = package.num_layers
-        # under FL the devices hold the whole model and the edge none of it
-        self.part = edge_part(device_cuts.values()) if training.scheme != "fl" else ModelPart.of((), False, False)
+        self.part = part
+        self.aggregator = aggregator_of(training)
         self.split = None
         if self.part.layers:  # ``package`` holds at least this part; only the part is built
             self.split = build_tier_model(package, peft_cfg, self.part, torch_device=torch_device)
@@ -88,7 +91,7 @@ class EdgeTrainer:
         st.knowledge.update(turn.adapter)
         st.turns.append(turn)
 
-    def add_devices(self, device_cuts: dict[str, Cut]) -> None:
+    def add_devices(self, device_cuts: dict[str, Cut | None]) -> None:
         """Serve more devices from the next round on (an edge that died had them). Their cuts must
         need no block this edge pruned."""
         if self.split is not None:
@@ -180,11 +183,8 @@ class EdgeTrainer:
         states = [self._clusters[cid] for cid in included]
         dropped = {d: why for st in self._clusters.values() for d, why in st.dropped.items()}
         weights = [sum(t.num_samples for t in st.turns) for st in states]
-        knowledge = aggregate(
-            self.training.aggregation, [st.knowledge for st in states], weights, reference=self._global,
-            trim_ratio=self.training.trim_ratio, clip_norm=self.training.clip_norm,
-            sources=[f"{self.edge_id}/{cid}" for cid in included],
-        )
+        knowledge = self.aggregator([st.knowledge for st in states], weights, reference=self._global,
+                                    sources=[f"{self.edge_id}/{cid}" for cid in included])
         turns = [t for st in states for t in st.turns]
         usage = LinkUsage()
         for t in turns:

@@ -1,34 +1,15 @@
-"""Who trains with whom this round: topology, cut points per device, clusters per edge."""
+"""Who trains with whom this round: the participants of each edge and its clusters.
+
+The topology itself (devices per edge, cuts, compute) is ``topology.py``; how devices are grouped
+is the scheme's (``gaisnet_ray.schemes``). No torch at import: the planner reads this module.
+"""
 
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
 
-from ..config import Config, TopologyConfig, device_id, edge_id
-from .clustering import DeviceProfile, cluster_devices
-
-if TYPE_CHECKING:  # imported where used: the planner reads this module without torch
-    from ..models.split import Cut
-
-
-def devices_by_edge(topo: TopologyConfig) -> dict[str, list[str]]:
-    return {edge_id(e): [device_id(e, d) for d in range(topo.devices_per_edge)] for e in range(topo.edges)}
-
-
-def device_compute(topo: TopologyConfig, device: str) -> float:
-    e, d = (int(x) for x in device.split("-")[1:])
-    return topo.device_compute[(e * topo.devices_per_edge + d) % len(topo.device_compute)]
-
-
-def device_cut(topo: TopologyConfig, device: str, num_layers: int) -> "Cut":
-    from ..models.split import Cut
-
-    c = topo.cut_for(device)
-    try:
-        return Cut.from_layers(num_layers, c.front_layers, c.back_layers)
-    except ValueError as e:
-        raise ValueError(f"topology cut for {device}: {e}") from None
+from ..config import Config
+from ..schemes import scheme_of
 
 
 def participants(cfg: Config, edge: str, devices: list[str], round_idx: int | None) -> list[str]:
@@ -44,24 +25,8 @@ def participants(cfg: Config, edge: str, devices: list[str], round_idx: int | No
 
 def plan_clusters(cfg: Config, edge: str, sample_counts: dict[str, int],
                   planned: list[list[str]] | None = None) -> dict[str, list[str]]:
-    """Cluster id -> member device ids in training order, for one edge and one round.
-    ``planned``: the planner's clusters of this edge (``topology.planner`` not fixed); the devices
-    of this round keep them, and devices it did not plan here (moved from a lost edge) are
-    clustered as usual after them."""
-    devices = list(sample_counts)
-    scheme = cfg.training.scheme
-    if scheme == "fl":
-        groups = [[d] for d in devices]
-    elif scheme == "sl":
-        groups = [devices]
-    elif planned is not None:
-        live = set(devices)
-        groups = [g for g in ([d for d in c if d in live] for c in planned) if g]
-        seen = {d for c in planned for d in c}
-        rest = [d for d in devices if d not in seen]
-        if rest:
-            groups += plan_clusters(cfg, edge, {d: sample_counts[d] for d in rest}).values()
-    else:
-        profiles = [DeviceProfile(d, sample_counts[d], device_compute(cfg.topology, d)) for d in devices]
-        groups = cluster_devices(profiles, cfg.topology.cluster_size, cfg.topology.clustering)
+    """Cluster id -> member device ids in training order, for one edge and one round, as the
+    scheme groups them. ``planned``: the planner's clusters of this edge (``topology.planner``
+    not fixed)."""
+    groups = scheme_of(cfg).clusters(cfg, edge, sample_counts, planned)
     return {f"{edge}/c{i}": g for i, g in enumerate(groups)}

@@ -1,6 +1,7 @@
 """Knowledge: PEFT (LoRA) adapter state dicts, keyed as ``get_peft_model_state_dict`` returns them.
 
-Aggregation rules, byte accounting, content hashing and the versioned on-disk store.
+Aggregation rules, byte accounting, content hashing and the versioned on-disk stores (one
+``VersionedStore``: adapters in ``store``, foundation versions in ``bases``).
 """
 
 from gaisnet_ray.knowledge.aggregate import (
@@ -16,16 +17,7 @@ from gaisnet_ray.knowledge.aggregate import (
     trimmed_mean,
     validate_updates,
 )
-from gaisnet_ray.knowledge.codec import (
-    DIRECTIONS,
-    LINKS,
-    ByteCounter,
-    Direction,
-    Link,
-    content_hash,
-    payload_nbytes,
-    tensor_nbytes,
-)
+from gaisnet_ray.knowledge.codec import content_hash, payload_nbytes, tensor_nbytes
 from gaisnet_ray.knowledge.errors import (
     KeyMismatchError,
     KnowledgeError,
@@ -39,25 +31,22 @@ from gaisnet_ray.knowledge.store import (
     LINEAGE_NAME,
     KnowledgeStore,
 )
+from gaisnet_ray.knowledge.versioned import VersionedStore
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
-    "DIRECTIONS",
     "HISTORY_NAME",
     "LINEAGE_NAME",
-    "LINKS",
     "RULES",
-    "ByteCounter",
-    "Direction",
     "KeyMismatchError",
     "KnowledgeError",
     "KnowledgeStore",
-    "Link",
     "NonFiniteUpdateError",
     "Rule",
     "ShapeMismatchError",
     "StateDict",
+    "VersionedStore",
     "aggregate",
     "check_compatible",
     "check_finite",

@@ -7,17 +7,28 @@ of the first update's tensor for that key.
 Each rule validates its inputs (same keys, same shapes, all finite) before any
 arithmetic. Robust rules (``coordinate_median``, ``trimmed_mean``) are
 unweighted by design.
+
+The rules are also classes behind one interface (``AggregationRule``: ``FedAvg``,
+``Median``, ``TrimmedMean``), with ``ClipNorm`` as the optional step before any
+of them; an ``Aggregator`` is a rule plus that step, and ``aggregator_of`` is
+the one place the config (``training.aggregation`` / ``trim_ratio`` /
+``clip_norm``) picks them. Adding a rule: a class here and a line in ``_RULES``.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Literal, get_args
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal, get_args
 
 import torch
 
 from gaisnet_ray.knowledge.errors import KeyMismatchError, NonFiniteUpdateError, ShapeMismatchError
+
+if TYPE_CHECKING:
+    from gaisnet_ray.config import TrainingConfig
 
 StateDict = dict[str, torch.Tensor]
 Rule = Literal["fedavg", "median", "trimmed_mean"]
@@ -193,6 +204,130 @@ def clip_update(
     return _clip(update, reference, max_norm)
 
 
+# --- rules as classes: one interface, chosen from the config in one place -----------------------
+
+
+class AggregationRule(ABC):
+    """How validated updates (same keys and shapes, all finite) become one state dict."""
+
+    name: ClassVar[str]  # the ``training.aggregation`` value
+    weighted: ClassVar[bool] = False  # uses the per-update weights (sample counts)
+
+    @classmethod
+    def from_params(cls, *, trim_ratio: float) -> AggregationRule:
+        """The rule with its parameters from the config (each rule takes the ones it has)."""
+        return cls()
+
+    def check(self) -> None:
+        """Raise ValueError for a bad parameter; called before any update is looked at."""
+
+    @abstractmethod
+    def combine(self, updates: Sequence[StateDict], weights: list[float]) -> StateDict:
+        """The arithmetic, on updates already validated; ``weights`` checked (all 1.0 if none)."""
+
+
+@dataclass(frozen=True)
+class FedAvg(AggregationRule):
+    """Sample-weighted average: sum(w_i * x_i) / sum(w_i), per key."""
+
+    name: ClassVar[str] = "fedavg"
+    weighted: ClassVar[bool] = True
+
+    def combine(self, updates: Sequence[StateDict], weights: list[float]) -> StateDict:
+        return _fedavg(updates, weights)
+
+
+@dataclass(frozen=True)
+class Median(AggregationRule):
+    """Element-wise median (mean of the two middle values for an even count); unweighted."""
+
+    name: ClassVar[str] = "median"
+
+    def combine(self, updates: Sequence[StateDict], weights: list[float]) -> StateDict:
+        return _median(updates)
+
+
+@dataclass(frozen=True)
+class TrimmedMean(AggregationRule):
+    """Element-wise mean after dropping floor(trim_ratio * n) values at each end; unweighted."""
+
+    trim_ratio: float = 0.1
+    name: ClassVar[str] = "trimmed_mean"
+
+    @classmethod
+    def from_params(cls, *, trim_ratio: float) -> AggregationRule:
+        return cls(trim_ratio)
+
+    def check(self) -> None:
+        _check_trim_ratio(self.trim_ratio)
+
+    def combine(self, updates: Sequence[StateDict], weights: list[float]) -> StateDict:
+        return _trimmed_mean(updates, self.trim_ratio)
+
+
+_RULES: dict[str, type[AggregationRule]] = {r.name: r for r in (FedAvg, Median, TrimmedMean)}
+
+
+@dataclass(frozen=True)
+class ClipNorm:
+    """Before the rule: bound each update's joint L2 distance from the reference (the knowledge
+    the round started from) by ``max_norm`` (``training.clip_norm``)."""
+
+    max_norm: float
+
+    def check(self) -> None:
+        _check_max_norm(self.max_norm)
+
+    def __call__(self, update: StateDict, reference: StateDict) -> StateDict:
+        return _clip(update, reference, self.max_norm)
+
+
+@dataclass(frozen=True)
+class Aggregator:
+    """A rule, with clipping against the reference first when ``clip`` is set. Every check (count,
+    weights, parameters, keys, shapes, finiteness) happens before any arithmetic."""
+
+    rule: AggregationRule
+    clip: ClipNorm | None = None
+
+    def __call__(self, updates: Sequence[StateDict], weights: Sequence[float] | None, *,
+                 reference: StateDict | None = None, sources: Sequence[str] | None = None) -> StateDict:
+        if len(updates) == 0:
+            raise ValueError("no updates to aggregate")
+        if self.rule.weighted and weights is None:
+            raise ValueError(f"rule '{self.rule.name}' requires weights (e.g. per-update sample counts)")
+        # Unweighted rules ignore w (length-checked when given).
+        w = _check_weights(weights, len(updates)) if weights is not None else [1.0] * len(updates)
+        self.rule.check()
+        if self.clip is not None:
+            self.clip.check()
+            if reference is None:
+                raise ValueError("clip_norm is set but no reference state dict was given")
+        labels = _labels(len(updates), sources)
+
+        validate_updates(updates, labels)
+        if reference is not None:
+            check_compatible([updates[0], reference], [labels[0], "reference"])
+            check_finite(reference, "reference")
+            if self.clip is not None:
+                updates = [self.clip(u, reference) for u in updates]
+        return self.rule.combine(updates, w)
+
+
+def rule_named(name: str, *, trim_ratio: float = 0.1) -> AggregationRule:
+    rule = _RULES.get(name)
+    if rule is None:
+        raise ValueError(f"unknown aggregation rule {name!r}; expected one of {RULES}")
+    return rule.from_params(trim_ratio=trim_ratio)
+
+
+def aggregator_of(training: TrainingConfig) -> Aggregator:
+    """The aggregation ``training`` configures (``aggregation``, ``trim_ratio``, ``clip_norm``),
+    used by the edges over their clusters and by the cloud over the edges."""
+    return Aggregator(rule_named(training.aggregation, trim_ratio=training.trim_ratio),
+                      None if training.clip_norm is None else ClipNorm(training.clip_norm))
+
+
 def aggregate(
     rule: Rule,
     updates: Sequence[StateDict],
@@ -203,37 +338,11 @@ def aggregate(
     clip_norm: float | None = None,
     sources: Sequence[str] | None = None,
 ) -> StateDict:
-    """Validate every update, optionally clip each against ``reference``, then apply ``rule``.
+    """Validate every update, optionally clip each against ``reference``, then apply ``rule``
+    (the rule's name; ``Aggregator`` is the same with the rule chosen once).
 
     ``weights`` are required for "fedavg" and ignored (but length-checked when
     given) by the unweighted robust rules "median" and "trimmed_mean".
     """
-    if rule not in RULES:
-        raise ValueError(f"unknown aggregation rule {rule!r}; expected one of {RULES}")
-    if len(updates) == 0:
-        raise ValueError("no updates to aggregate")
-    if rule == "fedavg" and weights is None:
-        raise ValueError("rule 'fedavg' requires weights (e.g. per-update sample counts)")
-    # Unweighted rules ignore w; fedavg without weights was rejected above.
-    w = _check_weights(weights, len(updates)) if weights is not None else [1.0] * len(updates)
-    if rule == "trimmed_mean":
-        _check_trim_ratio(trim_ratio)
-    if clip_norm is not None:
-        _check_max_norm(clip_norm)
-        if reference is None:
-            raise ValueError("clip_norm is set but no reference state dict was given")
-    labels = _labels(len(updates), sources)
-
-    # All validation happens before any arithmetic.
-    validate_updates(updates, labels)
-    if reference is not None:
-        check_compatible([updates[0], reference], [labels[0], "reference"])
-        check_finite(reference, "reference")
-        if clip_norm is not None:
-            updates = [_clip(u, reference, clip_norm) for u in updates]
-
-    if rule == "median":
-        return _median(updates)
-    if rule == "trimmed_mean":
-        return _trimmed_mean(updates, trim_ratio)
-    return _fedavg(updates, w)
+    chosen = Aggregator(rule_named(rule, trim_ratio=trim_ratio), None if clip_norm is None else ClipNorm(clip_norm))
+    return chosen(updates, weights, reference=reference, sources=sources)

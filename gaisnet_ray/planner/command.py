@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..config import Config, ConfigError
+from ..schemes import scheme_of
 from .cost import RoundShape
 from .planning import PlanError, RoundPlan, alternatives, plan_round
 from .profiles import Fleet, build_fleet
@@ -26,7 +27,7 @@ def host_gflops(cfg: Config, model_config: dict) -> tuple[float, str]:
 def sample_counts(cfg: Config) -> dict[str, int] | None:
     """Each device's data size (what today's clustering balances), derived as devices derive it."""
     from ..data import DatasetError, device_examples
-    from ..hfsl.plan import devices_by_edge
+    from ..hfsl.topology import devices_by_edge
 
     ids = [d for ds in devices_by_edge(cfg.topology).values() for d in ds]
     try:
@@ -80,8 +81,8 @@ def plan_command(cfg: Config, out: str | None) -> int:
     from ..models.build import UnknownModelFamilyError
     from ..models.sources import ModelSourceError
 
-    if cfg.training.scheme == "fl":  # before anything loads
-        print(f"config error: {PlanError.no_cut()}", file=sys.stderr)
+    if not scheme_of(cfg).splits:  # before anything loads
+        print(f"config error: {PlanError.no_cut(cfg.training.scheme)}", file=sys.stderr)
         return 2
     try:
         model_config = model_config_of(cfg)

@@ -17,7 +17,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..config import Config, ConfigError
-from ..hfsl.plan import devices_by_edge, plan_clusters
+from ..hfsl.plan import plan_clusters
+from ..hfsl.topology import devices_by_edge
+from ..schemes import SCHEMES, scheme_of
 from .cost import RoundShape, cloud_overhead_s, split_blocks, turn_seconds, turn_terms
 from .profiles import Fleet
 from .search import Candidate, EdgePlan, SearchSpace, evaluate_edge, lpt_clusters, member_turns, search
@@ -27,9 +29,10 @@ class PlanError(ValueError):
     """The round cannot be planned (a scheme without a cut, no device can train)."""
 
     @staticmethod
-    def no_cut() -> str:
-        return ("training.scheme 'fl' trains the whole model on each device: there is no cut to plan "
-                "(the planner plans hfsl and sl)")
+    def no_cut(scheme: str) -> str:
+        planned = " and ".join(n for n, s in SCHEMES.items() if s.splits)
+        return (f"training.scheme '{scheme}' trains the whole model on each device: there is no cut to plan "
+                f"(the planner plans {planned})")
 
 
 @dataclass
@@ -85,7 +88,7 @@ def _configured_blocks(cfg: Config, shape: RoundShape) -> dict[str, tuple[int, i
 
 def _space(cfg: Config, shape: RoundShape, fleet: Fleet, cluster_size: int | None = None) -> SearchSpace:
     return SearchSpace(shape, fleet, cfg.planner.energy_weight, cfg.planner.exact_max_combos,
-                       1 if cfg.training.scheme == "sl" else None, cluster_size)
+                       scheme_of(cfg).max_clusters, cluster_size)
 
 
 def _finish(name: str, cfg: Config, shape: RoundShape, fleet: Fleet, space: SearchSpace,
@@ -160,7 +163,7 @@ def balanced_plan(cfg: Config, shape: RoundShape, fleet: Fleet) -> RoundPlan:
         if not cand.devices:
             continue
         edge = fleet.edge(e)
-        size = len(cand.devices) if cfg.training.scheme == "sl" else cfg.topology.cluster_size
+        size = scheme_of(cfg).cluster_size(cfg, len(cand.devices))
         k = math.ceil(len(cand.devices) / size)
         loads = {d.device_id: turn_seconds(turn_terms(shape, d, edge, cand.options[d.device_id][0], k), d, edge, 1 / k)
                  for d in cand.devices}
@@ -182,8 +185,8 @@ def optimized_plan(cfg: Config, shape: RoundShape, fleet: Fleet, cluster_size: i
 def plan_round(cfg: Config, shape: RoundShape, fleet: Fleet, sample_counts: dict[str, int] | None = None,
                planner: str | None = None) -> RoundPlan:
     """The plan ``topology.planner`` (or ``planner``) picks."""
-    if cfg.training.scheme == "fl":
-        raise PlanError(PlanError.no_cut())
+    if not scheme_of(cfg).splits:
+        raise PlanError(PlanError.no_cut(cfg.training.scheme))
     which = planner or cfg.topology.planner
     if which == "fixed":
         plan = fixed_plan(cfg, shape, fleet, sample_counts)
@@ -209,7 +212,7 @@ def alternatives(cfg: Config, shape: RoundShape, fleet: Fleet, sample_counts: di
     out = [fixed_plan(cfg, shape, fleet, sample_counts),
            fixed_plan(cfg, shape, fleet, sample_counts, clustering="sequential", name="sequential"),
            balanced_plan(cfg, shape, fleet), plan_round(cfg, shape, fleet, sample_counts, "optimized")]
-    if cfg.training.scheme == "hfsl":
+    if scheme_of(cfg).free_cluster_size:
         n = cfg.topology.devices_per_edge
         sizes = sorted({max(1, round(n * i / max_sizes)) for i in range(1, max_sizes + 1)}) if n > max_sizes \
             else list(range(1, n + 1))
