@@ -181,3 +181,33 @@ def test_resume_after_the_driver_is_killed_ends_with_the_uninterrupted_knowledge
         load_file(tmp_path / "uninterrupted" / "model" / "model.safetensors")
     for k in ref_model:
         torch.testing.assert_close(model[k], ref_model[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_hung_device_on_a_pool_worker_costs_its_neighbours_one_timeout_and_a_restart(ray_local, tmp_path):
+    # two logical devices on one EndWorker, each its own cluster: the first to start hangs (its
+    # train_turn never returns); the worker is restarted after one timeout and the other device trains
+    cfg, driver = _driver(tmp_path, ["topology.edges=1", "topology.cluster_size=1", "topology.end_workers=1",
+                                     "faults.turn_timeout_s=6", "training.local_steps=2", "faults.min_edge_updates=1"])
+    try:
+        hung, other = (c[0] for c in _first_members(cfg, driver, "edge-0"))
+        worker = driver.devices[hung]
+
+        def hang(self, device=hung):
+            def forever(*args, **kwargs):
+                time.sleep(3600)
+
+            self.cores[device].train_turn = forever
+
+        ray_local.get(worker.__ray_call__.remote(hang), timeout=60)
+        started = time.monotonic()
+        first = driver.run_round(1)
+        took = time.monotonic() - started
+        assert driver.devices[other] is not worker  # a fresh worker
+        second = driver.run_round(2)
+    finally:
+        driver.close()
+    assert first["faults"]["dropped"] == {hung: "timed out after 6s"} and first["faults"]["dead_devices"] == []
+    assert _lineage(tmp_path, 1)["edges"]["edge-0"]["clusters"] == [[other]]
+    assert took < 6 + 60, took  # one timeout, a restart, one turn: never a second timeout
+    assert second["faults"]["dropped"] == {}  # the restarted worker trains both
+    assert set(_lineage(tmp_path, 2)["edges"]["edge-0"]["device_samples"]) == {hung, other}

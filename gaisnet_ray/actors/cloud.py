@@ -10,7 +10,8 @@ from ..hfsl.cloud import CloudCore
 from ..hfsl.messages import EdgeUpdate, StateDict
 from ..models.build import FoundationPackage
 from ..models.parts import ModelPart
-from .placement import AuditedNode, crosses_boundary, setup_tier_worker
+from ..worker_setup import setup_tier_worker
+from .audited import AuditedNode, crosses_boundary
 
 
 @ray.remote

@@ -15,7 +15,8 @@ import ray
 from ..cloudengine.world import WorldSpec, free_port
 from ..config import Config
 from ..hfsl.cloudjobs import run_peer_job
-from .placement import setup_tier_worker, tier_options
+from ..worker_setup import setup_tier_worker
+from .placement import tier_options
 
 
 @ray.remote

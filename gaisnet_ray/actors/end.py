@@ -12,9 +12,10 @@ import ray
 
 from ..config import Config
 from ..hfsl.audit import MessageAudit
-from ..hfsl.inprocess import device_trainer, device_trainers
+from ..hfsl.factory import device_trainer, device_trainers
 from ..hfsl.messages import StateDict, TurnResult
-from .placement import AuditedNode, BaseHolderNode, crosses_boundary, setup_tier_worker
+from ..worker_setup import setup_tier_worker
+from .audited import AuditedNode, BaseHolderNode, crosses_boundary
 
 
 class RayEdgeLink:
@@ -33,7 +34,7 @@ class RayEdgeLink:
 @ray.remote
 class EndNode(BaseHolderNode):
     def __init__(self, device_id: str, cfg: Config, package):
-        """``package``: this device's part of the foundation (``hfsl.inprocess.device_part``)."""
+        """``package``: this device's part of the foundation (``hfsl.factory.device_part``)."""
         torch_device = setup_tier_worker(cfg, "end")
         self._audit = MessageAudit(device_id, cfg.run.audit_messages)
         self._audit.record("__init__", "in", {"package": package})

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from ..config import Config
 from ..data import eval_examples, public_examples
-from ..knowledge.aggregate import aggregate, check_finite
+from ..knowledge.aggregate import aggregator_of, check_finite
 from ..knowledge.bases import BaseStore, refresh_model_dir
 from ..knowledge.codec import content_hash, payload_nbytes
 from ..knowledge.store import KnowledgeStore
+from ..layout import MODEL_CONFIG_NAME, MODEL_DIR, RunLayout
 from ..models.adapters import (adapter_state, attach_lora, base_state_view, load_adapter_state, load_base_state,
                                merged_base_state)
 from ..models.build import FoundationPackage, build_foundation, family_of, load_foundation, save_foundation
@@ -34,7 +35,8 @@ class CloudCore:
         self.peer_reports: list = []
         self.resume_round = resume_round
         run_dir = Path(run_dir)
-        self.model_dir = run_dir / "model"
+        self.layout = RunLayout(run_dir)
+        self.model_dir = self.layout.model
         if resume_round is not None:
             model, tokenizer = self._resumed_base(run_dir, resume_round)
             self.pretrain_losses = []
@@ -53,7 +55,7 @@ class CloudCore:
         self.run_dir = run_dir
         self.torch_device = torch_device
         # with a relay the base itself is versioned (knowledge/bases/bNNNN); without one it is model/
-        self.bases = BaseStore(run_dir / "knowledge" / "bases") if cfg.relay.policy != "none" else None
+        self.bases = BaseStore(self.layout.bases) if cfg.relay.policy != "none" else None
         self.base_version = 0
         if self.bases is not None and resume_round is not None:
             self.base_version = self.bases.latest_version()
@@ -63,11 +65,12 @@ class CloudCore:
         model.name_or_path = str(self.model_dir)  # what adapter_config.json names as the base
         self.peft = attach_lora(model, cfg.peft, family_of(model), base_name=str(self.model_dir))
         self.peft.to(torch_device)
-        self.store = KnowledgeStore(run_dir / "knowledge")
-        self.edges_root = run_dir / "knowledge" / "edges"  # each edge's own adapter, for serving
+        self.store = KnowledgeStore(self.layout.knowledge)
+        self.edges_root = self.layout.edges  # each edge's own adapter, for serving
         self.eval_sets = eval_examples(cfg.data)
         self.dp = (DPAggregator(cfg.privacy, cfg.training.rounds, cfg.training.aggregation)
                    if cfg.privacy.dp_clip is not None else None)
+        self.aggregator = aggregator_of(cfg.training)  # over the edges' updates, unless DP-FedAvg
         self.version = 0
         self._base_eval: dict | None = None  # the current base alone, once a relay has measured it
         self.knowledge: StateDict = {}
@@ -91,16 +94,17 @@ class CloudCore:
     def _base_lineage(self) -> dict:
         """Which base an adapter version applies to (``base.path`` is relative to the run folder)."""
         if self.bases is None:
-            return {"base": {"version": 0, "path": "model", "content_hash": self.base_hash}}
+            return {"base": {"version": 0, "path": MODEL_DIR, "content_hash": self.base_hash}}
         path = self.bases.path(self.base_version).relative_to(self.run_dir)
         return {"base": {"version": self.base_version, "path": str(path), "content_hash": self.base_hash}}
 
     def _resumed_base(self, run_dir: Path, done: int):
         """The base round ``done`` left: its relayed base version, or model/ without a relay."""
-        folder = run_dir / "model"
+        run = RunLayout(run_dir)
+        folder = run.model
         if self.cfg.relay.policy != "none":
-            folder = BaseStore(run_dir / "knowledge" / "bases").path(done)
-            if not (folder / "config.json").is_file():
+            folder = run.base_dir(done)
+            if not (folder / MODEL_CONFIG_NAME).is_file():
                 raise FileNotFoundError(f"cannot resume after round {done}: its base {folder} is missing")
         return load_foundation(folder, self.cfg.model.attn_implementation)
 
@@ -130,9 +134,8 @@ class CloudCore:
             knowledge, dp_report = self.dp.aggregate(round_idx, [u.adapter for u in updates],
                                                      [u.num_samples for u in updates], self.knowledge)
         else:
-            knowledge = aggregate(t.aggregation, [u.adapter for u in updates], [u.num_samples for u in updates],
-                                  reference=self.knowledge, trim_ratio=t.trim_ratio, clip_norm=t.clip_norm,
-                                  sources=[u.edge_id for u in updates])
+            knowledge = self.aggregator([u.adapter for u in updates], [u.num_samples for u in updates],
+                                        reference=self.knowledge, sources=[u.edge_id for u in updates])
         parent = self.version
         lineage = {
             "round": round_idx,
