@@ -88,12 +88,12 @@ def runtime_baseline_mb(cfg) -> float:
         def __init__(self):
             import gaisnet_ray.actors  # noqa: F401  what every tier actor imports
             import gaisnet_ray.hfsl.device  # noqa: F401
-            from gaisnet_ray.actors.placement import setup_worker
+            from gaisnet_ray.worker_setup import setup_worker
 
             setup_worker(1, 0)
 
         def peak(self) -> float:
-            from gaisnet_ray.actors.placement import peak_rss_mb
+            from gaisnet_ray.worker_setup import peak_rss_mb
 
             return peak_rss_mb()
 

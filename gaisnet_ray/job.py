@@ -13,10 +13,13 @@ from .cluster import connect, joins_cluster
 from .cluster.preflight import check_cluster_memory
 from .config import Config
 from .driver import GaisNetDriver
+from .cluster.worker_logs import worker_output_in_log
 from .hfsl.memory import check_fits
+from .logs import RunLog, events, report_round
 from .report import write_report
+from .schemes import scheme_of
+from .layout import RunLayout
 from .runfolder import (
-    INITIAL_EVAL_NAME,
     append_metrics,
     prepare_run_dir,
     read_metrics,
@@ -60,6 +63,14 @@ def _plan(cfg: Config, model_config: dict, resumed_dir: Path | None):
 
 def run_job(cfg: Config, out: str | Path | None = None, progress: bool | None = None, serve: bool = False,
             resume_round: int | None = None, address: str | None = None, check_resources: bool = True) -> Path:
+    """``_run_job`` with the run's logging (``logs.RunLog``): the console gets the progress bar, the
+    event lines and warnings about the run; everything else goes to the run folder's log file."""
+    with RunLog() as run_log:
+        return _run_job(cfg, out, progress, serve, resume_round, address, check_resources, run_log)
+
+
+def _run_job(cfg: Config, out: str | Path | None, progress: bool | None, serve: bool, resume_round: int | None,
+             address: str | None, check_resources: bool, run_log: RunLog) -> Path:
     """Run ``cfg.training.rounds`` rounds on Ray and write the run folder; returns its path.
 
     Every finished round is on disk (metrics line, knowledge version) before the next starts.
@@ -95,11 +106,14 @@ def run_job(cfg: Config, out: str | Path | None = None, progress: bool | None = 
     user_cfg, cfg = cfg, planned[0]  # config.yaml keeps what the user asked for; plan.json the plan
     if check_resources and not cluster_mode and cfg is not user_cfg:
         check_fits(cfg, model_config=model_config)
-    with connect(cfg, training=True, serving=serve, address=address, check_resources=check_resources) as cluster:
+    with connect(cfg, training=True, serving=serve, address=address, check_resources=check_resources) as cluster, \
+            worker_output_in_log():  # the actors' output: into the log file, not onto the console
         if check_resources and cluster.mode == "cluster":  # the same for the cluster's nodes
             check_cluster_memory(cfg, model_config=model_config)
         if resume_round is None:
             prepare_run_dir(user_cfg, run_dir)
+        log_file = run_log.attach(run_dir)
+        events.info(f"run folder: {run_dir} (library and actor output: {RunLayout(run_dir).rel(log_file)})")
         driver = GaisNetDriver(cfg, run_dir, planned=planned)
         serving = None
         try:
@@ -109,14 +123,15 @@ def run_job(cfg: Config, out: str | Path | None = None, progress: bool | None = 
                 if serve:
                     serving = _start_serving(run_dir, cfg, shared=cluster.mode == "cluster")
                 first = (resume_round or 0) + 1
-                bar = tqdm(range(first, cfg.training.rounds + 1), initial=first - 1, total=cfg.training.rounds, desc="HFSL rounds" if cfg.training.scheme == "hfsl"
-                           else f"{cfg.training.scheme.upper()} rounds", unit="round", disable=not show)
+                bar = tqdm(range(first, cfg.training.rounds + 1), initial=first - 1, total=cfg.training.rounds,
+                           desc=scheme_of(cfg).label, unit="round", disable=not show)
                 done = read_metrics(run_dir)
                 last = done[-1] if done else {}
                 for r in bar:
                     last = driver.run_round(r)
                     append_metrics(run_dir, last)
                     bar.set_postfix(_postfix(last))
+                    report_round(last, cfg.training.rounds)
             finally:
                 driver.close()
             write_report(run_dir, initial_eval)
@@ -144,7 +159,7 @@ def run_job(cfg: Config, out: str | Path | None = None, progress: bool | None = 
 
 def _initial_eval(run_dir: Path, measured: dict | None, resume_round: int | None) -> dict | None:
     """The eval before round 1: measured now on a fresh run (and kept), read back on a resumed one."""
-    path = run_dir / INITIAL_EVAL_NAME
+    path = RunLayout(run_dir).initial_eval
     if resume_round is None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(measured) + "\n")
@@ -154,7 +169,8 @@ def _initial_eval(run_dir: Path, measured: dict | None, resume_round: int | None
 
 def _start_serving(run_dir: Path, cfg: Config, shared: bool = False):
     from .serve.app import announce, start_serving  # Serve loads only when asked for
+    from .tiers import tier_labels
 
-    handle = start_serving(run_dir, cfg.serve, shared_cluster=shared)
+    handle = start_serving(run_dir, cfg.serve, shared_cluster=shared, node_labels=tier_labels(cfg.topology))
     announce(run_dir, handle)
     return handle

@@ -9,11 +9,11 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
 
+from conftest import free_port
 from tinycfg import TINY_YAML
 
 pytestmark = pytest.mark.ray
@@ -59,12 +59,6 @@ def _rank_job(spec, stage: int) -> dict:
             "group_alive": dist.is_initialized(), "pid": os.getpid()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_task(ray_local):
     import sys
@@ -80,7 +74,7 @@ def test_two_rank_world_stays_in_sync_and_equals_one_process_on_both_batches(ray
     from gaisnet_ray.cloudengine import CloudEngineConfig, CloudTrainer
     from gaisnet_ray.cloudengine.world import WorldSpec
 
-    port = _free_port()
+    port = free_port()
     refs = [rank_task.remote(WorldSpec(r, 2, "127.0.0.1", port), stage) for r in (0, 1)]
     r0, r1 = ray_local.get(refs, timeout=300)
     assert (r0["size"], r0["rank"], r1["rank"]) == (2, 0, 1)
@@ -108,7 +102,7 @@ def test_the_same_workers_form_a_new_world_after_closing_one(ray_local, rank_tas
 
     pids = set()
     for _ in range(2):
-        port = _free_port()
+        port = free_port()
         out = ray_local.get([rank_task.remote(WorldSpec(r, 2, "127.0.0.1", port), 2) for r in (0, 1)], timeout=300)
         assert [o["rank"] for o in out] == [0, 1]
         pids |= {o["pid"] for o in out}

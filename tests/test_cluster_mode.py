@@ -1,6 +1,6 @@
-"""Cluster mode (issue 5): templates, the resource pre-check, and real multi-node Ray on this machine.
+"""Cluster mode (issue 5): the resource pre-check, and real multi-node Ray on this machine (the
+deploy/ templates: ``test_cluster_templates.py``).
 
-- The deploy/ templates parse and give each tier node type exactly its tier resource and label.
 - The pre-check names what a cluster lacks (pure, no Ray); bad addresses fail in seconds (exit 2).
 - A multi-node ``ray.cluster_utils.Cluster`` (head without tier resources + one node per tier, two
   edge nodes), in a subprocess of its own: ``GaisNetDriver.start()`` puts each actor on its tier's
@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,11 +28,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from gaisnet_ray.config import load_config
 from gaisnet_ray.tiers import TIER_RESOURCES
 
+from conftest import free_ports, small_job
 from tinycfg import TINY_YAML
 
 pytestmark = pytest.mark.ray
@@ -41,23 +40,8 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 TIER_LABEL = "gaisnet/tier"
-TINY = [
-    "topology.edges=1", "topology.devices_per_edge=1", "topology.cluster_size=1",
-    "data.samples_per_device=32", "data.eval_samples_per_domain=8", "data.public_samples=64",
-    "training.pretrain_steps=0", "training.local_steps=2", "training.batch_size=8", "training.rounds=1",
-    "relay.policy=none", "run.progress=false", "run.actor_timeout_s=120",
-]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+TINY = small_job("topology.edges=1", "data.eval_samples_per_domain=8", "relay.policy=none",
+                 "run.actor_timeout_s=120")
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -93,100 +77,6 @@ def _kill_group(proc: subprocess.Popen, grace_s: float) -> None:
         pass
     if proc.poll() is None:
         proc.wait(timeout=10)
-
-
-# ------------------------------------------------------------------------------------- templates
-def _tier_of(labels: dict | None) -> str | None:
-    return (labels or {}).get(TIER_LABEL)
-
-
-def _gaisnet_resources(resources: dict) -> dict:
-    return {k: v for k, v in resources.items() if k.startswith("gaisnet_")}
-
-
-def test_cluster_launcher_template_declares_one_tier_per_node_type():
-    import importlib.resources
-
-    import jsonschema
-
-    cfg = yaml.safe_load((DEPLOY / "cluster.yaml").read_text())
-    schema = json.loads(importlib.resources.files("ray").joinpath("autoscaler/ray-schema.json").read_text())
-    jsonschema.validate(cfg, schema)  # what `ray up` validates first
-    types = cfg["available_node_types"]
-    head = types[cfg["head_node_type"]]
-    assert _gaisnet_resources(head["resources"]) == {}  # no tier actor on the head
-    tiers = {}
-    for name, nt in types.items():
-        if name == cfg["head_node_type"]:
-            continue
-        tier = _tier_of(nt.get("labels"))
-        assert tier in TIER_RESOURCES, (name, nt.get("labels"))
-        assert set(_gaisnet_resources(nt["resources"])) == {TIER_RESOURCES[tier]}, name
-        assert nt["resources"][TIER_RESOURCES[tier]] >= 1
-        tiers[tier] = nt
-    assert set(tiers) == set(TIER_RESOURCES)
-    assert tiers["cloud"]["resources"].get("GPU", 0) >= 1
-    # the default config fits the nodes kept up (min_workers): the pre-check passes at once
-    need = load_config(TINY_YAML).topology
-    have = {t: nt["resources"][TIER_RESOURCES[t]] * nt.get("min_workers", 0) for t, nt in tiers.items()}
-    assert have["cloud"] >= 1 and have["edge"] >= need.edges and have["end"] >= need.num_devices
-    assert sum(nt.get("max_workers", 0) for nt in tiers.values()) <= cfg["max_workers"]
-
-
-def _group_tier(group: dict) -> tuple[str | None, dict]:
-    params = group.get("rayStartParams", {})
-    labels = dict(kv.split("=", 1) for kv in params.get("labels", "").split(",") if kv)
-    raw = params.get("resources")
-    # KubeRay's format: a JSON object inside a quoted string, passed to `ray start --resources=`
-    resources = json.loads(json.loads(raw)) if raw else {}
-    return _tier_of(labels), resources
-
-
-def _check_kuberay_cluster(spec: dict) -> dict:
-    head_tier, head_res = _group_tier(spec["headGroupSpec"])
-    assert head_tier is None and _gaisnet_resources(head_res) == {}
-    tiers = {}
-    for g in spec["workerGroupSpecs"]:
-        tier, res = _group_tier(g)
-        assert tier in TIER_RESOURCES, g["groupName"]
-        assert set(_gaisnet_resources(res)) == {TIER_RESOURCES[tier]}, g["groupName"]
-        tiers[tier] = (g, res)
-    assert set(tiers) == set(TIER_RESOURCES)
-    cloud_group = tiers["cloud"][0]
-    assert cloud_group["rayStartParams"].get("num-gpus") == "1"
-    assert cloud_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    return tiers
-
-
-def test_kuberay_raycluster_has_a_worker_group_per_tier():
-    docs = [d for d in yaml.safe_load_all((DEPLOY / "kuberay" / "raycluster.yaml").read_text()) if d]
-    cluster = next(d for d in docs if d["kind"] == "RayCluster")
-    assert cluster["apiVersion"] == "ray.io/v1" and cluster["spec"]["rayVersion"] == "2.60.0"
-    tiers = _check_kuberay_cluster(cluster["spec"])
-    need = load_config(TINY_YAML).topology
-    have = {t: res[TIER_RESOURCES[t]] * g["minReplicas"] for t, (g, res) in tiers.items()}
-    assert have["cloud"] >= 1 and have["edge"] >= need.edges and have["end"] >= need.num_devices
-    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
-    for group in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]:
-        vols = group["template"]["spec"]["volumes"]
-        assert {v["persistentVolumeClaim"]["claimName"] for v in vols} <= claims  # shared run folders
-
-
-def test_kuberay_rayservice_builds_the_gaisnet_app():
-    from gaisnet_ray.serve.app import AppArgs
-    from gaisnet_ray.serve.settings import ServeSettings
-
-    svc = yaml.safe_load((DEPLOY / "kuberay" / "rayservice.yaml").read_text())
-    assert svc["kind"] == "RayService" and svc["apiVersion"] == "ray.io/v1"
-    serve_cfg = yaml.safe_load(svc["spec"]["serveConfigV2"])
-    (app,) = serve_cfg["applications"]
-    reference = yaml.safe_load((DEPLOY / "serve_config.yaml").read_text())["applications"][0]
-    assert app["import_path"] == reference["import_path"] == "gaisnet_ray.serve.app:app_builder"
-    args = AppArgs.model_validate(app["args"])  # what app_builder accepts
-    settings = ServeSettings.model_validate(args.settings)
-    assert args.run_dir.startswith("/")
-    assert settings.cloud.num_gpus == 1
-    _check_kuberay_cluster(svc["spec"]["rayClusterConfig"])
 
 
 # ------------------------------------------------------------------------ pre-check (no Ray needed)
@@ -258,7 +148,7 @@ def test_address_comes_from_the_flag_then_ray_address(monkeypatch):
 
 
 def test_unusable_addresses_exit_2_in_seconds(tmp_path):
-    (closed,) = _free_ports(1)
+    (closed,) = free_ports(1)
     env = _env()
     started = time.monotonic()
     r = _gaisnet("run", str(TINY_YAML), "--address", f"127.0.0.1:{closed}", "--out", str(tmp_path / "x"), env=env, timeout=120)
@@ -365,7 +255,7 @@ def test_actors_land_on_their_tier_nodes_of_a_multi_node_cluster(tmp_path):
 def ray_head(tmp_path_factory):
     """A one-node cluster from `ray start --head --block` (token auth on) declaring one edge unit;
     stopped by its pid (and its process group), never by `ray stop`."""
-    gcs, dash, client, agent, metrics = _free_ports(5)
+    gcs, dash, client, agent, metrics = free_ports(5)
     temp_dir = tempfile.mkdtemp(prefix="gh", dir="/tmp")
     log = tmp_path_factory.mktemp("head") / "head.log"
     env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())

@@ -1,18 +1,16 @@
 """Each actor holds only what it runs: foundation parts, their transport, relay down by part, the
-cloud's copies, the memory estimate and the refusal of a run that cannot fit. Tiny presets; one
-Ray test (the driver sends parts and the round metrics carry each actor kind's peak RSS)."""
+cloud's copies, and training memory (the back loss, block checkpointing). Tiny presets, no Ray.
+The memory estimate and the refusal of a run that cannot fit: test_memory_estimate.py."""
 
 from __future__ import annotations
 
 import copy
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from gaisnet_ray.config import ModelConfig, PeftConfig
+from gaisnet_ray.config import PeftConfig
 from gaisnet_ray.models.adapters import (
     _merged_base_state_by_copy,
     adapter_state,
@@ -22,40 +20,17 @@ from gaisnet_ray.models.adapters import (
     merged_base_state,
     trainable_parameters,
 )
-from gaisnet_ray.models.build import FoundationPackage, build_foundation
+from gaisnet_ray.models.build import FoundationPackage
 from gaisnet_ray.models.parts import ModelPart, Pruned, layer_of_key
 from gaisnet_ray.models.split import Cut, SplitModel, build_tier_model
-from tinycfg import tiny_config, write_tiny_yaml
+from loracheck import lora_grads, randomize_lora
+from tinycfg import tiny_config, tiny_package
 
 torch.set_num_threads(1)
 
 FAMILIES = ["gpt2", "llama"]
 PEFT = PeftConfig(r=4, alpha=8.0)
 CUT = Cut(1, 3)  # 4 blocks: device holds 0 and 3, the edge 1 and 2
-
-
-def _package(family: str, **config) -> FoundationPackage:
-    model, tok = build_foundation(ModelConfig(family=family))
-    if config:  # e.g. tied embeddings on a Llama preset
-        cfg = model.config
-        for k, v in config.items():
-            setattr(cfg, k, v)
-        torch.manual_seed(0)
-        model = type(model)(cfg)
-        model.tie_weights()
-    return FoundationPackage.from_model(model, tok)
-
-
-def _randomize(peft_model, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in trainable_parameters(peft_model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-
-
-def _lora_grads(peft_model) -> dict[str, torch.Tensor]:
-    return {n.replace(".default.", "."): p.grad.detach().clone()
-            for n, p in peft_model.named_parameters() if p.requires_grad}
 
 
 def _param_bytes(module) -> int:
@@ -73,7 +48,7 @@ def _ray_pickle(obj):
 # ------------------------------------------------------------------------------------- parts
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_part_holds_only_its_tensors(family):
-    package = _package(family)
+    package = tiny_package(family)
     sd = package.state_dict
     device, edge = package.cut(CUT.device_part(4)), package.part({1, 2}, embeddings=False, head=False)
 
@@ -102,7 +77,7 @@ def test_a_part_holds_only_its_tensors(family):
 
 
 def test_a_part_cannot_be_cut_out_of_a_part_that_lacks_it():
-    edge = _package("gpt2").part({1, 2}, embeddings=False, head=False)
+    edge = tiny_package("gpt2").part({1, 2}, embeddings=False, head=False)
     assert edge.part({1}, embeddings=False, head=False).part_spec.layers == frozenset({1})
     with pytest.raises(ValueError, match=r"cannot cut blocks 0, 3 \+ embeddings \+ final norm and head out of a "
                                          r"package holding blocks 1-2"):
@@ -113,9 +88,9 @@ def test_a_part_cannot_be_cut_out_of_a_part_that_lacks_it():
 def test_part_segments_equal_the_whole_models_segments_and_lora_grads(family):
     """Device and edge built from their parts (received the way Ray hands them over: read-only
     buffers) compute the same segment outputs, loss and LoRA gradients as the whole model."""
-    package = _package(family)
+    package = tiny_package(family)
     whole = build_tier_model(package, PEFT)
-    _randomize(whole.peft, seed=1)
+    randomize_lora(whole.peft, seed=1)
     knowledge = adapter_state(whole.peft)
     device = build_tier_model(_ray_pickle(package.cut(CUT.device_part(4))), PEFT)
     edge = build_tier_model(_ray_pickle(package.part({1, 2}, False, False)), PEFT)
@@ -136,7 +111,7 @@ def test_part_segments_equal_the_whole_models_segments_and_lora_grads(family):
     ref_m = whole.blocks(ref_k, 1, 3)
     ref_loss = whole.loss(whole.back(ref_m, 3), labels)
     ref_loss.backward()
-    reference = _lora_grads(whole.peft)
+    reference = lora_grads(whole.peft)
 
     h_k = device.front(ids, 1)
     torch.testing.assert_close(h_k, ref_k, rtol=1e-5, atol=1e-6)
@@ -149,7 +124,7 @@ def test_part_segments_equal_the_whole_models_segments_and_lora_grads(family):
     loss.backward()
     y.backward(h_m.grad)
     h_k.backward(x.grad)
-    grads = {**_lora_grads(device.peft), **_lora_grads(edge.peft)}
+    grads = {**lora_grads(device.peft), **lora_grads(edge.peft)}
     assert set(grads) == set(reference)
     for k, v in reference.items():
         assert v.abs().max() > 0, k
@@ -157,7 +132,7 @@ def test_part_segments_equal_the_whole_models_segments_and_lora_grads(family):
 
 
 def test_tied_embeddings_travel_once_and_are_retied_on_the_device():
-    package = _package("llama", tie_word_embeddings=True)
+    package = tiny_package("llama", tie_word_embeddings=True)
     sd = package.state_dict
     assert sd["lm_head.weight"] is sd["model.embed_tokens.weight"]  # one tensor under both names
     device = _ray_pickle(package.cut(CUT.device_part(4)))
@@ -173,7 +148,7 @@ def test_tied_embeddings_travel_once_and_are_retied_on_the_device():
 
 
 def test_package_transport_is_zero_copy_and_tied_weights_travel_once():
-    package = _package("gpt2")
+    package = tiny_package("gpt2")
     buffers = []
     pickle.dumps(package, protocol=5, buffer_callback=buffers.append)
     assert sum(memoryview(b.raw()).nbytes for b in buffers) == package.nbytes()  # out of band, tied once
@@ -186,9 +161,9 @@ def test_package_transport_is_zero_copy_and_tied_weights_travel_once():
 def test_relay_down_with_parts_equals_the_whole_package_relay():
     """Each tier loads its part of the new base; the result (weights and bytes) is what loading the
     whole state dict into it gave before. A part that does not fit the tier is refused by name."""
-    package = _package("gpt2")
+    package = tiny_package("gpt2")
     cloud = attach_lora(package.materialize(), PEFT, "gpt2")
-    _randomize(cloud, seed=5)
+    randomize_lora(cloud, seed=5)
     new = FoundationPackage(package.config, merged_base_state(cloud), package.tokenizer, package.attn_implementation)
     for part in (CUT.device_part(4), ModelPart.of({1, 2}, False, False)):
         by_part = build_tier_model(package, PEFT, part)
@@ -226,9 +201,9 @@ def test_inprocess_relay_sends_parts_and_every_tier_runs_the_new_base(tmp_path):
 # ----------------------------------------------------------------------- copies of the base
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merged_base_state_equals_peft_merge_without_a_model_copy(family):
-    package = _package(family)
+    package = tiny_package(family)
     peft = attach_lora(package.materialize(), PEFT, family)
-    _randomize(peft, seed=3)
+    randomize_lora(peft, seed=3)
     ours, peft_merge = merged_base_state(peft), _merged_base_state_by_copy(peft)
     assert set(ours) == set(peft_merge)
     assert all(torch.equal(ours[k], peft_merge[k]) for k in ours)  # bit for bit
@@ -236,11 +211,11 @@ def test_merged_base_state_equals_peft_merge_without_a_model_copy(family):
 
 
 def test_edge_clusters_share_the_frozen_base_and_copy_only_lora():
-    from gaisnet_ray.hfsl.inprocess import edge_trainer
+    from gaisnet_ray.hfsl.factory import edge_trainer
 
     cfg = tiny_config("training.pretrain_steps=0", "topology.devices_per_edge=3", "topology.cluster_size=1",
                       "data.samples_per_device=8")
-    package = _package("gpt2")
+    package = tiny_package("gpt2")
     edge = edge_trainer(cfg, "edge-0", ["end-0-0", "end-0-1", "end-0-2"], package)
     knowledge = adapter_state(build_tier_model(package, cfg.peft).peft)
     edge.begin_round(knowledge, {f"edge-0/c{i}": [f"end-0-{i}"] for i in range(3)})
@@ -268,9 +243,9 @@ def test_the_clouds_package_is_a_view_of_its_model(tmp_path):
 # ------------------------------------------------------------------------- training memory
 @pytest.mark.parametrize("family", FAMILIES)
 def test_back_loss_equals_the_full_logits_loss(family):
-    package = _package(family)
+    package = tiny_package(family)
     a, b = build_tier_model(package, PEFT), build_tier_model(package, PEFT)
-    _randomize(a.peft, 4)
+    randomize_lora(a.peft, 4)
     load_adapter_state(b.peft, adapter_state(a.peft))
     ids = torch.randint(4, 260, (3, 16))
     labels = ids.clone()
@@ -281,15 +256,15 @@ def test_back_loss_equals_the_full_logits_loss(family):
     torch.testing.assert_close(slim, full, rtol=1e-6, atol=1e-7)
     full.backward()
     slim.backward()
-    ga, gb = _lora_grads(a.peft), _lora_grads(b.peft)
+    ga, gb = lora_grads(a.peft), lora_grads(b.peft)
     for k in ga:
         torch.testing.assert_close(gb[k], ga[k], rtol=1e-5, atol=1e-7)
 
 
 def test_block_checkpointing_gives_the_same_gradients_bit_for_bit():
-    package = _package("llama")
+    package = tiny_package("llama")
     a = build_tier_model(package, PEFT, ModelPart.of({1, 2}, False, False))
-    _randomize(a.peft, 6)
+    randomize_lora(a.peft, 6)
     b = SplitModel(copy.deepcopy(a.peft))
     x = torch.randn(2, 12, 64)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -299,132 +274,5 @@ def test_block_checkpointing_gives_the_same_gradients_bit_for_bit():
     ya.backward(g)
     yb.backward(g)
     assert torch.equal(xa.grad, xb.grad)
-    ga, gb = _lora_grads(a.peft), _lora_grads(b.peft)
+    ga, gb = lora_grads(a.peft), lora_grads(b.peft)
     assert all(torch.equal(ga[k], gb[k]) for k in ga)
-
-
-# ---------------------------------------------------------------------------- the estimate
-def test_estimate_counts_the_weights_each_tier_holds():
-    from gaisnet_ray.hfsl.memory import ModelGeometry, estimate_job
-
-    for family in FAMILIES:
-        package = _package(family)
-        g = ModelGeometry.from_config(package.config)
-        for part in (ModelPart.whole(), CUT.device_part(4), ModelPart.of({1, 2}, False, False)):
-            assert g.part_bytes(part) == package.cut(part).nbytes(), (family, part)
-        peft = attach_lora(package.materialize(), PEFT, family)
-        assert g.lora_params_per_block(PEFT.r, None) * 4 == sum(p.numel() for p in trainable_parameters(peft))
-    est = estimate_job(tiny_config(), _package("gpt2").config).by_kind()
-    assert (est["cloud"].count, est["edge"].count, est["end"].count) == (1, 2, 6)
-
-
-def _fake(total_gb: float, in_use_gb: float = 0.0):
-    from gaisnet_ray.hfsl.memory import MemoryCapacity
-
-    return MemoryCapacity(int(total_gb * 1e9), int(in_use_gb * 1e9), 0.95)
-
-
-def test_estimate_refuses_a_job_that_cannot_fit_with_the_numbers():
-    from gaisnet_ray.hfsl.memory import InsufficientMemoryError, check_fits
-
-    cfg = tiny_config("topology.devices_per_edge=40")  # 80 end devices, each a whole Python + torch process
-    config = _package("gpt2").config
-    est = check_fits(cfg, _fake(256), config)  # fits a big machine
-    assert est.by_kind()["end"].count == 80
-    with pytest.raises(InsufficientMemoryError) as err:
-        check_fits(cfg, _fake(24, in_use_gb=2), config)
-    msg = str(err.value)
-    assert f"needs about {est.total_bytes / 1e9:.1f} GB" in msg
-    assert "lets it use 20.8 GB (total 24.0 GB x Ray's memory monitor threshold 0.95, minus 2.0 GB in use" in msg
-    assert "end   x80" in msg and "cloud x1" in msg and "edge  x2" in msg
-    assert pickle.loads(pickle.dumps(err.value)).message == msg
-
-
-def test_estimate_of_the_real_model_grows_with_what_each_tier_runs():
-    """SmolLM2-135M's geometry (config only, no weights): the device holds embeddings + 2 blocks,
-    the edge 28 blocks; activations grow with the batch; pre-training adds AdamW for the cloud."""
-    from gaisnet_ray.hfsl.memory import GB, estimate_job
-
-    smollm2 = {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
-               "vocab_size": 49152, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-               "tie_word_embeddings": True}
-    base = tiny_config("training.pretrain_steps=0", "training.batch_size=8")
-    est = estimate_job(base, smollm2).by_kind()
-    assert est["end"].breakdown["weights"] == pytest.approx(0.1416 * GB, rel=0.01)  # 28.3M embed + 2 blocks
-    assert est["edge"].breakdown["weights"] == pytest.approx(0.3965 * GB, rel=0.01)
-    assert est["cloud"].breakdown["weights"] == pytest.approx(0.538 * GB, rel=0.01)
-    bigger = estimate_job(base.model_copy(update={"training": base.training.model_copy(update={"batch_size": 16})}),
-                          smollm2).by_kind()
-    assert bigger["edge"].breakdown["activations"] == pytest.approx(2 * est["edge"].breakdown["activations"])
-    pre = estimate_job(tiny_config("training.batch_size=8"), smollm2).by_kind()
-    assert pre["cloud"].peak_bytes > est["cloud"].peak_bytes + 3 * 0.538 * GB
-
-
-def test_cluster_memory_check_places_each_actor_on_a_node_of_its_tier():
-    from gaisnet_ray.cluster.preflight import memory_problems
-    from gaisnet_ray.hfsl.memory import estimate_job
-
-    est = estimate_job(tiny_config(), _package("gpt2").config, local=False)
-
-    def node(tier: str, units: int, gb: float) -> dict:
-        return {"Alive": True, "Resources": {f"gaisnet_{tier}": units, "CPU": 4, "memory": gb * 1e9 * 0.7,
-                                             "object_store_memory": gb * 1e9 * 0.3}}
-
-    roomy = [node("cloud", 1, 8), node("edge", 2, 8), node("end", 6, 8)]
-    assert memory_problems(est, roomy) == []
-    cramped = [node("cloud", 1, 8), node("edge", 2, 8), node("end", 6, 2)]
-    problems = memory_problems(est, cramped)
-    fit = int(2e9 * 0.95 // est.by_kind()["end"].peak_bytes)  # end actors that fit the 2 GB node
-    assert 0 < fit < 6
-    assert len(problems) == 1 and problems[0].startswith(f"end actor {fit + 1} of 6 needs about 0.")
-    assert "the most memory left on a node declaring gaisnet_end is" in problems[0]
-
-
-def test_cli_refuses_a_run_that_cannot_fit_with_exit_code_2(tmp_path):
-    """Thousands of end devices, each its own Python + torch process: refused before Ray starts."""
-    cfg = write_tiny_yaml(tmp_path / "huge.yaml", {"topology": {"edges": 64, "devices_per_edge": 512}})
-    proc = subprocess.run([sys.executable, "-m", "gaisnet_ray", "run", str(cfg), "--out", str(tmp_path / "run"),
-                           "--no-progress"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "this run does not fit this machine's memory: the run needs about" in proc.stderr
-    assert "end   x32768" in proc.stderr and "GB each" in proc.stderr
-    assert not (tmp_path / "run").exists()
-
-
-# --------------------------------------------------------------------------- on Ray, briefly
-@pytest.mark.ray
-def test_ray_tiers_receive_their_parts_and_rounds_report_peak_rss(ray_local, tmp_path):
-    import ray
-
-    from gaisnet_ray.driver import GaisNetDriver
-
-    cfg = tiny_config("training.pretrain_steps=0", "training.rounds=1", "training.local_steps=1",
-                      "topology.devices_per_edge=2", "data.samples_per_device=16", "data.eval_samples_per_domain=4",
-                      "data.public_samples=16", "run.actor_timeout_s=300")
-    driver = GaisNetDriver(cfg, tmp_path / "run")
-    try:
-        driver.start()
-        assert set(map(str, {p for ps in driver.node_parts.values() for p in ps})) == {
-            "blocks 0, 3 + embeddings + final norm and head", "blocks 1-2"}
-
-        def held(self):
-            core = self.core
-            return sorted(core.split.held_layers()), sum(p.numel() for p in core.split.peft.parameters())
-
-        dev = ray.get(driver.devices["end-0-0"].__ray_call__.remote(held))
-        edge = ray.get(driver.edges["edge-0"].__ray_call__.remote(held))
-        assert dev[0] == [0, 3] and edge[0] == [1, 2]
-        m = driver.run_round(1)
-        rss = m["peak_rss_mb"]
-        assert {k: rss[k]["actors"] for k in ("cloud", "edge", "end")} == {"cloud": 1, "edge": 2, "end": 4}
-        assert all(100 < rss[k]["max"] <= rss[k]["sum"] for k in ("cloud", "edge", "end"))
-        assert rss["all_actors"] == pytest.approx(sum(rss[k]["sum"] for k in ("cloud", "edge", "end")), abs=0.2)
-        assert m["relay"]["bytes_down"]["end_edge_down"] > 0
-    finally:
-        driver.close()
-
-
-def test_the_estimate_assumes_the_evaluation_batch_the_cloud_uses():
-    from gaisnet_ray.hfsl import evaluate, memory
-
-    assert memory.EVAL_BATCH == evaluate.LOSS_BATCH

@@ -7,16 +7,13 @@ import pytest
 
 from gaisnet_ray.config import load_config
 
+from conftest import small_job
 from tinycfg import TINY_YAML
 
 pytestmark = pytest.mark.ray
 
-TINY = [
-    "topology.edges=1", "topology.devices_per_edge=2", "topology.cluster_size=2",
-    "data.samples_per_device=32", "data.eval_samples_per_domain=8", "data.public_samples=64",
-    "training.pretrain_steps=10", "training.local_steps=2", "training.batch_size=8", "training.rounds=2",
-    "run.progress=false",
-]
+TINY = small_job("topology.edges=1", "topology.devices_per_edge=2", "topology.cluster_size=2",
+                 "data.eval_samples_per_domain=8", "training.pretrain_steps=10", "training.rounds=2")
 
 
 def test_fl_scheme_on_actors_moves_only_adapters(ray_local, tmp_path):

@@ -14,7 +14,6 @@ skip). The ``ray`` tests share the session's local Ray (``ray_local``) and serve
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,9 +25,10 @@ import torch
 
 from gaisnet_ray.config import PeftConfig
 from gaisnet_ray.data import IGNORE_INDEX, encode_examples, encode_prompt, sample_examples
-
-from loracheck import lora_grads, randomize_lora
 from gaisnet_ray.models.parts import ModelPart
+
+from conftest import free_port
+from loracheck import lora_grads, randomize_lora
 from tinycfg import tiny_config
 
 SLICE_BLOCKS = 3  # front 1 | middle 1 | back 1
@@ -319,20 +319,14 @@ def test_knowledge_of_a_slice_run_loads_with_plain_peft_and_gives_the_runtimes_l
 
 
 # --------------------------------------------------------- 4. the OpenAI API on the slice
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(ray_local, slice_run):
     import httpx
 
     from gaisnet_ray.serve.app import start_serving
-    from gaisnet_ray.serve.settings import ServeSettings
+    from gaisnet_ray.config import ServeSettings
 
-    settings = ServeSettings(port=_free_port(), max_new_tokens=16, default_new_tokens=6, max_prompt_tokens=96,
+    settings = ServeSettings(port=free_port(), max_new_tokens=16, default_new_tokens=6, max_prompt_tokens=96,
                              max_ongoing_requests=2, max_queued_requests=4, poll_interval_s=5.0)
     handle = start_serving(slice_run.dir, settings)
     client = httpx.Client(base_url=handle.url, timeout=120)

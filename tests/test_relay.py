@@ -12,14 +12,11 @@ import torch
 from gaisnet_ray.config import load_config
 
 from gaisnet_ray.models.parts import ModelPart
+from conftest import small_job
 from tinycfg import TINY_YAML
 
-TINY = [
-    "topology.edges=2", "topology.devices_per_edge=1", "topology.cluster_size=1",
-    "data.samples_per_device=48", "data.eval_samples_per_domain=8", "data.public_samples=64",
-    "training.pretrain_steps=0", "training.local_steps=4", "training.batch_size=8", "training.rounds=2",
-    "run.progress=false",
-]
+TINY = small_job("data.samples_per_device=48", "data.eval_samples_per_domain=8", "training.local_steps=4",
+                 "training.rounds=2")
 
 
 @pytest.fixture(scope="module")

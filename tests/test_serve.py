@@ -1,7 +1,8 @@
 """Tiered inference on real Ray Serve over real HTTP (loopback): every endpoint, the official openai
 client, routing (escalate / keep at the edge), split inference through the HTTP client equal to the
 unsplit model, errors as 4xx/5xx JSON, overload as 503 + Retry-After, and a hot swap of the
-knowledge version under a stream of requests that loses none.
+knowledge version under a stream of requests that loses none. What needs no Ray (settings, the
+version poller, deploy/serve_config.yaml) is in test_serve_offline.py.
 
 One Serve app for the whole module (Serve starts and stops in seconds, replicas load torch), over a
 run folder made in-process (no Ray training): a tiny GPT-2 whose foundation is left as initialised
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -22,23 +22,15 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-import yaml
 
-from gaisnet_ray.serve.settings import ServeSettings
+from gaisnet_ray.config import ServeSettings
 
-from tinycfg import TINY_YAML
+from conftest import free_port
+from servecheck import NEW_TOKENS, PROMPT, json_error, make_run, publish_scaled, wait_for
 
 pytestmark = pytest.mark.ray
 
-REPO = Path(__file__).resolve().parent.parent
-RUN = [
-    "topology.edges=2", "topology.devices_per_edge=1", "topology.cluster_size=1",
-    "data.samples_per_device=32", "data.eval_samples_per_domain=4", "data.public_samples=64",
-    "training.pretrain_steps=0", "training.local_steps=2", "training.batch_size=8", "training.rounds=1",
-    "run.progress=false",
-]
-NEW_TOKENS = 8  # what the routing tests ask for (the calibration generates the same)
-PROMPT = "12+"  # a prompt the test model answers with several tokens
+SESSION_TTL_S = 8.0  # split sessions idle this long are dropped (the replicas check every poll, 0.5 s)
 
 
 # -------------------------------------------------------------------------------- fixtures
@@ -47,18 +39,6 @@ def run_dir(tmp_path_factory) -> Path:
     """A run folder (config.yaml, model/, knowledge/ with global and per-edge versions), no Ray."""
     out = make_run(tmp_path_factory.mktemp("serve") / "run")
     assert (out / "knowledge" / "edges" / "edge-0").is_dir()
-    return out
-
-
-def make_run(out: Path) -> Path:
-    """The tiny run folder the serving tests share: config.yaml and one in-process round (v1)."""
-    from gaisnet_ray.config import config_to_yaml, load_config
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
-
-    cfg = load_config(TINY_YAML, RUN)
-    out.mkdir()
-    (out / "config.yaml").write_text(config_to_yaml(cfg))
-    InProcessGaisNet(cfg, out).run_round(1)
     return out
 
 
@@ -90,105 +70,21 @@ def calibration(run_dir):
     return SimpleNamespace(confident=sure, unsure=unsure, threshold=(low * high) ** 0.5, scored=scored)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(ray_local, run_dir, calibration):
     from gaisnet_ray.serve.app import start_serving
 
     settings = ServeSettings(
-        port=_free_port(), max_new_tokens=24, default_new_tokens=NEW_TOKENS, max_prompt_tokens=32,
+        port=free_port(), max_new_tokens=24, default_new_tokens=NEW_TOKENS, max_prompt_tokens=32,
         routing={"max_mean_entropy": 100.0, "min_token_prob": calibration.threshold},
         max_ongoing_requests=2, max_queued_requests=2, retry_after_s=2, poll_interval_s=0.5,
+        split_session_ttl_s=SESSION_TTL_S,
     )
     handle = start_serving(run_dir, settings)
     client = httpx.Client(base_url=handle.url, timeout=60)
     yield SimpleNamespace(url=handle.url, http=client, settings=settings, run_dir=run_dir)
     client.close()
     handle.shutdown()
-
-
-def _error(r: httpx.Response, status: int, code: str | None = None) -> dict:
-    """Assert a JSON error with ``status``; return its ``error`` object."""
-    assert r.status_code == status, (r.status_code, r.text)
-    assert r.headers["content-type"].startswith("application/json"), r.headers
-    err = r.json()["error"]
-    assert err["message"] and err["type"]
-    if code is not None:
-        assert err["code"] == code, err
-    return err
-
-
-# ----------------------------------------------------------------------- no Ray needed
-def test_settings_are_strict_and_name_the_key():
-    with pytest.raises(ValueError, match="portt"):
-        ServeSettings.model_validate({"portt": 1})
-    with pytest.raises(ValueError, match="default_new_tokens"):
-        ServeSettings(max_new_tokens=4, default_new_tokens=8)
-    need = ServeSettings().required_resources()
-    assert need["gaisnet_edge"] == pytest.approx(0.01) and need["CPU"] == pytest.approx(1.35)
-
-
-def test_poller_swaps_the_whole_model_and_leaves_the_old_one_to_running_requests(run_dir, tmp_path):
-    import shutil
-
-    import torch
-
-    from gaisnet_ray.inference.served import ServedRun
-    from gaisnet_ray.serve.slots import GenerationRequest, ModelSlot, latest_of, load_served, poll_versions
-
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    run = ServedRun(copy)
-    slot = ModelSlot("global", lambda a, v: load_served(run, a, v, max_prompt_tokens=None),
-                     lambda a: latest_of(run, a))
-    held = slot.current  # what a running request holds
-    assert held.version == 1 and slot.refresh() is False
-
-    async def publish_and_poll() -> dict:
-        state = {"error": None, "last_poll": None}
-        poller = asyncio.create_task(poll_versions(lambda: [slot], 0.05, state))
-        await asyncio.sleep(0.2)
-        _publish_scaled(copy, 1, 2)
-        for _ in range(200):
-            if slot.current.version == 2:
-                break
-            await asyncio.sleep(0.05)
-        poller.cancel()
-        return state
-
-    state = asyncio.run(publish_and_poll())
-    assert slot.current.version == 2 and slot.swaps == 1 and state["error"] is None
-    assert slot.current is not held and slot.current.model is not held.model
-    req = GenerationRequest(PROMPT, 4)
-    assert held.generate("cloud", req).version == 1  # the old model still answers, unchanged
-    ids = torch.tensor([held.generator.encode_prompt(PROMPT)])
-    with torch.no_grad():  # two different models: the swap replaced the model, it did not edit it
-        assert not torch.equal(held.model(input_ids=ids).logits, slot.current.model(input_ids=ids).logits)
-
-
-def test_serve_config_yaml_is_accepted_and_builds_the_app(run_dir):
-    from ray.serve.schema import ServeDeploySchema
-
-    from gaisnet_ray.serve.app import app_builder
-
-    raw = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(raw)
-    (app,) = schema.applications
-    assert app.import_path == "gaisnet_ray.serve.app:app_builder"
-    args = {**app.args, "run_dir": str(run_dir)}
-    built = app_builder(args)
-    assert type(built).__name__ == "Application"
-    with pytest.raises(ValueError, match="run_dirr"):
-        app_builder({"run_dirr": str(run_dir)})
-    with pytest.raises(ValueError, match="max_new_tokenz"):
-        app_builder({"run_dir": str(run_dir), "settings": {"max_new_tokenz": 3}})
-    with pytest.raises(FileNotFoundError, match="not a run folder"):
-        app_builder({"run_dir": str(run_dir / "nope")})
 
 
 # ------------------------------------------------------------------------- on Ray Serve
@@ -305,26 +201,26 @@ def test_stream_over_raw_http_is_sse_ending_with_done(served):
 def test_errors_are_json_with_4xx(served):
     post = served.http.post
     for path in ("/v1/generate", "/v1/completions", "/v1/chat/completions"):
-        _error(post(path, content=b'{"prompt": "1+', headers={"content-type": "application/json"}), 400,
+        json_error(post(path, content=b'{"prompt": "1+', headers={"content-type": "application/json"}), 400,
                "malformed_json")
-    assert _error(post("/v1/generate", json={"max_new_tokens": 3}), 422, "missing_field")["param"] == "prompt"
-    assert _error(post("/v1/chat/completions", json={"model": "gaisnet"}), 422)["param"] == "messages"
-    assert "promt" in _error(post("/v1/generate", json={"prompt": "1+", "promt": 1}), 422)["message"]
-    assert _error(post("/v1/generate", json={"prompt": "1+", "tier": "moon"}), 422)["param"] == "tier"
-    assert _error(post("/v1/completions", json={"model": "gaisnet", "prompt": "1+", "max_tokens": 999}),
+    assert json_error(post("/v1/generate", json={"max_new_tokens": 3}), 422, "missing_field")["param"] == "prompt"
+    assert json_error(post("/v1/chat/completions", json={"model": "gaisnet"}), 422)["param"] == "messages"
+    assert "promt" in json_error(post("/v1/generate", json={"prompt": "1+", "promt": 1}), 422)["message"]
+    assert json_error(post("/v1/generate", json={"prompt": "1+", "tier": "moon"}), 422)["param"] == "tier"
+    assert json_error(post("/v1/completions", json={"model": "gaisnet", "prompt": "1+", "max_tokens": 999}),
                   422)["param"] == "max_tokens"
-    assert _error(post("/v1/completions", json={"model": "gaisnet", "prompt": "1+", "n": 2}), 400)["param"] == "n"
-    _error(post("/v1/completions", json={"model": "edge-7", "prompt": "1+"}), 404, "unknown_model")
-    _error(post("/v1/generate", json={"prompt": "1+", "adapter": "edge-7"}), 404, "unknown_model")
-    _error(post("/v1/generate", json={"prompt": "1+", "domain": "poetry"}), 404, "unknown_domain")
-    _error(post("/v1/generate", json={"prompt": "1+", "adapter": "edge-0", "tier": "cloud"}), 422,
+    assert json_error(post("/v1/completions", json={"model": "gaisnet", "prompt": "1+", "n": 2}), 400)["param"] == "n"
+    json_error(post("/v1/completions", json={"model": "edge-7", "prompt": "1+"}), 404, "unknown_model")
+    json_error(post("/v1/generate", json={"prompt": "1+", "adapter": "edge-7"}), 404, "unknown_model")
+    json_error(post("/v1/generate", json={"prompt": "1+", "domain": "poetry"}), 404, "unknown_domain")
+    json_error(post("/v1/generate", json={"prompt": "1+", "adapter": "edge-0", "tier": "cloud"}), 422,
            "conflicting_fields")
     long = "9" * 40
     for body, path in (({"prompt": long}, "/v1/generate"), ({"prompt": long, "tier": "end"}, "/v1/generate"),
                        ({"model": "gaisnet", "prompt": long, "stream": True}, "/v1/completions")):
-        err = _error(post(path, json=body), 413, "prompt_too_long")
+        err = json_error(post(path, json=body), 413, "prompt_too_long")
         assert "41 tokens" in err["message"] and "limit is 32" in err["message"]
-    _error(served.http.get("/v1/nothing-here"), 404, "not_found")
+    json_error(served.http.get("/v1/nothing-here"), 404, "not_found")
 
 
 def test_split_inference_over_http_gives_the_unsplit_greedy_tokens(served):
@@ -363,16 +259,42 @@ def test_split_endpoint_token_mode_and_errors(served):
     assert r.status_code == 200, r.text
     assert r.json()["past_len"] == 3 and isinstance(r.json()["token"], int) and r.json()["version"] == 1
     assert step("s-1", 3, torch.randn(1, 1, 64)).json()["past_len"] == 4
-    _error(step("s-1", 9, torch.randn(1, 1, 64)), 409, "past_len_mismatch")
-    _error(step("s-2", 5, torch.randn(1, 1, 64)), 409, "unknown_session")
-    _error(step("s-3", 0, torch.randn(1, 3, 65)), 422, "bad_shape")
-    _error(step("s-4", 0, payload=b"not safetensors"), 400, "bad_payload")
-    _error(step("s-5", 0, torch.randn(1, 3, 64), **{"x-gaisnet-version": "99"}), 404, "unknown_version")
-    _error(step("s-6", 0, torch.randn(1, 80, 64)), 413, "context_exceeded")
+    json_error(step("s-1", 9, torch.randn(1, 1, 64)), 409, "past_len_mismatch")
+    json_error(step("s-2", 5, torch.randn(1, 1, 64)), 409, "unknown_session")
+    json_error(step("s-3", 0, torch.randn(1, 3, 65)), 422, "bad_shape")
+    json_error(step("s-4", 0, payload=b"not safetensors"), 400, "bad_payload")
+    json_error(step("s-5", 0, torch.randn(1, 3, 64), **{"x-gaisnet-version": "99"}), 404, "unknown_version")
+    json_error(step("s-6", 0, torch.randn(1, 80, 64)), 413, "context_exceeded")
     missing = served.http.post("/v1/split/forward", content=tensor_to_bytes(hidden))
-    assert "x-gaisnet-session" in _error(missing, 422)["message"]
+    assert "x-gaisnet-session" in json_error(missing, 422)["message"]
     assert served.http.delete("/v1/split/sessions/s-1").status_code == 200
-    _error(served.http.delete("/v1/split/sessions/s-1"), 404, "unknown_session")
+    json_error(served.http.delete("/v1/split/sessions/s-1"), 404, "unknown_session")
+
+
+def test_an_idle_split_session_expires_after_its_ttl(served):
+    """README "Serving": an idle split session (its KV cache) is dropped after serve.split_session_ttl_s;
+    the device is told to start again. A session in use stays open past the TTL."""
+    import torch
+
+    from gaisnet_ray.inference import tensor_to_bytes
+
+    def step(session, past, length=1):
+        h = {"x-gaisnet-session": session, "x-gaisnet-past-len": str(past)}
+        return served.http.post("/v1/split/forward", params={"out": "token"},
+                                content=tensor_to_bytes(torch.randn(1, length, 64)), headers=h)
+
+    assert step("idle", 0, 3).json()["past_len"] == 3
+    assert step("busy", 0, 3).json()["past_len"] == 3
+    started, past = time.monotonic(), 3
+    while time.monotonic() - started < SESSION_TTL_S + 2:  # "busy" keeps stepping, "idle" does not
+        r = step("busy", past)
+        assert r.status_code == 200, r.text
+        past = r.json()["past_len"]
+        time.sleep(1.0)
+    err = json_error(step("idle", 3), 409, "unknown_session")
+    assert f"idle past {SESSION_TTL_S:g} s" in err["message"] and "start again with past_len 0" in err["message"]
+    assert step("idle", 0, 3).json()["past_len"] == 3  # starting again works
+    assert served.http.delete("/v1/split/sessions/busy").status_code == 200
 
 
 def test_overload_gets_503_with_retry_after(served):
@@ -389,7 +311,7 @@ def test_overload_gets_503_with_retry_after(served):
     assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
     for r in responses:
         if r.status_code == 503:
-            assert _error(r, 503, "overloaded")["type"] == "overloaded_error"
+            assert json_error(r, 503, "overloaded")["type"] == "overloaded_error"
             assert r.headers["retry-after"] == "2"
     assert served.http.post("/v1/generate", json={"prompt": PROMPT, "tier": "cloud"}).status_code == 200
 
@@ -409,11 +331,11 @@ def test_hot_swap_under_a_stream_of_requests_loses_none(served):
     for t in threads:
         t.start()
     try:
-        _wait(lambda: len(seen["cloud"]) >= 5 and len(seen["edge"]) >= 5, 60, "requests before the publish")
-        _publish_scaled(served.run_dir, 1, 2)
+        wait_for(lambda: len(seen["cloud"]) >= 5 and len(seen["edge"]) >= 5, 60, "requests before the publish")
+        publish_scaled(served.run_dir, 1, 2)
         published = (len(seen["cloud"]), len(seen["edge"]))
-        _wait(lambda: all(any(v == 2 for _, v in seen[k]) for k in seen), 60, "answers at version 2")
-        _wait(lambda: len(seen["cloud"]) >= published[0] + 10 and len(seen["edge"]) >= published[1] + 10, 60,
+        wait_for(lambda: all(any(v == 2 for _, v in seen[k]) for k in seen), 60, "answers at version 2")
+        wait_for(lambda: len(seen["cloud"]) >= published[0] + 10 and len(seen["edge"]) >= published[1] + 10, 60,
               "requests after the swap")
     finally:
         stop.set()
@@ -427,25 +349,3 @@ def test_hot_swap_under_a_stream_of_requests_loses_none(served):
     assert health["knowledge_version"] == 2 and health["served_version"] == 2
     assert health["tiers"]["edge"]["adapters_loaded"]["global"] == 2
     assert health["tiers"]["cloud"]["poll"]["swaps"] >= 1
-
-
-# -------------------------------------------------------------------------------- helpers
-def _publish_scaled(run_dir: Path, parent: int, version: int) -> None:
-    """Publish a new global version the way the cloud does (store.publish): parent's LoRA, B doubled."""
-    from peft import PeftConfig
-
-    from gaisnet_ray.knowledge.store import KnowledgeStore
-
-    store = KnowledgeStore(Path(run_dir) / "knowledge")
-    state = {k: (v * 2 if "lora_B" in k else v) for k, v in store.load(parent).items()}
-    config = PeftConfig.from_pretrained(str(store.path(parent)))
-    store.publish(version, state, config, {"round": version, "parent_version": parent,
-                                           "base": store.lineage(parent)["base"]})
-
-
-def _wait(cond, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.05)

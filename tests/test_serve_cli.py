@@ -22,17 +22,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import small_job
 from tinycfg import TINY_YAML
 
 pytestmark = pytest.mark.ray
 
 ROUNDS = 3
-TINY = [
-    "topology.edges=2", "topology.devices_per_edge=1", "topology.cluster_size=1",
-    "data.samples_per_device=32", "data.eval_samples_per_domain=4", "data.public_samples=64",
-    "training.pretrain_steps=0", "training.local_steps=2", "training.batch_size=8", f"training.rounds={ROUNDS}",
-    "serve.poll_interval_s=0.3", "serve.edge.num_cpus=0.25", "serve.cloud.num_cpus=0.25",
-]
+TINY = small_job(f"training.rounds={ROUNDS}", "run.progress=true", "serve.poll_interval_s=0.3",
+                 "serve.edge.num_cpus=0.25", "serve.cloud.num_cpus=0.25")
 
 
 def _free_port() -> int:

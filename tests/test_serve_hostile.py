@@ -4,6 +4,7 @@ field, no traceback ever reaching a client (a generic 500 with a request id), sp
 must not run, body caps and a stalled body, a 300-request burst in which every answer is a 200 or a
 JSON 503 with Retry-After and none is lost, run-relative names, the split-session cap, damaged
 knowledge versions skipped at start and never swapped in, and a bounded fuzz run (hypothesis).
+A damaged run folder read and served without this app: ``test_serve_damaged.py``.
 
 The same checks without Ray are in ``test_serve_gate.py``. One Serve app for the module (keys set, small caps), over a run folder made in-process like
 ``test_serve.py``'s, whose newest knowledge version is cut in half before the app starts.
@@ -14,11 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,9 +24,10 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from gaisnet_ray.serve.settings import ServeSettings
+from gaisnet_ray.config import ServeSettings
 
-from test_serve import _free_port, _publish_scaled, _wait, make_run
+from conftest import free_port
+from servecheck import burst, damage, json_error, make_damaged_run, publish_scaled, wait_for
 
 KEY, ENV_KEY = "k-test-config", "k-test-env"
 PROMPT = "12+"
@@ -36,35 +35,10 @@ TALLY = {"requests": 0, "5xx": 0}  # what the module's HTTP checks tried (printe
 
 
 # ------------------------------------------------------------------------ fixtures
-def _damage(path: Path) -> None:
-    """Cut a file to half its size, as an interrupted copy leaves it."""
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
 @pytest.fixture(scope="module")
 def hostile_run(tmp_path_factory) -> Path:
     """test_serve's run folder recipe (round 1: v1), plus v2 published and then cut in half."""
-    out = make_run(tmp_path_factory.mktemp("hostile") / "run")
-    _publish_scaled(out, 1, 2)
-    _damage(out / "knowledge" / "v0002" / "adapter_model.safetensors")
-    return out
-
-
-def test_served_run_loads_the_newest_intact_version_and_names_paths_relative(hostile_run):
-    from gaisnet_ray.inference.served import DamagedVersionError, ServedRun
-
-    run = ServedRun(hostile_run)
-    version, skipped = run.intact_version("global")
-    assert version == 1 and list(skipped) == [2] and skipped[2].startswith("v0002: adapter_model.safetensors")
-    assert run.skipped_versions("global") == skipped and run.verify("global", 1) is None
-    model, loaded = run.load_model("global")
-    assert loaded == 1
-    with pytest.raises(DamagedVersionError, match="version 2 of 'global' is damaged: v0002"):
-        run.load_model("global", 2)
-    assert run.rel(hostile_run / "knowledge" / "bases" / "b0001") == "knowledge/bases/b0001"
-    assert run.rel("/etc/passwd") == "passwd"
-    assert run.redact(f"cannot read {hostile_run.resolve()}/knowledge/v0002/x") == "cannot read knowledge/v0002/x"
+    return make_damaged_run(tmp_path_factory.mktemp("hostile") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +46,7 @@ def app(ray_local, hostile_run):
     from gaisnet_ray.serve.app import start_serving
 
     settings = ServeSettings(
-        port=_free_port(), max_new_tokens=24, default_new_tokens=4, max_prompt_tokens=32, api_keys=[KEY],
+        port=free_port(), max_new_tokens=24, default_new_tokens=4, max_prompt_tokens=32, api_keys=[KEY],
         max_ongoing_requests=2, max_queued_requests=2, retry_after_s=2, poll_interval_s=0.5,
         ingress_max_ongoing_requests=8, ingress_max_queued_requests=8, max_body_bytes=4096,
         body_read_timeout_s=2.0, max_split_sessions=2,
@@ -95,16 +69,6 @@ def _tally(r: httpx.Response) -> None:
     TALLY["5xx"] += r.status_code >= 500
 
 
-def _error(r: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert r.status_code == status, (r.status_code, r.text)
-    assert r.headers["content-type"].startswith("application/json"), r.headers
-    err = r.json()["error"]
-    assert err["message"] and err["type"] and "Traceback" not in r.text
-    if code is not None:
-        assert err["code"] == code, err
-    return err
-
-
 # ------------------------------------------------------------------------ on Ray Serve
 @pytest.mark.ray
 def test_damaged_version_is_skipped_at_start_and_health_says_why(app):
@@ -124,10 +88,10 @@ def test_keys_guard_every_route_but_health(app):
     for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/completions", {"model": "gaisnet"}),
                                ("POST", "/v1/generate", {"prompt": "x"}), ("GET", "/v1/split/info", None),
                                ("POST", "/v1/split/forward", None), ("GET", "/docs", None)):
-        err = _error(bare.request(method, path, json=body), 401, "invalid_api_key")
+        err = json_error(bare.request(method, path, json=body), 401, "invalid_api_key")
         assert "Bearer" in err["message"]
     wrong = bare.get("/v1/models", headers={"authorization": "Bearer nope"})
-    assert _error(wrong, 401)["message"] == "the API key is not valid" and wrong.headers["www-authenticate"] == "Bearer"
+    assert json_error(wrong, 401)["message"] == "the API key is not valid" and wrong.headers["www-authenticate"] == "Bearer"
     assert bare.get("/v1/models", headers={"authorization": f"Bearer {ENV_KEY}"}).status_code == 200
     bare.close()
 
@@ -149,14 +113,14 @@ def test_numeric_fields_are_range_checked_at_the_boundary(app):
         for stream in ((False, True) if path != "/v1/generate" else (None,)):
             extra = {} if stream is None else {"stream": stream}
             for seed in (2**64, 2**63, -(2**63) - 1, 10**40):
-                assert _error(post(path, json={**body, **extra, "seed": seed}), 422, "invalid_field")["param"] == "seed"
+                assert json_error(post(path, json={**body, **extra, "seed": seed}), 422, "invalid_field")["param"] == "seed"
         for field, value in (("temperature", 2.5), ("temperature", -1), ("top_p", 0), ("top_p", 1.5)):
-            assert _error(post(path, json={**body, field: value}), 422)["param"] == field
+            assert json_error(post(path, json={**body, field: value}), 422)["param"] == field
         stops = ["a", "b", "c", "d", "e"]
-        assert _error(post(path, json={**body, "stop": stops}), 422)["param"] == "stop"
-    assert _error(post("/v1/completions", json={**comp, "max_tokens": 10**30}), 422)["param"] == "max_tokens"
-    assert _error(post("/v1/completions", json={**comp, "max_tokens": 0}), 422)["param"] == "max_tokens"
-    assert _error(post("/v1/completions", json={**comp, "n": 10**30}), 400)["param"] == "n"
+        assert json_error(post(path, json={**body, "stop": stops}), 422)["param"] == "stop"
+    assert json_error(post("/v1/completions", json={**comp, "max_tokens": 10**30}), 422)["param"] == "max_tokens"
+    assert json_error(post("/v1/completions", json={**comp, "max_tokens": 0}), 422)["param"] == "max_tokens"
+    assert json_error(post("/v1/completions", json={**comp, "n": 10**30}), 400)["param"] == "n"
     # the edges of every range are served, not crashed on: the extreme seeds, a temperature and a
     # top_p far below float32's smallest value (greedy in the limit)
     for extra in ({"seed": 2**63 - 1}, {"seed": -(2**63)}, {"temperature": 5e-324, "seed": 1},
@@ -185,7 +149,7 @@ def test_split_payloads_that_must_not_run_get_422(app):
                           torch.full((1, 2, 64), 3e38)]}
     for code, tensors in bad.items():
         for i, t in enumerate(tensors):
-            err = _error(step(f"bad-{code}-{i}", t), 422, code)
+            err = json_error(step(f"bad-{code}-{i}", t), 422, code)
             assert err["param"] == "body"
     assert step("fine", torch.randn(1, 2, 64)).status_code == 200
     assert step("fine-half", torch.randn(1, 2, 64, dtype=torch.float16)).status_code == 200
@@ -206,7 +170,7 @@ def test_split_sessions_are_capped_evicting_the_longest_idle(app):
         assert step(sid, 0).status_code == 200
     assert step("cap-a", 1).status_code == 200  # cap-a used last: cap-b is now the longest idle
     assert step("cap-c", 0).status_code == 200  # a third session at the cap of 2 evicts cap-b
-    err = _error(step("cap-b", 1), 409, "unknown_session")
+    err = json_error(step("cap-b", 1), 409, "unknown_session")
     assert "evicted" in err["message"]
     assert step("cap-a", 2).status_code == 200 and step("cap-c", 1).status_code == 200
     split = app.http.get("/health").json()["tiers"]["edge"]["split"]
@@ -227,13 +191,13 @@ def test_bodies_over_the_cap_are_refused_before_they_are_read(app):
         for _ in range(100):
             yield b"9" * 1000
         yield b'"}'
-    err = _error(app.http.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}), 413,
+    err = json_error(app.http.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}), 413,
                  "payload_too_large")
     assert "the limit is 4096" in err["message"]
     # a split payload has its own, larger cap
     big = app.http.post("/v1/split/forward", content=b"x" * 5000,
                         headers={"x-gaisnet-session": "big", "x-gaisnet-past-len": "0"})
-    _error(big, 400, "bad_payload")
+    json_error(big, 400, "bad_payload")
     # a partial body is dropped after serve.body_read_timeout_s (2 s here)
     started = time.monotonic()
     status, head, body = _raw(host, int(port), "POST /v1/generate", {"content-length": "300"}, b'{"prompt": "1')
@@ -274,7 +238,7 @@ def test_no_absolute_server_path_reaches_a_client(app):
     for version in ("99", "2"):  # never published; published but damaged
         r = app.http.post("/v1/split/forward", content=tensor_to_bytes(torch.randn(1, 1, 64)),
                           headers={**h, "x-gaisnet-version": version})
-        err = _error(r, 404, "unknown_version")
+        err = json_error(r, 404, "unknown_version")
         assert ("damaged" in err["message"]) == (version == "2"), err
         assert root not in r.text and "/tmp" not in r.text
     for r in (health, models):
@@ -288,27 +252,6 @@ def test_a_burst_gets_200_or_json_503_and_loses_nothing(app):
     assert tally["lost"] == 0 and tally["other"] == 0, tally
     assert tally["ok"] >= 1 and tally["503_json"] >= 1, tally
     assert tally["ok"] + tally["503_json"] == 300
-
-
-async def burst(url: str, n: int, headers: dict, timeout_s: float = 180) -> dict:
-    """``n`` concurrent /v1/generate requests; each is ok (200), 503_json (a JSON 503 in OpenAI's shape
-    with Retry-After), other (any other answer) or lost (no answer at all)."""
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits, headers=headers) as c:
-        body = {"prompt": PROMPT, "max_new_tokens": 8}
-        results = await asyncio.gather(*(c.post("/v1/generate", json=body) for _ in range(n)), return_exceptions=True)
-    tally = {"ok": 0, "503_json": 0, "other": 0, "lost": 0}
-    for r in results:
-        if isinstance(r, BaseException):
-            tally["lost"] += 1
-        elif r.status_code == 200:
-            tally["ok"] += 1
-        elif (r.status_code == 503 and r.headers.get("content-type", "").startswith("application/json")
-              and r.headers.get("retry-after") and r.json().get("error", {}).get("type") == "overloaded_error"):
-            tally["503_json"] += 1
-        else:
-            tally["other"] += 1
-    return tally
 
 
 @pytest.mark.ray
@@ -325,7 +268,7 @@ def test_a_failure_mid_stream_ends_it_with_a_json_error_event(app):
         async with c.stream("POST", "/v1/completions", json={**body, "tier": "end"}) as r:
             if r.status_code != 200:  # refused before the stream began (its first step lost the race)
                 await r.aread()
-                _error(r, r.status_code)
+                json_error(r, r.status_code)
                 return None
             return [line async for line in r.aiter_lines() if line]
 
@@ -366,17 +309,17 @@ def test_a_failure_mid_stream_ends_it_with_a_json_error_event(app):
 def test_a_damaged_new_version_is_never_swapped_in(app):
     store_dir = app.run_dir / "knowledge"
     shutil.copytree(store_dir / "v0001", store_dir / ".tmp-v0003")  # as publish would, then damaged
-    _damage(store_dir / ".tmp-v0003" / "adapter_model.safetensors")
+    damage(store_dir / ".tmp-v0003" / "adapter_model.safetensors")
     (store_dir / ".tmp-v0003").rename(store_dir / "v0003")
     time.sleep(4 * app.settings.poll_interval_s)
     h = app.http.get("/health").json()
     assert h["served_version"] == 1 and set(h["skipped_versions"]["global"]) == {"2", "3"}, h
     assert h["tiers"]["cloud"]["poll"]["error"] is None
-    _publish_scaled(app.run_dir, 1, 4)  # an intact newer version is served as usual
-    _wait(lambda: app.http.get("/health").json()["served_version"] == 4, 60, "the swap to v4")
+    publish_scaled(app.run_dir, 1, 4)  # an intact newer version is served as usual
+    wait_for(lambda: app.http.get("/health").json()["served_version"] == 4, 60, "the swap to v4")
     assert app.http.post("/v1/generate", json={"prompt": PROMPT, "tier": "cloud"}).json()["version"] == 4
     # the ingress's catalog is re-read every poll interval: the skipped list empties within one
-    _wait(lambda: app.http.get("/health").json()["skipped_versions"] == {}, 10, "no version newer than v4 skipped")
+    wait_for(lambda: app.http.get("/health").json()["skipped_versions"] == {}, 10, "no version newer than v4 skipped")
 
 
 @pytest.mark.ray
@@ -416,7 +359,7 @@ def test_fuzz_the_http_api(app):
         seen["5xx"] += r.status_code >= 500 and r.status_code != 503
         assert r.status_code < 500 or r.status_code == 503, (r.status_code, r.text)
         if r.status_code >= 400:
-            _error(r, r.status_code)
+            json_error(r, r.status_code)
         elif r.headers["content-type"].startswith("text/event-stream"):
             assert r.text.rstrip().endswith("data: [DONE]") and "Traceback" not in r.text
 
@@ -439,61 +382,3 @@ def test_fuzz_the_http_api(app):
     TALLY["requests"] += seen["requests"]
     print(f"fuzz: {seen['requests']} requests in {time.monotonic() - started:.1f} s, {seen['5xx']} answered 5xx")
     assert seen["5xx"] == 0 and seen["requests"] >= 400
-
-
-def test_serving_a_run_without_an_intact_version_fails_before_ray(hostile_run, tmp_path):
-    from gaisnet_ray.config import load_config
-    from gaisnet_ray.serve.app import serve_run_dir
-
-    run = tmp_path / "run"
-    shutil.copytree(hostile_run, run, ignore=shutil.ignore_patterns("v0003", "v0004"))
-    for v in ("v0000", "v0001"):  # v0002 is damaged already
-        _damage(run / "knowledge" / v / "adapter_model.safetensors")
-    cfg = load_config(run / "config.yaml", [f"serve.port={_free_port()}"])
-    started = time.monotonic()
-    with pytest.raises(FileNotFoundError, match="no intact knowledge version to serve: v0002: .*; v0001: .*; v0000: "):
-        handle = serve_run_dir(run, cfg, blocking=False)
-        handle.shutdown()  # only if the check failed to refuse
-    assert time.monotonic() - started < 10
-
-
-@pytest.mark.ray
-def test_gaisnet_serve_serves_the_previous_version_of_a_damaged_run(hostile_run, tmp_path):
-    """The CLI as a user runs it, on a copy of the run folder whose v0002 is cut in half."""
-    run = tmp_path / "run"
-    shutil.copytree(hostile_run, run, ignore=shutil.ignore_patterns("v0003", "v0004"))
-    for v in ("v0003", "v0004"):  # what the swap test may have added to the shared folder
-        assert not (run / "knowledge" / v).exists()
-    port, log = _free_port(), tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gaisnet_ray", "serve", str(run), "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-
-        def health():
-            try:
-                return httpx.get(f"{url}/health", timeout=5).json()
-            except (httpx.HTTPError, ValueError):
-                return None
-
-        deadline = time.monotonic() + 240
-        while (h := health()) is None or h.get("served_version") is None:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
-        assert h["served_version"] == 1 and "2" in h["skipped_versions"]["global"], h
-        r = httpx.post(f"{url}/v1/generate", json={"prompt": PROMPT, "tier": "cloud"}, timeout=60)
-        assert r.status_code == 200 and r.json()["version"] == 1
-        while "OpenAI-compatible API under" not in (text := log.read_text()):  # announced once the app is up
-            assert proc.poll() is None and time.monotonic() < deadline, text[-3000:]
-            time.sleep(0.5)
-        assert "(knowledge v0001) at" in text, text[-3000:]
-        assert "skipped knowledge v0002, which fails verification (v0002: adapter_model.safetensors" in text, text
-        assert "Traceback" not in text
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()

@@ -26,3 +26,22 @@ def write_tiny_yaml(path: Path, extra: dict | None = None) -> Path:
     data = yaml.safe_load(TINY_YAML.read_text())
     path.write_text(yaml.safe_dump(_deep_merge(data, extra or {}), sort_keys=False))
     return path
+
+
+def tiny_package(family: str, **config):
+    """The tiny preset of ``family`` as a ``FoundationPackage``; ``config``: model config fields to
+    change first (e.g. ``tie_word_embeddings=True`` on the Llama preset), weights drawn with seed 0."""
+    import torch
+
+    from gaisnet_ray.config import ModelConfig
+    from gaisnet_ray.models.build import FoundationPackage, build_foundation
+
+    model, tok = build_foundation(ModelConfig(family=family))
+    if config:
+        cfg = model.config
+        for k, v in config.items():
+            setattr(cfg, k, v)
+        torch.manual_seed(0)
+        model = type(model)(cfg)
+        model.tie_weights()
+    return FoundationPackage.from_model(model, tok)

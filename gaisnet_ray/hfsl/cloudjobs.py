@@ -19,6 +19,7 @@ from ..cloudengine import CloudTrainer
 from ..cloudengine.world import WorldError, WorldSpec
 from ..config import Config
 from ..data import public_examples
+from ..layout import RunLayout
 
 Wait = Callable[[], list]
 
@@ -40,15 +41,15 @@ def pretrain(cfg: Config, model, tokenizer, run_dir: str | Path, torch_device: s
     t, public = cfg.training, public_examples(cfg.data)
     if t.pretrain_steps <= 0 or not public:
         return []
-    run_dir = Path(run_dir)
+    run = RunLayout(run_dir)
     model.to(torch_device)
     with CloudTrainer(model, cfg.cloud, lr=t.pretrain_lr, total_steps=t.pretrain_steps,
                       micro_batch_size=t.pretrain_batch_size, world=world) as trainer:
         losses = trainer.train(public, tokenizer, steps=t.pretrain_steps, batch_size=t.pretrain_batch_size,
-                               seq_len=cfg.model.max_seq_len, seed=t.seed, checkpoint_dir=run_dir / "cloud" / "checkpoints",
+                               seq_len=cfg.model.max_seq_len, seed=t.seed, checkpoint_dir=run.cloud_checkpoints,
                                system=cfg.data.system_prompt)
         if cfg.cloud.engine == "deepspeed":
-            trainer.export_hf(run_dir / "model", tokenizer)
+            trainer.export_hf(run.model, tokenizer)
     model.to("cpu")
     return losses
 
