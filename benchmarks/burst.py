@@ -38,7 +38,7 @@ PROMPT = "12+"
 
 def build_run(run_dir: Path) -> None:
     from gaisnet_ray.config import config_to_yaml
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
+    from gaisnet_ray.inprocess import InProcessGaisNet
 
     cfg = make_config(TINY)
     run_dir.mkdir(parents=True, exist_ok=True)

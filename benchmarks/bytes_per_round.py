@@ -48,8 +48,8 @@ def run_point(overrides: list[str], scheme: str) -> dict:
     """Set up ``InProcessGaisNet`` for ``scheme`` and run exactly one round; bytes, memory, timing."""
     import torch
 
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
-    from gaisnet_ray.knowledge.codec import payload_nbytes
+    from gaisnet_ray.inprocess import InProcessGaisNet
+    from gaisnet_ray.knowledge.accounting import payload_nbytes
     from gaisnet_ray.models.adapters import adapter_state
 
     cfg = make_config(overrides + [f"training.scheme={scheme}"])

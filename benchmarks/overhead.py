@@ -128,7 +128,7 @@ def run(cfg, warmup: int, rounds: int, phases: list[str]) -> dict:
 
     from gaisnet_ray.cluster import connect
     from gaisnet_ray.driver import GaisNetDriver
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
+    from gaisnet_ray.inprocess import InProcessGaisNet
 
     torch.set_num_threads(cfg.run.torch_threads)  # = what each actor sets (run.torch_threads)
     out: dict = {"torch_threads_in_process": torch.get_num_threads(), "affinity_at_start": sorted(os.sched_getaffinity(0))}

@@ -44,7 +44,7 @@ MODES = {"tiered": {}, "cloud-only": {"tier": "cloud"}, "edge-only": {"tier": "e
 
 def build_run(run_dir: Path, overrides: list[str]) -> dict:
     from gaisnet_ray.config import config_to_yaml
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
+    from gaisnet_ray.inprocess import InProcessGaisNet
 
     cfg = make_config(overrides + ["run.progress=false"])
     run_dir.mkdir(parents=True, exist_ok=True)

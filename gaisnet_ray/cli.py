@@ -201,7 +201,7 @@ def _serve(args) -> int:
 
 
 def _submit(args, cfg) -> int:
-    from .cluster.jobs import SubmitError, submit_run
+    from .cluster.submit import SubmitError, submit_run
     from .runfolder import RunFolderError
 
     try:
@@ -251,7 +251,7 @@ def _run(args, cfg, out, resume_round: int | None = None) -> int:
     found or split, a cut that does not fit the model."""
     from .cluster import ClusterError
     from .hfsl.memory import InsufficientMemoryError
-    from .job import run_job  # imported here: Ray and torch load only when a run starts
+    from .run_command import run_job  # imported here: Ray and torch load only when a run starts
     from .models.build import UnknownModelFamilyError
     from .models.sources import ModelSourceError
     from .runfolder import RunFolderError

@@ -20,10 +20,12 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from .actors import CloudNode, EdgeNode, EndNode, EndWorker, tier_options
 from .config import TIER_RESOURCES, Config
 from .hfsl.factory import relay_down_bytes, tier_parts
-from .hfsl.topology import devices_by_edge
+from .schemes import scheme_of
+from .schemes.topology import devices_by_edge
 from .layout import RunLayout
 from .planner.command import sample_counts as planned_sample_counts
 from .planner.runtime import prepare_run
+from .privacy.secround import check_secure_aggregation, exchange_keys, members_of, reveal_sets
 from .rounds import (
     BeginEdge,
     DropTurn,
@@ -71,6 +73,8 @@ class GaisNetDriver:
         self.cfg, self.run_plan = planned or prepare_run(cfg, sample_counts=planned_sample_counts(cfg),
                                                          run_dir=run_dir)
         cfg = self.cfg
+        check_secure_aggregation(cfg)  # a clear ConfigError where the edge could not unmask
+        self._secagg_rosters: dict[str, dict[str, int]] = {}  # edge -> this round's members (device -> index)
         self.run_dir = Path(run_dir)
         if self.run_plan is not None:
             self.run_plan.record(self.run_dir)
@@ -222,13 +226,15 @@ class GaisNetDriver:
         for a in actions:
             if isinstance(a, BeginEdge):
                 self._ready[a.edge] = self.edges[a.edge].begin_round.remote(self.knowledge_ref, a.clusters)
+                if self.cfg.privacy.secure_aggregation:  # before any turn: devices' calls run in submission order
+                    self._secagg_rosters[a.edge] = self._exchange_keys(a.edge, round_idx, a.clusters)
             elif isinstance(a, StartTurn):
                 t = a.turn
                 edge = self.edges[t.edge]
                 previous = self._results.pop(a.previous) if a.previous is not None else None
                 adapter = edge.begin_turn.remote(t.cluster, t.device, previous, self._ready[t.edge])
                 result, status = self.devices[t.device].train_turn.options(num_returns=2).remote(
-                    adapter, edge, t.cluster, self.cfg.training.local_steps, round_idx, t.device,
+                    adapter, edge, t.cluster, scheme_of(self.cfg).turn_steps(self.cfg), round_idx, t.device,
                     emulation=self.scheduler.emulation(t))
                 self._results[t] = result
                 self._turn_refs[t] = status
@@ -241,12 +247,45 @@ class GaisNetDriver:
                 self._restart(a.host)
             elif isinstance(a, FinishEdge):
                 cids = list(a.last)
+                replies = []
+                if self.cfg.privacy.secure_aggregation:  # the survivors reveal what unmasks their sum
+                    finished = [a.last[c].device for c in cids if a.last[c] is not None]
+                    alive, gone = reveal_sets(self._secagg_rosters.get(a.edge, {}), finished)
+                    replies = [self.devices[d].secagg.remote("reveal", d, alive, gone) for d in finished]
                 update, status = self.edges[a.edge].finish_round.options(num_returns=2).remote(
-                    cids, *[self._results.pop(a.last[c]) if a.last[c] is not None else None for c in cids])
+                    cids, *[self._results.pop(a.last[c]) if a.last[c] is not None else None for c in cids], *replies)
                 self._updates[a.edge] = update
                 self._events[status] = ("finish", a.edge)
             else:
                 raise TypeError(f"unknown scheduler action {a!r}")
+
+    def _exchange_keys(self, edge: str, round_idx: int, clusters: dict[str, list[str]]) -> dict[str, int]:
+        """Secure aggregation's key exchange for ``edge``'s round (``privacy.secround.exchange_keys``),
+        through the edge as relay. Short calls, waited on here; a device that does not answer within
+        run.actor_timeout_s is left out of the roster (its turn then fails to seal and it sits out)."""
+        edge_actor = self.edges[edge]
+
+        def gather(refs: dict) -> dict:
+            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout)
+            out = {}
+            for d, ref in refs.items():
+                try:
+                    if ref in ready:
+                        out[d] = ray.get(ref)
+                except RayError as err:
+                    log.warning("%s left out of %s's secure aggregation: %s", d, edge, _last_line(err))
+            return out
+
+        def step(name: str, asks: dict) -> dict:
+            return gather({d: self.devices[d].secagg.remote(name, d, *a) for d, a in asks.items()})
+
+        return exchange_keys(
+            edge, round_idx, members_of(clusters),
+            advertise=lambda asks: step("advertise", asks),
+            begin=lambda offers, t: ray.get(edge_actor.secagg_begin.remote(offers, t), timeout=self.timeout),
+            share=lambda rosters: step("share", {d: (r,) for d, r in rosters.items()}),
+            route=lambda sealed: ray.get(edge_actor.secagg_route.remote(sealed), timeout=self.timeout),
+            deliver=lambda inboxes: [self.devices[d].secagg.remote("receive", d, box) for d, box in inboxes.items()])
 
     def _on_event(self, ref) -> list:
         """A ref the round waits on is ready: tell the scheduler what it says."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import Config, ConfigError, ModelConfig
 from .models.sources import REAL_PRESETS, ModelSourceError, _classify_path, num_blocks, preset_gguf
+from .privacy.secagg_check import check_secure_aggregation
 from .runfolder import usable_run_dir
 from .schemes import scheme_of
 
@@ -28,6 +29,8 @@ def check_run_input(cfg: Config, out: str | Path | None) -> Path:
     """The run folder a new run will write (refused if taken or impossible to create), after the
     model source and the cuts are checked. Raises ``RunFolderError``, ``ModelSourceError`` or
     ``ConfigError``; creates nothing."""
+    scheme_of(cfg)  # a scheme refuses a config it cannot run (``local`` with a relay)
+    check_secure_aggregation(cfg)  # privacy.secure_aggregation where the edge could not unmask
     run_dir = usable_run_dir(cfg, out)
     n = quick_num_blocks(cfg.model)
     if n is not None:

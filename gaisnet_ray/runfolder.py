@@ -129,6 +129,13 @@ def check_resumable(run_dir: Path, overrides: list[str] | None = None) -> None:
     if bad:
         raise ConfigError(f"--resume keeps the run's config; only training.rounds, run.*, serve.* and faults.* may "
                           f"change, not {bad}")
+    from .config import load_config
+    from .schemes import scheme_named
+
+    scheme = load_config(RunLayout(run_dir).config).training.scheme
+    if scheme_named(scheme).keeps_adapters:  # ``local``: each device's adapter is on the device, not here
+        raise ConfigError(f"training.scheme '{scheme}' cannot resume: each device's own adapter lives on the "
+                          "device, not in the run folder")
 
 
 def _complete_metrics(run_dir: Path, stash: Path) -> list[dict]:

@@ -21,7 +21,7 @@ def make_run(out: Path) -> Path:
     """The tiny run folder the serving tests share: config.yaml and one in-process round (v1) of the
     small job (``conftest.SMALL_JOB``), global and per-edge knowledge, no Ray."""
     from gaisnet_ray.config import config_to_yaml, load_config
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
+    from gaisnet_ray.inprocess import InProcessGaisNet
 
     cfg = load_config(TINY_YAML, small_job())
     out.mkdir()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
+from gaisnet_ray.inprocess import InProcessGaisNet
 from gaisnet_ray.knowledge import KnowledgeStore, aggregate
 
 from conftest import small_job

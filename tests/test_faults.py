@@ -39,7 +39,7 @@ def _driver(tmp_path, extra=()):
 
 
 def _first_members(cfg, driver, edge: str) -> list[list[str]]:
-    from gaisnet_ray.hfsl.plan import plan_clusters
+    from gaisnet_ray.schemes.plan import plan_clusters
 
     counts = {d: driver.sample_counts[d] for d in driver.members[edge]}
     return list(plan_clusters(cfg, edge, counts).values())
@@ -137,7 +137,7 @@ def test_an_edge_killed_mid_round_loses_its_round_and_its_devices_move(ray_local
 
 def test_resume_after_the_driver_is_killed_ends_with_the_uninterrupted_knowledge(tmp_path):
     from gaisnet_ray.config import load_config
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
+    from gaisnet_ray.inprocess import InProcessGaisNet
     from gaisnet_ray.knowledge import KnowledgeStore
 
     run_dir, rounds = tmp_path / "run", 3

@@ -16,7 +16,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from gaisnet_ray.config import load_config
-from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
+from gaisnet_ray.inprocess import InProcessGaisNet
 from gaisnet_ray.knowledge import KnowledgeStore
 
 from conftest import ACT, DEVICE_ADAPTER, FULL_ADAPTER, HFSL_JOB, STEPS

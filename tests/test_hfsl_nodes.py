@@ -14,7 +14,7 @@ from gaisnet_ray.hfsl.audit import MessageAudit
 from gaisnet_ray.hfsl.cloud import CloudCore
 from gaisnet_ray.hfsl.evaluate import domain_loss, evaluate_domains
 from gaisnet_ray.hfsl.factory import device_trainer, edge_trainer
-from gaisnet_ray.hfsl.inprocess import DirectEdgeLink
+from gaisnet_ray.inprocess import DirectEdgeLink
 from gaisnet_ray.hfsl.messages import EdgeUpdate, LinkUsage
 from gaisnet_ray.cloudengine import CloudTrainer
 from gaisnet_ray.knowledge import KeyMismatchError, NonFiniteUpdateError

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from gaisnet_ray.config import ConfigError, LinkConfig, load_config
-from gaisnet_ray.hfsl.clustering import DeviceProfile, cluster_devices
+from gaisnet_ray.schemes.clustering import DeviceProfile, cluster_devices
 from gaisnet_ray.hfsl.factory import device_seed
 from gaisnet_ray.hfsl.linkmodel import clusters_comm_s, transfer_s, turn_comm_s
 from gaisnet_ray.hfsl.messages import LinkUsage
-from gaisnet_ray.hfsl.plan import plan_clusters
-from gaisnet_ray.hfsl.topology import device_compute, devices_by_edge
+from gaisnet_ray.schemes.plan import plan_clusters
+from gaisnet_ray.schemes.topology import device_compute, devices_by_edge
 
 from tinycfg import TINY_YAML
 

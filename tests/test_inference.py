@@ -145,7 +145,7 @@ def test_tensor_payload_round_trip_and_malformed():
 
 
 def test_served_run_exposes_versions_edges_and_loads_the_knowledge(tmp_path):
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
+    from gaisnet_ray.inprocess import InProcessGaisNet
     from gaisnet_ray.inference.served import ServedRun, UnknownAdapterError
 
     torch.set_num_threads(1)

@@ -14,18 +14,20 @@ PKG = Path(__file__).resolve().parents[1] / "gaisnet_ray"
 # top to bottom; a module may import from its own layer or any layer below it
 LAYERS: list[set[str]] = [
     {"cli", "__main__"},
-    {"job"},
-    {"driver", "report"},
-    {"actors", "serve", "cluster"},
+    {"run_command", "precheck"},           # `gaisnet run`, and what it checks before Ray loads
+    {"driver", "inprocess", "report"},     # the two runtimes of a round, the run's report
+    {"actors", "serve", "cluster"},        # everything that talks to Ray
     # ---- core: no `import ray` from here down
-    {"privacy", "planner"},
-    {"hfsl", "relay", "inference"},
-    {"cloudengine", "rounds", "schemes"},
-    {"knowledge", "models", "data"},
-    {"precheck", "runfolder", "logs", "worker_setup"},
-    {"config", "tiers", "layout"},
+    {"planner"},
+    {"hfsl", "inference", "rounds"},
+    {"privacy", "relay"},
+    {"cloudengine", "runfolder"},
+    {"knowledge", "schemes", "data"},
+    {"models"},
+    {"logs", "worker_setup"},
+    {"config", "tiers", "layout"},         # the bottom: schemas, resource shapes, run-folder names
 ]
-CORE_FROM = 4  # LAYERS[4:] never import ray
+CORE_FROM = 4  # LAYERS[4:] never import ray (worker_setup included: serve/ and actors/ both use it)
 
 
 def _unit(path: Path) -> str:
@@ -44,7 +46,12 @@ def _imports(path: Path):
     """(line, gaisnet_ray unit imported | 'ray') for every import in the module, lazy ones included."""
     tree = ast.parse(path.read_text(), str(path))
     rel_parts = path.relative_to(PKG).parts
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+                   for stmt in block.body for n in ast.walk(stmt)}
     for node in ast.walk(tree):
+        if id(node) in typing_only:  # annotations only: never imported at run time
+            continue
         if isinstance(node, ast.Import):
             for a in node.names:
                 top = a.name.split(".")
@@ -84,3 +91,26 @@ def test_every_import_points_down_and_core_has_no_ray():
             if dep != unit and _level(dep) < level:
                 problems.append(f"{where}: {unit} (layer {level}) imports {dep} (layer {_level(dep)}), which is above it")
     assert not problems, "\n".join(problems)
+
+
+def test_no_two_packages_import_each_other():
+    """Same-layer imports are allowed, cycles between the package's parts are not."""
+    graph: dict[str, set[str]] = {}
+    for path in PKG.rglob("*.py"):
+        unit = _unit(path)
+        graph.setdefault(unit, set()).update(d for _, d in _imports(path) if d not in (unit, "ray", "__init__"))
+    state: dict[str, int] = {}
+
+    def visit(u: str, trail: list[str]) -> None:
+        state[u] = 1
+        for v in sorted(graph.get(u, ())):
+            if state.get(v) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(v):] + [v]) if v in trail
+                                     else f"import cycle through {u} -> {v}")
+            if v not in state:
+                visit(v, trail + [v])
+        state[u] = 2
+
+    for u in sorted(graph):
+        if u not in state:
+            visit(u, [u])

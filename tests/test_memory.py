@@ -179,7 +179,7 @@ def test_relay_down_with_parts_equals_the_whole_package_relay():
 
 
 def test_inprocess_relay_sends_parts_and_every_tier_runs_the_new_base(tmp_path):
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
+    from gaisnet_ray.inprocess import InProcessGaisNet
 
     cfg = tiny_config("training.pretrain_steps=0", "training.rounds=1", "training.local_steps=2",
                       "topology.devices_per_edge=2", "data.samples_per_device=16", "data.eval_samples_per_domain=4",

@@ -57,7 +57,7 @@ def test_preset_converts_once_then_loads_from_the_cache(smollm2_dir, smollm2_cac
 
     # Second resolve (through $GAISNET_CACHE): neither a conversion nor a re-hash of the GGUF.
     monkeypatch.setattr(gguf_cache, "_convert_gguf", _must_not_run)
-    monkeypatch.setattr(gguf_cache, "_sha256_file", _must_not_run)
+    monkeypatch.setattr(gguf_cache, "sha256_file", _must_not_run)
     t0 = time.perf_counter()
     assert resolve_model_dir(REAL) == smollm2_dir
     assert time.perf_counter() - t0 < 1.0
@@ -263,8 +263,8 @@ def fake_gguf(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gguf_cache, "_convert_gguf", convert)
     hashes = []
-    real_hash = gguf_cache._sha256_file
-    monkeypatch.setattr(gguf_cache, "_sha256_file", lambda p: hashes.append(p) or real_hash(p))
+    real_hash = gguf_cache.sha256_file
+    monkeypatch.setattr(gguf_cache, "sha256_file", lambda p: hashes.append(p) or real_hash(p))
     return gguf, tmp_path / "cache", calls, hashes
 
 

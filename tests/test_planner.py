@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gaisnet_ray.config import ConfigError
-from gaisnet_ray.hfsl.plan import plan_clusters
+from gaisnet_ray.schemes.plan import plan_clusters
 from gaisnet_ray.planner.cost import RoundShape, turn_seconds, turn_terms
 from gaisnet_ray.planner.planning import (
     PlanError,

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from gaisnet_ray.hfsl.inprocess import DirectEdgeLink, InProcessGaisNet
+from gaisnet_ray.inprocess import DirectEdgeLink, InProcessGaisNet
 from gaisnet_ray.planner.emulation import DeviceEmulation, _TimedLink
 from tinycfg import tiny_config
 

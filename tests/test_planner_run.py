@@ -25,7 +25,7 @@ PLANNED = [
 @pytest.mark.ray
 def test_a_planned_ray_run_follows_the_plan_and_equals_the_inprocess_run(ray_local, tmp_path):
     from gaisnet_ray.driver import GaisNetDriver
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
+    from gaisnet_ray.inprocess import InProcessGaisNet
     from gaisnet_ray.knowledge import KnowledgeStore
 
     cfg = load_config(TINY_YAML, PLANNED)

@@ -190,7 +190,7 @@ def test_a_round_under_every_defense_records_them_and_the_audit_reads_the_run(tm
     import json
 
     from gaisnet_ray.config import config_to_yaml
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
+    from gaisnet_ray.inprocess import InProcessGaisNet
     from gaisnet_ray.privacy.command import AUDIT_FILE, AuditInputError, audit_run
 
     cfg = tiny_config("training.pretrain_steps=0", "training.rounds=1", "training.local_steps=2",

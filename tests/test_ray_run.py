@@ -149,7 +149,7 @@ def test_knowledge_loads_with_plain_peft_and_matches_the_runtime(cli_run, tmp_pa
 
     from gaisnet_ray.config import load_config
     from gaisnet_ray.data import encode_prompt
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
+    from gaisnet_ray.inprocess import InProcessGaisNet
     from gaisnet_ray.knowledge import KnowledgeStore
 
     torch.set_num_threads(1)
@@ -188,7 +188,7 @@ def test_privacy_no_private_ids_labels_or_text_cross_an_actor_boundary(cli_run):
     run_dir, cfg_path = cli_run
     from gaisnet_ray.config import load_config
     from gaisnet_ray.data import device_examples, encode_examples
-    from gaisnet_ray.hfsl.topology import devices_by_edge
+    from gaisnet_ray.schemes.topology import devices_by_edge
     from gaisnet_ray.models.tokenizer import build_byte_tokenizer
 
     cfg = load_config(run_dir / "config.yaml")

@@ -17,7 +17,7 @@ TINY = small_job("topology.edges=1", "topology.devices_per_edge=2", "topology.cl
 
 
 def test_fl_scheme_on_actors_moves_only_adapters(ray_local, tmp_path):
-    from gaisnet_ray.job import run_job
+    from gaisnet_ray.run_command import run_job
     from gaisnet_ray.knowledge import KnowledgeStore, payload_nbytes
     from gaisnet_ray.runfolder import read_metrics
 

@@ -247,7 +247,7 @@ def slice_run(slice_dir, tmp_path_factory):
     """One HFSL round of the in-process runtime on the slice: a run folder (config.yaml, model/,
     knowledge v0 and v1, each edge's adapter) and the runtime that wrote it."""
     from gaisnet_ray.config import config_to_yaml
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
+    from gaisnet_ray.inprocess import InProcessGaisNet
 
     cfg = tiny_config(f"model.path={slice_dir}", *RUN)
     assert cfg.data.system_prompt == SYSTEM

@@ -108,7 +108,7 @@ def test_distillation_lowers_the_heldout_kl_to_the_teachers(foundation, engine):
 # ------------------------------------------------------------------------- the whole cycle
 @pytest.fixture(scope="module")
 def cycle(tmp_path_factory):
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
+    from gaisnet_ray.inprocess import InProcessGaisNet
 
     torch.set_num_threads(1)
     cfg = load_config(TINY_YAML, TINY)
@@ -177,7 +177,7 @@ def test_rehearsal_trains_the_new_base_on_public_data_and_lowers_its_public_loss
     """relay.rehearse_steps: after the merge the cloud trains the whole new base on its public data;
     the public domain's held-out loss of the base alone is lower than without rehearsal, and the
     rehearsal's steps are reported."""
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
+    from gaisnet_ray.inprocess import InProcessGaisNet
 
     common = [*TINY, "training.rounds=1", "data.public_domains=[arithmetic]", "relay.policy=merge"]
     torch.set_num_threads(1)

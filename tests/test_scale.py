@@ -26,7 +26,7 @@ def _lineage(run_dir: Path, version: int) -> dict:
 
 
 def test_participants_are_a_seeded_sample_per_edge_and_round():
-    from gaisnet_ray.hfsl.plan import participants
+    from gaisnet_ray.schemes.plan import participants
 
     cfg = load_config(TINY_YAML, POOL)
     devices = ["end-0-0", "end-0-1", "end-0-2"]
@@ -42,8 +42,8 @@ def test_participants_are_a_seeded_sample_per_edge_and_round():
 @pytest.mark.ray
 def test_a_pool_of_two_workers_trains_like_one_trainer_per_device(ray_local, tmp_path):
     from gaisnet_ray.driver import GaisNetDriver
-    from gaisnet_ray.hfsl.inprocess import InProcessGaisNet
-    from gaisnet_ray.hfsl.plan import participants
+    from gaisnet_ray.inprocess import InProcessGaisNet
+    from gaisnet_ray.schemes.plan import participants
     from gaisnet_ray.knowledge import KnowledgeStore
 
     cfg = load_config(TINY_YAML, POOL)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from gaisnet_ray.hfsl.topology import devices_by_edge
+from gaisnet_ray.schemes.topology import devices_by_edge
 from gaisnet_ray.rounds import (
     BeginEdge,
     DropTurn,

@@ -14,7 +14,7 @@ import torch
 from gaisnet_ray.config import TrainingConfig
 from gaisnet_ray.hfsl.factory import edge_cuts, tier_parts
 from gaisnet_ray.hfsl.memory import estimate_job
-from gaisnet_ray.hfsl.plan import plan_clusters
+from gaisnet_ray.schemes.plan import plan_clusters
 from gaisnet_ray.knowledge.aggregate import (
     RULES,
     Aggregator,
@@ -38,7 +38,7 @@ EDGE0 = ["end-0-0", "end-0-1", "end-0-2"]
 
 # ---------------------------------------------------------------------------------- the registry
 def test_every_configurable_scheme_has_a_class_and_nothing_else_does():
-    assert set(SCHEMES) == set(get_args(TrainingConfig.model_fields["scheme"].annotation)) == {"hfsl", "fl", "sl"}
+    assert set(SCHEMES) == set(get_args(TrainingConfig.model_fields["scheme"].annotation)) == {"hfsl", "fl", "sl", "centralized", "local"}
     for name, cls in SCHEMES.items():
         assert cls.name == name and issubclass(cls, Scheme)
     assert isinstance(scheme_of(tiny_config()), HFSL)

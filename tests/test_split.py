@@ -12,8 +12,8 @@ import torch
 
 from gaisnet_ray.config import ModelConfig, PeftConfig, load_config
 from gaisnet_ray.hfsl.factory import device_trainer, edge_trainer
-from gaisnet_ray.hfsl.inprocess import DirectEdgeLink
-from gaisnet_ray.hfsl.topology import device_cut
+from gaisnet_ray.inprocess import DirectEdgeLink
+from gaisnet_ray.schemes.topology import device_cut
 from gaisnet_ray.models.adapters import (
     adapter_state,
     attach_lora,

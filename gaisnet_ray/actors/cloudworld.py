@@ -14,7 +14,7 @@ import ray
 
 from ..cloudengine.world import WorldSpec, free_port
 from ..config import Config
-from ..hfsl.cloudjobs import run_peer_job
+from ..hfsl.cloud_spmd import run_peer_job
 from ..worker_setup import setup_tier_worker
 from .placement import tier_options
 
@@ -33,7 +33,7 @@ class CloudWorker:
 
 
 class RayCloudPeers:
-    """``hfsl.cloudjobs.CloudPeers`` over ``CloudWorker`` actors; lives inside the CloudNode."""
+    """``hfsl.cloud_spmd.CloudPeers`` over ``CloudWorker`` actors; lives inside the CloudNode."""
 
     def __init__(self, cfg: Config, run_dir: str):
         self.size = cfg.cloud.workers

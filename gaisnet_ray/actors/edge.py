@@ -47,10 +47,23 @@ class EdgeNode(BaseHolderNode):
         return self.core.backward(cluster_id, device_id, grad)
 
     @crosses_boundary
-    def finish_round(self, cluster_ids: list[str], *last_turns: TurnResult | None) -> tuple[EdgeUpdate, dict]:
-        """Call with ``.options(num_returns=2)``: the update, and a small status the driver reads."""
-        update = self.core.finish_round(dict(zip(cluster_ids, last_turns)))
+    def finish_round(self, cluster_ids: list[str], *args) -> tuple[EdgeUpdate, dict]:
+        """Call with ``.options(num_returns=2)``: the update, and a small status the driver reads.
+        ``args``: each cluster's last turn (or None), then the survivors' unmasking replies under
+        secure aggregation (refs in ``args`` are resolved by Ray; nested ones would not be)."""
+        n = len(cluster_ids)
+        update = self.core.finish_round(dict(zip(cluster_ids, args[:n])), list(args[n:]) or None)
         return update, {"edge": update.edge_id, "num_samples": update.num_samples, "dropped": update.dropped}
+
+    @crosses_boundary
+    def secagg_begin(self, offers: list, threshold: int) -> list:
+        """Secure aggregation: keep this round's roster of public keys and relay it."""
+        return self.core.secagg_begin(offers, threshold)
+
+    @crosses_boundary
+    def secagg_route(self, sealed: dict) -> dict:
+        """Secure aggregation: relay each member's sealed shares to their recipients."""
+        return self.core.secagg_route(sealed)
 
     @crosses_boundary
     def drop_turn(self, cluster_id: str, device_id: str, reason: str) -> None:

@@ -18,6 +18,16 @@ from ..worker_setup import setup_tier_worker
 from .audited import AuditedNode, BaseHolderNode, crosses_boundary
 
 
+SECAGG_STEPS = ("advertise", "share", "receive", "reveal")  # privacy.secround.DeviceSecAgg's device steps
+
+
+def _secagg_step(core, step: str, args: tuple):
+    """Run one secure-aggregation step of a device (``privacy.secure_aggregation``)."""
+    if step not in SECAGG_STEPS or core.secagg is None:
+        raise ValueError(f"{core.device_id}: no secure-aggregation step {step!r} (is privacy.secure_aggregation on?)")
+    return getattr(core.secagg, step)(*args)
+
+
 class RayEdgeLink:
     """The device's link to its edge: each call is an actor call on the edge (object store transport)."""
 
@@ -60,6 +70,14 @@ class EndNode(BaseHolderNode):
         result = self.core.train_turn(adapter, link, cluster_id, steps, round_idx, emulation)
         return result, {"device": self.device_id, "steps": len(result.losses)}
 
+    @crosses_boundary
+    def secagg(self, step: str, device_id: str, *args):
+        """A step of the edge's secure aggregation for this device: public keys, sealed shares,
+        shares received, the unmasking reveal (``privacy.secround``)."""
+        if device_id != self.device_id:
+            raise ValueError(f"{self.device_id} was asked to run secure aggregation as {device_id}")
+        return _secagg_step(self.core, step, args)
+
 
 @ray.remote
 class EndWorker(AuditedNode):
@@ -86,6 +104,14 @@ class EndWorker(AuditedNode):
         link = RayEdgeLink(edge, cluster_id, device_id, self.timeout_s)
         result = core.train_turn(adapter, link, cluster_id, steps, round_idx, emulation)
         return result, {"device": device_id, "steps": len(result.losses)}
+
+    @crosses_boundary
+    def secagg(self, step: str, device_id: str, *args):
+        """A secure-aggregation step for the hosted device ``device_id`` (see ``EndNode.secagg``)."""
+        core = self.cores.get(device_id)
+        if core is None:
+            raise ValueError(f"{self.worker_id} does not host {device_id}")
+        return _secagg_step(core, step, args)
 
     @crosses_boundary
     def update_base(self, *packages) -> int:

@@ -3,7 +3,7 @@
 One object, two engines chosen by ``CloudEngineConfig.engine``:
 
 - ``torch``: AdamW on the model as it is; the reference engine (the cloud's pre-training,
-  ``hfsl/cloudjobs.pretrain``, and its relay training run on whichever engine ``cloud.engine`` names).
+  ``hfsl/cloud_spmd.pretrain``, and its relay training run on whichever engine ``cloud.engine`` names).
 - ``deepspeed``: a DeepSpeed engine built from the settings (ZeRO stage, optimizer / parameter
   offload, bf16, gradient accumulation) around a ``torch.optim.AdamW`` (no op to compile), or
   ``DeepSpeedCPUAdam`` when optimizer offload runs on a GPU machine (or when asked for).

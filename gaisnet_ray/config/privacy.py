@@ -1,5 +1,5 @@
 """``privacy:``: what protects a device's data on its way up: activation clipping and noise, the
-NoPeek penalty, and differentially private aggregation at the cloud."""
+NoPeek penalty, differentially private aggregation at the cloud, and secure aggregation at the edge."""
 
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ class PrivacyConfig(Section):
         None, ge=0, description="Noise std as a multiple of the update sensitivity (instead of dp_epsilon)."
     )
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="The delta of the (epsilon, delta)-DP guarantee.")
+    secure_aggregation: bool = Field(
+        False, description="Secure aggregation of device adapters at each edge (pairwise masks, Shamir-shared "
+        "keys, dropouts recovered): the edge learns only their weighted sum. Needs training.scheme fl, "
+        "aggregation fedavg, no clip_norm, and >= 2 devices per edge."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "PrivacyConfig":

@@ -11,9 +11,11 @@ from .section import Section
 
 
 class TrainingConfig(Section):
-    scheme: Literal["hfsl", "fl", "sl"] = Field(
+    scheme: Literal["hfsl", "fl", "sl", "centralized", "local"] = Field(
         "hfsl", description="hfsl: clusters in parallel, members in turn, split model; "
-        "fl: FedAvg of the whole adapter trained on devices; sl: one cluster per edge."
+        "fl: FedAvg of the whole adapter trained on devices; sl: one cluster per edge. Baselines: "
+        "centralized: every device's data pooled in one trainer (NOT private: the upper bound); "
+        "local: each device trains alone and keeps its own adapter (needs relay.policy none)."
     )
     pretrain_steps: int = Field(
         150, ge=0, description="Cloud pre-training steps of the whole foundation model on public "

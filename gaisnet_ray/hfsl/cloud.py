@@ -9,7 +9,7 @@ from ..config import Config
 from ..data import eval_examples, public_examples
 from ..knowledge.aggregate import aggregator_of, check_finite
 from ..knowledge.bases import BaseStore, refresh_model_dir
-from ..knowledge.codec import content_hash, payload_nbytes
+from ..knowledge.accounting import content_hash, payload_nbytes
 from ..knowledge.store import KnowledgeStore
 from ..layout import MODEL_CONFIG_NAME, MODEL_DIR, RunLayout
 from ..models.adapters import (adapter_state, attach_lora, base_state_view, load_adapter_state, load_base_state,
@@ -17,7 +17,8 @@ from ..models.adapters import (adapter_state, attach_lora, base_state_view, load
 from ..models.build import FoundationPackage, build_foundation, family_of, load_foundation, save_foundation
 from ..privacy import active_defenses
 from ..privacy.dp import DPAggregator
-from .cloudjobs import CloudPeers, peer_start, pretrain
+from ..schemes import scheme_of
+from .cloud_spmd import CloudPeers, peer_start, pretrain
 from .evaluate import domain_loss, evaluate_domains
 from .linkmodel import transfer_s
 from .messages import EdgeUpdate, StateDict
@@ -31,9 +32,14 @@ class CloudCore:
         """``resume_round``: continue a run whose rounds 1..resume_round are on disk (see
         ``runfolder.resume_run_dir``): no pre-training, the base and knowledge as that round left them."""
         self.cfg = cfg
-        self.peers = peers  # ranks 1.. of the cloud world when cloud.workers > 1 (hfsl.cloudjobs)
+        self.peers = peers  # ranks 1.. of the cloud world when cloud.workers > 1 (hfsl.cloud_spmd)
         self.peer_reports: list = []
         self.resume_round = resume_round
+        if resume_round is not None and scheme_of(cfg).keeps_adapters:
+            from ..config import ConfigError
+
+            raise ConfigError(f"training.scheme '{cfg.training.scheme}' cannot resume: each device's own "
+                              "adapter lives on the device, not in the run folder")
         run_dir = Path(run_dir)
         self.layout = RunLayout(run_dir)
         self.model_dir = self.layout.model
@@ -154,11 +160,39 @@ class CloudCore:
         self._publish_edges(parent + 1, round_idx, updates)
         metrics = round_metrics(self.cfg, round_idx, self.version, updates, knowledge)
         metrics["privacy"] = {**active_defenses(self.cfg.privacy), **(dp_report or {})}
+        if any(u.secure_aggregation for u in updates):  # per edge: members, survivors, bytes, unmask time
+            metrics["privacy"]["secure_aggregation_edges"] = {u.edge_id: u.secure_aggregation for u in updates}
         due = round_idx % t.eval_every == 0 or round_idx == t.rounds
         metrics["eval"] = self.evaluate() if due else {}
+        if due and any(u.device_adapters for u in updates):  # ``local``: each device's own adapter
+            metrics["eval_devices"] = self._evaluate_devices(updates)
+            metrics["eval"] = _mean_eval([e["eval"] for e in metrics["eval_devices"].values()])
         if self.bases is not None:
             metrics["relay"] = self.relay(round_idx, updates)
         return self.knowledge, metrics
+
+    def _evaluate_devices(self, updates: list[EdgeUpdate]) -> dict:
+        """Each device's own adapter (``local``) on every domain, and its mean over the domains of
+        its own private data ("own") and over all ("all"). Which domains a device holds is derived
+        from the config, as the device derives its data; no example leaves a device for this."""
+        from ..data import device_examples
+        from ..schemes.topology import devices_by_edge
+
+        ids = [d for ds in devices_by_edge(self.cfg.topology).values() for d in ds]
+        owned = {d: sorted({ex.domain for ex in exs}) for d, exs in device_examples(self.cfg.data, ids).items()}
+        out = {}
+        try:
+            for u in updates:
+                for d, adapter in u.device_adapters.items():
+                    load_adapter_state(self.peft, adapter, strict=True)
+                    ev = self.evaluate()
+                    own = [k for k in owned[d] if k in ev]
+                    out[d] = {"domains": own, "eval": ev,
+                              "own": _mean_eval([{k: ev[k] for k in own}], over_domains=True),
+                              "all": _mean_eval([ev], over_domains=True)}
+        finally:
+            load_adapter_state(self.peft, self.knowledge, strict=True)  # back to the stored version
+        return out
 
     # ------------------------------------------------------------------------------- relay
     def evaluate_base(self) -> dict[str, dict[str, float]]:
@@ -262,6 +296,16 @@ class CloudCore:
             )
 
 
+def _mean_eval(evals: list[dict[str, dict[str, float]]], over_domains: bool = False) -> dict:
+    """The mean of several evaluations per domain and metric; ``over_domains``: of one
+    evaluation over its domains, per metric ({} for no domain)."""
+    if over_domains:
+        rows = [m for ev in evals for m in ev.values()]
+        return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}
+    domains = evals[0].keys() if evals else []
+    return {dom: {k: sum(ev[dom][k] for ev in evals) / len(evals) for k in evals[0][dom]} for dom in domains}
+
+
 def round_metrics(cfg: Config, round_idx: int, version: int, updates: list[EdgeUpdate], knowledge: StateDict) -> dict:
     """Losses, bytes per link and direction, and the modeled link delay of one round."""
     down_each = payload_nbytes(knowledge)  # the global adapter each edge pulled at round start
@@ -280,6 +324,7 @@ def round_metrics(cfg: Config, round_idx: int, version: int, updates: list[EdgeU
         "round": round_idx,
         "version": version,
         "scheme": cfg.training.scheme,
+        **({"privacy_note": note} if (note := scheme_of(cfg).privacy_note) else {}),
         "train_loss": sum(losses) / len(losses),
         "bytes": bytes_,
         "bytes_up": bytes_["end_edge_up"] + bytes_["edge_cloud_up"],

@@ -13,11 +13,12 @@ import torch
 from ..config import PeftConfig, TrainingConfig
 from ..data import Example, encode_examples
 from ..data.encode import lengths_of
-from ..knowledge.codec import payload_nbytes, tensor_nbytes
+from ..knowledge.accounting import payload_nbytes, tensor_nbytes
 from ..models.adapters import adapter_state, load_adapter_state, load_base_state, trainable_parameters
 from ..models.parts import ModelPart
 from ..models.split import Cut, build_tier_model
 from ..privacy.noise import nopeek_penalty, privatize_hidden
+from ..privacy.secround import DeviceSecAgg
 from .messages import LinkUsage, StateDict, TurnResult
 
 
@@ -36,13 +37,16 @@ class DeviceTrainer:
 
     def __init__(self, device_id: str, package, peft_cfg: PeftConfig, training: TrainingConfig,
                  examples: list[Example], seq_len: int, cut: Cut | None, seed: int,
-                 torch_device: str = "cpu", split=None, system: str | None = None, privacy=None):
+                 torch_device: str = "cpu", split=None, system: str | None = None, privacy=None,
+                 keep_adapter: bool = False):
         """``package``: a ``FoundationPackage`` holding at least this device's part (``self.part``;
         only that part is built). ``split``: a tier model to share with other logical devices of the
         same cut (a pool worker runs one turn at a time, and every turn loads all of its adapter
         keys first). ``system``: the chat template's system turn (``data.system_prompt``), as
         evaluation and serving format prompts. ``privacy``: the ``PrivacyConfig`` (clip and noise on
-        the hidden states sent to the edge, NoPeek penalty); None: none."""
+        the hidden states sent to the edge, NoPeek penalty); None: none. ``keep_adapter`` (the
+        ``local`` baseline): from its second turn on the device trains the adapter it trained last,
+        not the one it is handed (nothing is averaged into it)."""
         if not examples:
             raise ValueError(f"device {device_id} has no private examples")
         self.device_id = device_id
@@ -61,6 +65,10 @@ class DeviceTrainer:
         self._round: int | None = None
         self.privacy = privacy
         self._noise_gen = torch.Generator().manual_seed(seed * 7_919 + 17)  # link noise, never sent
+        # privacy.secure_aggregation (fl): this device's side of the edge's masked aggregation
+        self.secagg = DeviceSecAgg(device_id) if privacy is not None and privacy.secure_aggregation else None
+        self.keep_adapter = keep_adapter
+        self._own: StateDict | None = None  # the adapter it trained last (kept when keep_adapter)
 
     @property
     def num_samples(self) -> int:
@@ -96,6 +104,8 @@ class DeviceTrainer:
                   step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, LinkUsage]]) -> TurnResult:
         """Pull the adapter down, run ``steps`` optimizer steps of ``step``, push the adapter up."""
         started = time.perf_counter()
+        if self.keep_adapter and self._own is not None:
+            adapter = self._own
         load_adapter_state(self.split.peft, adapter)
         usage = LinkUsage(bytes_down=payload_nbytes(adapter), messages_down=1)
         opt = self._optimizer()
@@ -109,6 +119,8 @@ class DeviceTrainer:
             usage = usage.add(step_usage)
         self.split.peft.eval()
         trained = adapter_state(self.split.peft)
+        if self.keep_adapter:
+            self._own = {k: v.clone() for k, v in trained.items()}
         usage = usage.add(LinkUsage(bytes_up=payload_nbytes(trained), messages_up=1))
         return TurnResult(self.device_id, cluster_id, trained, self.num_samples, losses, usage,
                           time.perf_counter() - started)
@@ -161,7 +173,8 @@ class DeviceTrainer:
             return emulation.run_turn(lambda lk: self.train_turn(adapter, lk, cluster_id, steps, round_idx), link)
         self._start_round(round_idx)
         if self.cut is None:
-            return self.train_local_turn(adapter, cluster_id, steps)
+            result = self.train_local_turn(adapter, cluster_id, steps)
+            return result if self.secagg is None else self.secagg.seal(result)  # the edge gets it masked
         if link is None:
             raise ValueError(f"device {self.device_id} trains split and needs a link to its edge")
         return self.train_split_turn(adapter, link, cluster_id, steps)

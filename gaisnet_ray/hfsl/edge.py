@@ -18,6 +18,7 @@ from ..knowledge.aggregate import aggregator_of
 from ..models.adapters import adapter_state, load_adapter_state, load_base_state, trainable_parameters
 from ..models.parts import ModelPart
 from ..models.split import Cut, SplitModel, build_tier_model, select_keys
+from ..privacy.secround import EdgeSecAgg, KeyOffer
 from .linkmodel import clusters_comm_s
 from .messages import EdgeUpdate, LinkUsage, StateDict, TurnResult
 
@@ -37,10 +38,13 @@ class _ClusterState:
 
 class EdgeTrainer:
     def __init__(self, edge_id: str, package, part: ModelPart, peft_cfg: PeftConfig, training: TrainingConfig,
-                 device_cuts: dict[str, Cut | None], link: LinkConfig, torch_device: str = "cpu"):
+                 device_cuts: dict[str, Cut | None], link: LinkConfig, torch_device: str = "cpu",
+                 report_devices: bool = False):
         """``part``: the blocks this edge runs, as its scheme decides (``factory.edge_part_of``;
         none when devices train the whole model). ``device_cuts``: each served device's cut (None:
-        it trains the whole model, with no split step here)."""
+        it trains the whole model, with no split step here). ``report_devices`` (the ``local``
+        baseline): the update also carries each device's own adapter, for the cloud to evaluate."""
+        self.report_devices = report_devices
         self.edge_id = edge_id
         self.training = training
         self.device_cuts = device_cuts
@@ -56,6 +60,7 @@ class EdgeTrainer:
         self._clusters: dict[str, _ClusterState] = {}
         self._round_started = 0.0
         self._compute_s = 0.0
+        self._secagg: EdgeSecAgg | None = None  # this round's secure aggregation (privacy.secure_aggregation)
 
     def update_base(self, base) -> int:
         """Relay down: the new foundation weights of the middle blocks this edge runs, as its part
@@ -70,6 +75,7 @@ class EdgeTrainer:
         self._compute_s = 0.0
         self._global = global_knowledge
         self._clusters = {}
+        self._secagg = None
         for cid, members in clusters.items():
             unknown = [m for m in members if m not in self.device_cuts]
             if unknown:
@@ -138,6 +144,16 @@ class EdgeTrainer:
                                "(dropped, or the round ended)")
         return st
 
+    # ------------------------------------------------------------------ secure aggregation
+    def secagg_begin(self, offers: list[KeyOffer], threshold: int) -> list[KeyOffer]:
+        """This round's members advertised their public keys: keep the roster, relay it back."""
+        self._secagg = EdgeSecAgg(self.edge_id, offers, threshold)
+        return list(self._secagg.offers.values())
+
+    def secagg_route(self, sealed: dict[str, dict[int, bytes]]) -> dict[str, dict[int, bytes]]:
+        """Relay each member's sealed shares to their recipients (the edge cannot open them)."""
+        return self._secagg.route(sealed)
+
     # --------------------------------------------------------------------------- split step
     def forward(self, cluster_id: str, device_id: str, hidden: torch.Tensor) -> torch.Tensor:
         """h_k (B, T, H) from the device -> h_m (B, T, H) back to it; keeps the graph for backward."""
@@ -165,9 +181,11 @@ class EdgeTrainer:
         return x.grad.detach().cpu()
 
     # -------------------------------------------------------------------------- aggregation
-    def finish_round(self, last_turns: dict[str, TurnResult | None]) -> EdgeUpdate:
+    def finish_round(self, last_turns: dict[str, TurnResult | None], secagg_replies: list | None = None) -> EdgeUpdate:
         """Close every cluster with its last member's result and aggregate the clusters, weighted
         by their members' samples, into the edge's update. (Under FL every cluster is one device.)
+        Under secure aggregation the turns hold masked vectors and ``secagg_replies`` the
+        survivors' unmasking shares: the edge computes the same weighted mean without any one adapter.
         """
         unknown = sorted(set(last_turns) - set(self._clusters))
         if unknown:
@@ -183,8 +201,15 @@ class EdgeTrainer:
         states = [self._clusters[cid] for cid in included]
         dropped = {d: why for st in self._clusters.values() for d, why in st.dropped.items()}
         weights = [sum(t.num_samples for t in st.turns) for st in states]
-        knowledge = self.aggregator([st.knowledge for st in states], weights, reference=self._global,
-                                    sources=[f"{self.edge_id}/{cid}" for cid in included])
+        secure = None
+        if any(t.masked is not None for st in states for t in st.turns):
+            if self._secagg is None:
+                raise ValueError(f"{self.edge_id}: masked updates, but no key exchange this round")
+            knowledge, secure = self._secagg.mean({t.device_id: t.masked for st in states for t in st.turns},
+                                                  list(secagg_replies or []), reference=self._global)
+        else:
+            knowledge = self.aggregator([st.knowledge for st in states], weights, reference=self._global,
+                                        sources=[f"{self.edge_id}/{cid}" for cid in included])
         turns = [t for st in states for t in st.turns]
         usage = LinkUsage()
         for t in turns:
@@ -201,6 +226,8 @@ class EdgeTrainer:
             wall_s=time.perf_counter() - self._round_started,
             edge_compute_s=self._compute_s,
             dropped=dropped,
+            secure_aggregation=secure,
+            device_adapters={t.device_id: t.adapter for t in turns} if self.report_devices else {},
         )
         self._clusters = {}
         return update

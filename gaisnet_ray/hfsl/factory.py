@@ -15,7 +15,7 @@ from ..models.split import Cut
 from ..schemes import scheme_of
 from .device import DeviceTrainer
 from .edge import EdgeTrainer
-from .topology import devices_by_edge
+from ..schemes.topology import devices_by_edge
 
 
 def device_seed(cfg: Config, device: str) -> int:
@@ -63,7 +63,8 @@ def edge_trainer(cfg: Config, edge: str, devices: list[str], package, torch_devi
     """``package``: the edge's part (``edge_part_of``) or any package holding it, e.g. the whole."""
     n = package.num_layers
     return EdgeTrainer(edge, package, edge_part_of(cfg, devices, n), cfg.peft, cfg.training,
-                       edge_cuts(cfg, devices, n), cfg.links.end_edge, torch_device)
+                       edge_cuts(cfg, devices, n), cfg.links.end_edge, torch_device,
+                       report_devices=scheme_of(cfg).keeps_adapters)
 
 
 def device_trainer(cfg: Config, device: str, package, torch_device: str = "cpu") -> DeviceTrainer:
@@ -78,10 +79,10 @@ def device_trainers(cfg: Config, devices: list[str], packages, torch_device: str
     cut of its devices); each device builds only its part. ``share_model``: one tier model per part
     for all of them (a pool worker)."""
     all_ids = [d for ds in devices_by_edge(cfg.topology).values() for d in ds]
-    examples = device_examples(cfg.data, all_ids)
+    scheme = scheme_of(cfg)
+    examples = scheme.device_data(cfg, device_examples(cfg.data, all_ids))  # centralized: pooled in one
     packages = [packages] if hasattr(packages, "state_dict") else list(packages)
     n = packages[0].num_layers
-    scheme = scheme_of(cfg)
     shared: dict = {}
     out = {}
     for d in devices:
@@ -89,7 +90,8 @@ def device_trainers(cfg: Config, devices: list[str], packages, torch_device: str
         split = shared.get(part) if share_model else None
         out[d] = DeviceTrainer(d, package_for(packages, part), cfg.peft, cfg.training, examples[d],
                                cfg.model.max_seq_len, scheme.device_cut(cfg.topology, d, n), device_seed(cfg, d),
-                               torch_device, split=split, system=cfg.data.system_prompt, privacy=cfg.privacy)
+                               torch_device, split=split, system=cfg.data.system_prompt, privacy=cfg.privacy,
+                               keep_adapter=scheme.keeps_adapters)
         if share_model:
             shared.setdefault(part, out[d].split)
     return out

@@ -40,6 +40,8 @@ class TurnResult:
     losses: list[float]  # training loss per step
     link: LinkUsage
     compute_s: float  # wall time of the turn on the device, waiting for the edge included
+    # privacy.secure_aggregation: [w * adapter, w] masked in Z(2^48) (then ``adapter`` is empty)
+    masked: torch.Tensor | None = None
 
 
 @dataclass
@@ -57,3 +59,6 @@ class EdgeUpdate:
     wall_s: float
     edge_compute_s: float = 0.0
     dropped: dict[str, str] = field(default_factory=dict)  # device -> why it sat out (died, timed out)
+    secure_aggregation: dict | None = None  # the protocol's members, survivors and cost (None: off)
+    # device -> its own adapter, only under a scheme where devices keep theirs (``local``), to be evaluated
+    device_adapters: dict[str, StateDict] = field(default_factory=dict)

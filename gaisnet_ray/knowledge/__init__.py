@@ -17,7 +17,7 @@ from gaisnet_ray.knowledge.aggregate import (
     trimmed_mean,
     validate_updates,
 )
-from gaisnet_ray.knowledge.codec import content_hash, payload_nbytes, tensor_nbytes
+from gaisnet_ray.knowledge.accounting import content_hash, payload_nbytes, tensor_nbytes
 from gaisnet_ray.knowledge.errors import (
     KeyMismatchError,
     KnowledgeError,

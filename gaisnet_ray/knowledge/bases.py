@@ -19,13 +19,13 @@ while training) never finds ``model/`` missing or half written.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
 from pathlib import Path
 
 from ..layout import MODEL_CONFIG_NAME, MODEL_SWAP_PREFIX, RunLayout
+from ..models.gguf_cache import sha256_file
 from ..models.sources import quiet_transformers
 from .errors import KnowledgeError
 from .versioned import HISTORY_NAME, LINEAGE_NAME, VersionedStore, exchange_paths, fsync_dir, fsync_tree
@@ -68,22 +68,15 @@ class BaseStore(VersionedStore):
                 return f"{name} is missing"
             if path.stat().st_size != want.get("bytes"):
                 return f"{name} has {path.stat().st_size} bytes, not the {want.get('bytes')} published"
-            if deep and _sha256(path) != want.get("sha256"):
+            if deep and sha256_file(path) != want.get("sha256"):
                 return f"{name} does not match the sha256 its lineage recorded"
         return None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _manifest(folder: Path) -> dict[str, dict]:
     """Every file of a base folder (POSIX relative name -> bytes, sha256), lineage.json aside."""
-    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LINEAGE_NAME}
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import safetensors.torch
 
 from gaisnet_ray.knowledge.aggregate import StateDict, check_finite
-from gaisnet_ray.knowledge.codec import content_hash, tensor_nbytes
+from gaisnet_ray.knowledge.accounting import content_hash, tensor_nbytes
 from gaisnet_ray.knowledge.errors import KnowledgeError
 from gaisnet_ray.knowledge.versioned import HISTORY_NAME, LINEAGE_NAME, VersionedStore
 

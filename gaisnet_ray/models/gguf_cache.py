@@ -99,7 +99,7 @@ def _lookup(models: Path, gguf: Path) -> tuple[Path | None, str]:
                 continue
             if stamp in seen and _complete(record_path.parent):
                 return record_path.parent, ""
-    sha = _sha256_file(gguf)
+    sha = sha256_file(gguf)
     folder = models / f"{gguf.stem}-{sha[:16]}"
     if not _complete(folder):
         return None, sha
@@ -186,7 +186,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------- helpers
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (the GGUF cache key; base versions' file manifest)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

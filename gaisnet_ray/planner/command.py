@@ -27,7 +27,7 @@ def host_gflops(cfg: Config, model_config: dict) -> tuple[float, str]:
 def sample_counts(cfg: Config) -> dict[str, int] | None:
     """Each device's data size (what today's clustering balances), derived as devices derive it."""
     from ..data import DatasetError, device_examples
-    from ..hfsl.topology import devices_by_edge
+    from ..schemes.topology import devices_by_edge
 
     ids = [d for ds in devices_by_edge(cfg.topology).values() for d in ds]
     try:

@@ -17,8 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..config import Config, ConfigError
-from ..hfsl.plan import plan_clusters
-from ..hfsl.topology import devices_by_edge
+from ..schemes.plan import plan_clusters
+from ..schemes.topology import devices_by_edge
 from ..schemes import SCHEMES, scheme_of
 from .cost import RoundShape, cloud_overhead_s, split_blocks, turn_seconds, turn_terms
 from .profiles import Fleet

@@ -15,7 +15,7 @@ import random
 from dataclasses import asdict, dataclass
 
 from ..config import Config, ConfigError, DeviceSpec
-from ..hfsl.topology import device_compute, devices_by_edge
+from ..schemes.topology import device_compute, devices_by_edge
 
 GIGA = 1e9
 MEGA = 1e6

@@ -1,5 +1,5 @@
 """The planner in a run: plan before the actors start, record the plan in the run folder, and put
-the modeled round next to the measured one every round (``driver`` and ``hfsl.inprocess``).
+the modeled round next to the measured one every round (``driver`` and ``inprocess``).
 
 With ``topology.planner: fixed`` and no emulation the run trains exactly as without a planner;
 the plan is still recorded and each round's modeled time computed, for the comparison.

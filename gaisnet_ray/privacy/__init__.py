@@ -5,6 +5,7 @@
 - ``noise``: clip + Gaussian noise on the hidden states a device sends, the NoPeek penalty;
 - ``dp``: differentially private aggregation at the cloud with Opacus's RDP accountant;
 - ``secagg``: secure aggregation (pairwise masks that cancel in the sum, dropouts recovered);
+- ``secround``: that protocol inside an edge's round (key exchange, masked turns, unmasking);
 - ``command``: ``gaisnet privacy-audit RUN_DIR``.
 No Ray here: the actors call these through the hfsl core.
 """
@@ -19,4 +20,5 @@ def active_defenses(privacy) -> dict:
         "activation_noise": privacy.activation_noise,
         "nopeek_weight": privacy.nopeek_weight,
         "dp": privacy.dp_clip is not None,
+        "secure_aggregation": privacy.secure_aggregation,
     }

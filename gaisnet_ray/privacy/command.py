@@ -101,7 +101,7 @@ def _front(model, tok, cfg, front_layers: int):
 def _private_batch(cfg, tok, n: int):
     """n training examples spread over the devices (round robin), and n held-out ones of the same domains."""
     from ..data import device_examples, encode_examples, eval_examples
-    from ..hfsl.topology import devices_by_edge
+    from ..schemes.topology import devices_by_edge
 
     ids = [d for ds in devices_by_edge(cfg.topology).values() for d in ds]
     per_device = device_examples(cfg.data, ids)
@@ -130,7 +130,7 @@ def audit_run(run_dir: str | Path, *, examples: int = 48, candidates: int = 1024
     keys to audit with instead of the run's own (e.g. a noise level it did not train with)."""
     import torch
 
-    from ..hfsl.topology import device_cut
+    from ..schemes.topology import device_cut
     from ..schemes import scheme_of
     from . import attacks as A
     from .noise import clip_rows, privatize_hidden

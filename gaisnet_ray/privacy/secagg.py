@@ -5,7 +5,8 @@ runs it (with every pair of members as neighbours):
 
 1. every member draws an X25519 key pair and advertises its public key;
 2. every member Shamir-shares (threshold ``t``) its private key and a fresh self-mask seed ``b_i``
-   with every other member (in a deployment the shares travel encrypted to each peer);
+   with every other member (``sealed_shares``: AES-GCM under a second, channel key pair, so the
+   aggregator relaying them cannot open them; ``secure_fedavg`` below hands them over in the clear);
 3. a member sends ``y_i = enc(w_i * x_i) + PRG(b_i) + sum_j +-PRG(s_ij) (mod 2^48)``, where
    ``s_ij`` is the pairwise secret of i and j (X25519 + SHA-256) and the sign is + for i < j;
    the pairwise masks cancel in the sum over members;
@@ -32,6 +33,7 @@ import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MOD_BITS = 48
 MOD = 1 << MOD_BITS
@@ -91,6 +93,31 @@ def _pair_seed(sk: X25519PrivateKey, peer_pk: bytes) -> bytes:
     return hashlib.sha256(b"gaisnet-secagg-pair" + sk.exchange(X25519PublicKey.from_public_bytes(peer_pk))).digest()
 
 
+def _channel_key(ck: X25519PrivateKey, peer_ck: bytes) -> AESGCM:
+    shared = ck.exchange(X25519PublicKey.from_public_bytes(peer_ck))
+    return AESGCM(hashlib.sha256(b"gaisnet-secagg-channel" + shared).digest())
+
+
+_SHARE_BYTES = 4 + 66  # x (member number) and y < 2^521
+
+
+def _pack_shares(shares: tuple[tuple[int, int], tuple[int, int]]) -> bytes:
+    return b"".join(x.to_bytes(4, "little") + y.to_bytes(66, "little") for x, y in shares)
+
+
+def _unpack_shares(raw: bytes) -> tuple[tuple[int, int], tuple[int, int]]:
+    if len(raw) != 2 * _SHARE_BYTES:
+        raise SecAggError(f"a sealed share pair holds {len(raw)} bytes, not {2 * _SHARE_BYTES}")
+    parts = [raw[k:k + _SHARE_BYTES] for k in (0, _SHARE_BYTES)]
+    a, b = ((int.from_bytes(p[:4], "little"), int.from_bytes(p[4:], "little")) for p in parts)
+    return a, b
+
+
+def _nonce(sender: int, recipient: int) -> bytes:
+    """Each direction of a pair has its own nonce (the pair's key is symmetric and fresh per round)."""
+    return sender.to_bytes(6, "little") + recipient.to_bytes(6, "little")
+
+
 # ------------------------------------------------------------------------------------ members
 @dataclass
 class UnmaskReply:
@@ -102,12 +129,19 @@ class UnmaskReply:
 
 
 class SecAggMember:
-    """One device in the protocol (index ``i`` of ``n``; indices fix the sign of each pair mask)."""
+    """One device in the protocol (index ``i`` of ``n``; indices fix the sign of each pair mask).
+
+    Two key pairs, as in Bonawitz et al.: ``public_key`` (masking: pair seeds, Shamir-shared so a
+    dropout's masks can be rebuilt) and ``channel_key`` (sealing the shares to each peer with
+    AES-GCM, so the member relaying them, the edge, cannot read them; never shared, so rebuilding a
+    dropped member's masking key opens none of the shares it was sent)."""
 
     def __init__(self, index: int, n: int, threshold: int):
         self.index, self.n, self.t = index, n, threshold
         self._rng = secrets.SystemRandom()
         self._sk = X25519PrivateKey.generate()
+        self._ck = X25519PrivateKey.generate()
+        self.channel_key = _pk_bytes(self._ck.public_key())
         self._seed = secrets.token_bytes(32)  # b_i
         self.public_key = _pk_bytes(self._sk.public_key())  # step 1: advertised
         self._held: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}  # owner -> (seed share, key share)
@@ -124,6 +158,33 @@ class SecAggMember:
 
     def receive(self, owner: int, shares: tuple[tuple[int, int], tuple[int, int]]) -> None:
         self._held[owner] = shares
+
+    def sealed_shares(self, roster: dict[int, bytes], channels: dict[int, bytes], context: bytes) -> dict[int, bytes]:
+        """Step 2 over an untrusted relay: this member's share pair for each peer in ``roster``,
+        AES-GCM-sealed under the pair's channel secret (``channels``: index -> channel key) and bound
+        to ``context`` (the round) and both indices. Its own pair it keeps."""
+        out = {}
+        for j, sh in self.shares_for_peers(roster).items():
+            if j == self.index:
+                self.receive(j, sh)
+            elif j in roster:
+                out[j] = _channel_key(self._ck, channels[j]).encrypt(_nonce(self.index, j), _pack_shares(sh),
+                                                                     context + _nonce(self.index, j))
+        return out
+
+    def open_shares(self, sealed: dict[int, bytes], channels: dict[int, bytes], context: bytes) -> None:
+        """Take the share pairs peers sealed to this member (owner index -> ciphertext). The pair
+        masks of this round run over exactly these owners (and this member): a peer that shared
+        nothing is left out of the roster, as the aggregator leaves it out."""
+        for owner, blob in sealed.items():
+            ad = _nonce(owner, self.index)
+            try:
+                raw = _channel_key(self._ck, channels[owner]).decrypt(ad, blob, context + ad)
+            except Exception as err:  # InvalidTag: tampered, replayed from another round, or misrouted
+                raise SecAggError(f"member {self.index}: the share from member {owner} does not open "
+                                  f"({type(err).__name__})") from None
+            self.receive(owner, _unpack_shares(raw))
+        self._roster = {j: pk for j, pk in self._roster.items() if j == self.index or j in sealed}
 
     def masked_input(self, vec: torch.Tensor, weight: float) -> torch.Tensor:
         """Step 3: (n,) float -> (n + 1,) masked int64 of [w * vec, w]."""

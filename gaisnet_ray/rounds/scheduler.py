@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..config import Config
-from ..hfsl.plan import participants, plan_clusters
+from ..schemes.plan import participants, plan_clusters
 from .actions import BeginEdge, DropTurn, FinishEdge, Move, RestartHost, StartTurn, Turn
 from .metrics import FaultReport
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .base import Scheme
+from .centralized import Centralized
 from .fl import FL
 from .hfsl import HFSL
+from .local import Local
 from .sl import SL
 
 if TYPE_CHECKING:
     from ..config import Config
 
-SCHEMES: dict[str, type[Scheme]] = {s.name: s for s in (HFSL, FL, SL)}
+SCHEMES: dict[str, type[Scheme]] = {s.name: s for s in (HFSL, FL, SL, Centralized, Local)}
 
 
 def scheme_named(name: str) -> Scheme:
@@ -28,8 +30,11 @@ def scheme_named(name: str) -> Scheme:
 
 
 def scheme_of(cfg: Config) -> Scheme:
-    """The scheme ``training.scheme`` names: the one place the config's string becomes behaviour."""
-    return scheme_named(cfg.training.scheme)
+    """The scheme ``training.scheme`` names: the one place the config's string becomes behaviour.
+    A config the scheme cannot run is refused here (``ConfigError``)."""
+    scheme = scheme_named(cfg.training.scheme)
+    scheme.check(cfg)
+    return scheme
 
 
-__all__ = ["FL", "HFSL", "SCHEMES", "SL", "Scheme", "scheme_named", "scheme_of"]
+__all__ = ["FL", "HFSL", "SCHEMES", "SL", "Centralized", "Local", "Scheme", "scheme_named", "scheme_of"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
-from ..hfsl.topology import device_cut
+from .topology import device_cut
 
 if TYPE_CHECKING:
     from ..config import Config, TopologyConfig
@@ -40,6 +40,34 @@ class Scheme(ABC):
     max_clusters: ClassVar[int | None] = None
     # the cluster size is a free choice (``topology.cluster_size``): the planner may sweep it
     free_cluster_size: ClassVar[bool] = False
+    # an edge averages its devices' whole adapters, each device its own cluster: secure aggregation
+    # (privacy.secure_aggregation) can mask them; a split scheme's edge must see each adapter
+    secure_aggregation: ClassVar[bool] = False
+    # each device keeps the adapter it trained from round to round (none is averaged into what it
+    # trains next), and the cloud evaluates every device's own adapter (``local``)
+    keeps_adapters: ClassVar[bool] = False
+    # what the run's metrics and run.json say the scheme is, when it is not a private one
+    # (``centralized`` pools every device's private data in one trainer)
+    privacy_note: ClassVar[str | None] = None
+
+    # --------------------------------------------------------------- baselines' hooks (issue 10)
+    def check(self, cfg: Config) -> None:
+        """Refuse (``ConfigError``) a config this scheme cannot run; every scheme of the paper can
+        run every config."""
+
+    def round_devices(self, cfg: Config, edge: str, devices: list[str]) -> list[str] | None:
+        """The devices of ``edge`` that train every round whatever ``training.participants_per_edge``
+        samples; None: the sampled participants (every scheme of the paper)."""
+        return None
+
+    def device_data(self, cfg: Config, examples: dict[str, list]) -> dict[str, list]:
+        """Each device's training examples from every device's private ones (``examples``, in
+        topology order): its own."""
+        return examples
+
+    def turn_steps(self, cfg: Config) -> int:
+        """Optimizer steps of one device turn."""
+        return cfg.training.local_steps
 
     @property
     def label(self) -> str:

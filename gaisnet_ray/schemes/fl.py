@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 class FL(Scheme):
     name: ClassVar[str] = "fl"
     splits: ClassVar[bool] = False
+    secure_aggregation: ClassVar[bool] = True
 
     def cluster_size(self, cfg: Config, devices: int) -> int:
         return 1

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from ..hfsl.clustering import DeviceProfile, cluster_devices
-from ..hfsl.topology import device_compute
+from .clustering import DeviceProfile, cluster_devices
+from .topology import device_compute
 from .base import Scheme
 
 if TYPE_CHECKING:

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
-from ..rounds import BeginEdge, FinishEdge, RoundMetrics, RoundScheduler, StartTurn
-from .cloud import CloudCore
-from .edge import EdgeTrainer
-from .factory import device_trainer, edge_trainer, relay_down_bytes, tier_parts
-from .messages import StateDict
-from .topology import devices_by_edge
+from .config import Config
+from .rounds import BeginEdge, FinishEdge, RoundMetrics, RoundScheduler, StartTurn
+from .hfsl.cloud import CloudCore
+from .hfsl.edge import EdgeTrainer
+from .hfsl.factory import device_trainer, edge_trainer, relay_down_bytes, tier_parts
+from .hfsl.messages import StateDict
+from .privacy.secround import check_secure_aggregation, direct_exchange, reveal_sets
+from .schemes import scheme_of
+from .schemes.topology import devices_by_edge
 
 
 class DirectEdgeLink:
@@ -35,12 +37,14 @@ class DirectEdgeLink:
 
 class InProcessGaisNet:
     def __init__(self, cfg: Config, run_dir: str | Path):
-        from ..planner.command import sample_counts
-        from ..planner.runtime import prepare_run
+        from .planner.command import sample_counts
+        from .planner.runtime import prepare_run
 
         # the planner, as in the Ray driver: the plan's cuts go into the config every tier builds from
         self.cfg, self.run_plan = prepare_run(cfg, sample_counts=sample_counts(cfg), run_dir=run_dir)
         cfg = self.cfg
+        check_secure_aggregation(cfg)  # a clear ConfigError where the edge could not unmask
+        self._secagg_rosters: dict[str, dict[str, int]] = {}  # edge -> this round's members (device -> index)
         self.cloud = CloudCore(cfg, run_dir)
         package = self.cloud.package
         self.by_edge = devices_by_edge(cfg.topology)
@@ -48,6 +52,7 @@ class InProcessGaisNet:
         self.edges = {e: edge_trainer(cfg, e, ds, package.cut(parts[e])) for e, ds in self.by_edge.items()}
         self.devices = {d: device_trainer(cfg, d, package.cut(parts[d])) for ds in self.by_edge.values() for d in ds}
         self.knowledge: StateDict = self.cloud.initial_knowledge()
+        self.steps = scheme_of(cfg).turn_steps(cfg)  # optimizer steps of one device turn
         self.scheduler = RoundScheduler(cfg, self.by_edge, {d: d for d in self.devices},
                                         {d: t.num_samples for d, t in self.devices.items()}, self.run_plan,
                                         deadlines=False)
@@ -64,15 +69,23 @@ class InProcessGaisNet:
             new = []
             if isinstance(a, BeginEdge):
                 self.edges[a.edge].begin_round(self.knowledge, a.clusters)
+                if self.cfg.privacy.secure_aggregation:  # key exchange before any turn
+                    self._secagg_rosters[a.edge] = direct_exchange(self.edges[a.edge], self.devices, round_idx,
+                                                                   a.clusters)
             elif isinstance(a, StartTurn):
                 t, trainer = a.turn, self.edges[a.turn.edge]
                 adapter = trainer.begin_turn(t.cluster, t.device, results.pop(a.previous, None))
                 results[t] = self.devices[t.device].train_turn(
-                    adapter, DirectEdgeLink(trainer, t.cluster, t.device), t.cluster, self.cfg.training.local_steps,
+                    adapter, DirectEdgeLink(trainer, t.cluster, t.device), t.cluster, self.steps,
                     round_idx, sched.emulation(t))
                 new = sched.turn_finished(t)
             elif isinstance(a, FinishEdge):
-                updates[a.edge] = self.edges[a.edge].finish_round({c: results.pop(t, None) for c, t in a.last.items()})
+                replies = None
+                if self.cfg.privacy.secure_aggregation:  # the survivors reveal what unmasks their sum
+                    alive, gone = reveal_sets(self._secagg_rosters[a.edge], [t.device for t in a.last.values() if t])
+                    replies = [self.devices[t.device].secagg.reveal(alive, gone) for t in a.last.values() if t]
+                updates[a.edge] = self.edges[a.edge].finish_round({c: results.pop(t, None) for c, t in a.last.items()},
+                                                                  replies)
                 new = sched.edge_delivered(a.edge)
             else:  # drops and restarts come from faults and deadlines, which direct calls do not have
                 raise TypeError(f"unexpected scheduler action in one process: {a!r}")

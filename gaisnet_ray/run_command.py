@@ -138,6 +138,7 @@ def _run_job(cfg: Config, out: str | Path | None, progress: bool | None, serve: 
             write_summary(run_dir, {
                 "rounds": cfg.training.rounds,
                 "scheme": cfg.training.scheme,
+                **({"privacy_note": note} if (note := scheme_of(cfg).privacy_note) else {}),
                 "cluster": cluster.mode,
                 "eval_initial": initial_eval,
                 "resumed_after_round": resume_round,

@@ -9,12 +9,15 @@ from __future__ import annotations
 import random
 
 from ..config import Config
-from ..schemes import scheme_of
+from . import scheme_of
 
 
 def participants(cfg: Config, edge: str, devices: list[str], round_idx: int | None) -> list[str]:
     """The devices of ``edge`` that train in round ``round_idx``: all of them, or a seeded sample of
     ``training.participants_per_edge`` (the same in every runtime and on resume)."""
+    fixed = scheme_of(cfg).round_devices(cfg, edge, list(devices))
+    if fixed is not None:  # the scheme names them (``centralized``: its one trainer)
+        return fixed
     k = cfg.training.participants_per_edge
     if not k or len(devices) <= k or round_idx is None:
         return list(devices)
