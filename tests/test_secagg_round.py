@@ -91,14 +91,19 @@ def test_an_fl_round_with_secure_aggregation_equals_one_without_and_the_edge_see
     print(f"\nfl round, 2 edges x 3 devices: plain {plain_s:.2f}s, secure {secure_s:.2f}s")
 
 
-def test_a_device_dropping_after_the_key_exchange_leaves_the_survivors_weighted_mean(tmp_path):
+def _keys_exchanged(tmp_path):
+    """An in-process fl net with secure aggregation whose edge-0 has begun round 1 and run the key
+    exchange with its three devices, each its own cluster: (net, edge, members, clusters, roster)."""
     net = InProcessGaisNet(tiny_config(*FL_JOB, SECURE), tmp_path / "run")
-    edge_id = "edge-0"
-    edge = net.edges[edge_id]
-    members = net.by_edge[edge_id]
-    clusters = {f"{edge_id}/c{i}": [d] for i, d in enumerate(members)}
+    edge = net.edges["edge-0"]
+    members = net.by_edge["edge-0"]
+    clusters = {f"edge-0/c{i}": [d] for i, d in enumerate(members)}
     edge.begin_round(net.knowledge, clusters)
-    roster = direct_exchange(edge, net.devices, 1, clusters)
+    return net, edge, members, clusters, direct_exchange(edge, net.devices, 1, clusters)
+
+
+def test_a_device_dropping_after_the_key_exchange_leaves_the_survivors_weighted_mean(tmp_path):
+    net, edge, members, clusters, roster = _keys_exchanged(tmp_path)
     assert sorted(roster) == sorted(members)
     survivors, gone = members[:2], members[2]  # the third shared its keys, then never sent its update
     plain, masked = {}, {}
@@ -126,13 +131,7 @@ def test_a_device_dropping_after_the_key_exchange_leaves_the_survivors_weighted_
 
 
 def test_too_few_survivors_cannot_unmask(tmp_path):
-    net = InProcessGaisNet(tiny_config(*FL_JOB, SECURE), tmp_path / "run")
-    edge_id = "edge-0"
-    edge = net.edges[edge_id]
-    members = net.by_edge[edge_id]
-    clusters = {f"{edge_id}/c{i}": [d] for i, d in enumerate(members)}
-    edge.begin_round(net.knowledge, clusters)
-    roster = direct_exchange(edge, net.devices, 1, clusters)
+    net, edge, members, clusters, roster = _keys_exchanged(tmp_path)
     cid, (d,) = next(iter(clusters.items()))
     result = net.devices[d].secagg.seal(net.devices[d].train_local_turn(edge.begin_turn(cid, d, None), cid, 1))
     alive, dropped = reveal_sets(roster, [d])
