@@ -82,6 +82,7 @@ class GaisNetDriver:
         self.end_actors: dict = {}  # host name -> EndNode (name = device) or EndWorker (topology.end_workers)
         self.hosts: dict[str, str] = {}  # device -> the end actor's name that runs its turns
         self.timeout = cfg.run.actor_timeout_s
+        self.turn_steps = scheme_of(cfg).turn_steps(cfg)  # optimizer steps of one device turn
         self.cloud = None
         self.edges: dict = {}
         self.devices: dict = {}  # device -> its end actor
@@ -234,7 +235,7 @@ class GaisNetDriver:
                 previous = self._results.pop(a.previous) if a.previous is not None else None
                 adapter = edge.begin_turn.remote(t.cluster, t.device, previous, self._ready[t.edge])
                 result, status = self.devices[t.device].train_turn.options(num_returns=2).remote(
-                    adapter, edge, t.cluster, scheme_of(self.cfg).turn_steps(self.cfg), round_idx, t.device,
+                    adapter, edge, t.cluster, self.turn_steps, round_idx, t.device,
                     emulation=self.scheduler.emulation(t))
                 self._results[t] = result
                 self._turn_refs[t] = status

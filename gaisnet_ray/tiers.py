@@ -26,7 +26,6 @@ TIER_RESOURCES = {"cloud": "gaisnet_cloud", "edge": "gaisnet_edge", "end": "gais
 # up to 100 edge replicas, a node declaring none hosts none (placement by tier, as for the actors,
 # whose share is a whole unit: one actor per declared unit).
 SERVE_REPLICA_SHARE = 0.01
-TIER_RESOURCE_SHARE = SERVE_REPLICA_SHARE  # the name serve/app.py and preflight used before
 
 
 @dataclass(frozen=True)

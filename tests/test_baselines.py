@@ -17,7 +17,6 @@ from gaisnet_ray.hfsl.factory import tier_parts
 from gaisnet_ray.models.parts import ModelPart
 from gaisnet_ray.schemes import SCHEMES, Centralized, Local, scheme_of
 from gaisnet_ray.schemes.plan import participants, plan_clusters
-from gaisnet_ray.schemes.topology import devices_by_edge
 
 from conftest import HFSL_JOB, small_job
 from tinycfg import TINY_YAML

@@ -15,7 +15,7 @@ from __future__ import annotations
 from ..tiers import TIER_RESOURCES
 from .cloud import CloudEngineConfig
 from .data import DataConfig
-from .loading import (_deep_merge, _format_errors, _non_finite, _one_line, _validate,  # noqa: F401 - tests use them
+from .loading import (_deep_merge,  # noqa: F401 - tests use it
                       apply_overrides, config_to_yaml, default_config, default_config_dict, load_config)
 from .model import ModelConfig, PeftConfig
 from .planner import DeviceClass, DeviceSpec, PlannerConfig
@@ -26,8 +26,6 @@ from .serve import RoutingSettings, ServeSettings, ServeTier
 from .topology import CutConfig, LinkConfig, LinksConfig, TierResources, TopologyConfig, device_id, edge_id
 from .training import FaultConfig, RelayConfig, TrainingConfig
 from .tree import Config
-
-_Section = Section  # the name the sections' base had when they all lived in config.py
 
 __all__ = [
     "Config", "ConfigError", "Section",

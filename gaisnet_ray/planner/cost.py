@@ -24,7 +24,6 @@ at least one block), batch ``B`` and sequence ``T``:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..config import Config
@@ -190,7 +189,3 @@ def edge_overhead_s(shape: RoundShape, edge, clusters: int) -> float:
 
 def cloud_overhead_s(shape: RoundShape, fleet, edges: int) -> float:
     return 2.0 * edges * shape.lora_block_params * shape.num_layers / fleet.cloud_flops
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

@@ -35,7 +35,7 @@ from ..knowledge.store import KnowledgeStore
 from ..layout import KNOWLEDGE_DIR, MODEL_CONFIG_NAME, MODEL_DIR, RunLayout
 from ..tiers import SERVE_REPLICA_SHARE, TIER_RESOURCES, resource_shape, tier_labels
 from .auth import exposure_warning, key_digest, resolve_api_keys
-from .errors import PortInUseError, check_port_free
+from .errors import check_port_free
 from .ingress import Router
 
 APP_NAME = "gaisnet"
