@@ -1,14 +1,19 @@
-"""Bytes per round by tier link and direction, HFSL vs plain FedAvg (FL), and device memory.
+"""Bytes per round side by side: HFSL under each link codec, FL-LoRA, and full-model FedAvg.
 
 One round of each scheme on the same model, data, seeds and number of device steps, run by
-``InProcessGaisNet`` (no Ray: the byte counts come from the same core code the Ray runtime uses,
-``hfsl.cloud.round_metrics``). Swept over model preset, LoRA rank and local steps so the
-trade-off is visible: HFSL sends activations and their gradients every step, FL sends the whole
-adapter once per turn.
+``InProcessGaisNet`` (no Ray: the byte counts come from the same core code the Ray runtime
+reports, ``hfsl.cloud.round_metrics``, and count the encoded messages as sent, ``links.codec``):
 
-    python benchmarks/bytes_per_round.py                       # default grid, about 3-4 min on 2 cores
-    python benchmarks/bytes_per_round.py --preset tiny         # the default model size only
-    python benchmarks/bytes_per_round.py --preset small base --full   # larger models, every point
+- HFSL with ``links.codec`` none (fp32, padding included: as before the codec), fp32 (padding
+  dropped), bf16 and int8 (padding dropped; adapters between tiers in bf16);
+- FL-LoRA (``training.scheme=fl``: each device trains the whole model, the LoRA adapter goes down
+  and up once per turn), with adapters in fp32 (codec none) and in bf16 (codec bf16);
+- full-model FedAvg, computed, not run: 2 x the model's bytes per device per round (the whole
+  model down and up; fp32 as the runtime holds it, bf16 stated beside), the issue's definition.
+
+    python benchmarks/bytes_per_round.py                   # tiny measured, SmolLM2-135M predicted (~6 min)
+    python benchmarks/bytes_per_round.py --measure-real hfsl/int8   # + one real SmolLM2 round (the results file)
+    python benchmarks/bytes_per_round.py --models tiny     # the tiny job only (about 2.5 min)
 
 Writes benchmarks/results/bytes_per_round.{json,md}.
 """
@@ -23,305 +28,234 @@ from _common import envelope, fmt_bytes, fmt_count, footer, make_config, md_tabl
 
 NAME = "bytes_per_round"
 LINKS = ["end_edge_up", "end_edge_down", "edge_cloud_up", "edge_cloud_down"]
+MODELS = {"tiny": "examples/tiny.yaml (GPT-2 tiny, 0.19M params)",
+          "smollm2": "the embedded default job (SmolLM2-135M-Instruct)"}
+RUNS = [("hfsl", "none"), ("hfsl", "fp32"), ("hfsl", "bf16"), ("hfsl", "int8"), ("fl", "none"), ("fl", "bf16")]
+TARGET_FULL_RATIO = 400  # the issue's target on the real model: HFSL + codec <= 1/400 of full FedAvg
 
-# Evaluation does not move any bytes between tiers; it is switched off so a round is only training
-# (round_metrics evaluates when round % eval_every == 0 or round == rounds).
-BASE_OVERRIDES = [
-    "training.pretrain_steps=0",
-    "run.progress=false",
-    "training.eval_every=1000000",
-    "training.rounds=1000000",
-]
+# Evaluation and pre-training move no bytes between tiers; they are switched off so a round is
+# only training (round_metrics evaluates when round % eval_every == 0 or round == rounds).
+BASE_OVERRIDES = ["training.pretrain_steps=0", "run.progress=false", "training.eval_every=1000000",
+                  "training.rounds=1000000"]
 
 
 def _params(module) -> dict:
     """Parameters a tier holds (pruned blocks are parameter-free placeholders; tied weights once)."""
     params = list(module.parameters())
-    return {
-        "params": sum(p.numel() for p in params),
-        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
-        "param_bytes": sum(p.numel() * p.element_size() for p in params),
-    }
+    return {"params": sum(p.numel() for p in params),
+            "param_bytes": sum(p.numel() * p.element_size() for p in params)}
 
 
-def run_point(overrides: list[str], scheme: str) -> dict:
-    """Set up ``InProcessGaisNet`` for ``scheme`` and run exactly one round; bytes, memory, timing."""
+def _base_params(peft) -> int:
+    """The foundation's own parameters (LoRA tensors excluded; tied weights once)."""
+    return sum(p.numel() for n, p in peft.named_parameters() if "lora_" not in n)
+
+
+def _wire_bytes(codec: str, n: int, b: int, t: int, h: int) -> int:
+    """Bytes of one (B, T, H) activation or gradient message with ``n`` real positions (hfsl.linkcodec)."""
+    per_value = {"none": 4, "fp32": 4, "bf16": 2, "int8": 1}[codec]
+    if codec == "none":
+        return b * t * h * 4
+    return n * h * per_value + (n * 4 if codec == "int8" else 0) + b * 4  # values, int8 scales, int32 lengths
+
+
+def predict(cfg, g, scheme: str, codec: str) -> dict:
+    """The bytes the round will send, from shapes and the batches each device draws in round 1
+    (its own seeded sampler, replayed and then reset): checked equal to the measured counts."""
+    from gaisnet_ray.data.encode import lengths_of
+    from gaisnet_ray.knowledge.accounting import payload_nbytes
+    from gaisnet_ray.models.adapters import adapter_state
+
+    narrow = 2 if codec in ("bf16", "int8") else 1  # adapters in bf16 under the lossy codecs
+    adapter = payload_nbytes(g.cloud.knowledge) // narrow
+    steps, t = cfg.training.local_steps, cfg.model.max_seq_len
+    hidden = int(g.cloud.package.config.get("n_embd", g.cloud.package.config.get("hidden_size")))
+    end = 0
+    for d, dev in g.devices.items():
+        if scheme == "fl":
+            end += adapter
+            continue
+        end += payload_nbytes(adapter_state(dev.split.peft)) // narrow
+        dev._start_round(1)
+        for _ in range(steps):
+            _, labels = dev._next_batch()
+            n, b = int(lengths_of(labels.cpu()).sum()), int(labels.shape[0])
+            end += 2 * _wire_bytes(codec, n, b, t, hidden)  # h_k + dL/dh_m up (h_m + dL/dh_k down)
+        dev._round = None  # the round reseeds from (seed, round) and draws the same batches again
+    cloud = len(g.edges) * adapter
+    return {"end_edge_up": end, "end_edge_down": end, "edge_cloud_up": cloud, "edge_cloud_down": cloud}
+
+
+def run_point(model: str, scheme: str, codec: str, extra: list[str], measure: bool,
+              predict_codecs: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Set up ``InProcessGaisNet`` for (scheme, codec); predict the round's bytes under ``codec``
+    and each of ``predict_codecs`` (from the same set-up), and with ``measure`` run exactly one
+    round under ``codec`` and count them. Returns codec -> row."""
     import torch
 
     from gaisnet_ray.inprocess import InProcessGaisNet
     from gaisnet_ray.knowledge.accounting import payload_nbytes
-    from gaisnet_ray.models.adapters import adapter_state
 
-    cfg = make_config(overrides + [f"training.scheme={scheme}"])
+    overrides = BASE_OVERRIDES + extra + [f"training.scheme={scheme}", f"links.codec={codec}"]
+    cfg = make_config(overrides, None) if model == "smollm2" else make_config(overrides)
+    rows = {}
     with tempfile.TemporaryDirectory(prefix="gaisnet-bench-") as run_dir:
         t0 = time.perf_counter()
         g = InProcessGaisNet(cfg, run_dir)
         setup_s = time.perf_counter() - t0
-        global_adapter_bytes = payload_nbytes(g.knowledge)
-        devices = list(g.devices)
-        dev_mem = {d: _params(g.devices[d].split.peft) for d in devices}
-        dev_adapter_bytes = {d: payload_nbytes(adapter_state(g.devices[d].split.peft)) for d in devices}
-        edge_mem = {e: (_params(t.split.peft) if t.split is not None else None) for e, t in g.edges.items()}
-        batch = {d: min(cfg.training.batch_size, g.devices[d].num_samples) for d in devices}
         hidden = int(g.cloud.package.config.get("n_embd", g.cloud.package.config.get("hidden_size")))
-        num_layers = int(g.cloud.package.config.get("n_layer", g.cloud.package.config.get("num_hidden_layers")))
-        whole = _params(g.cloud.peft)
+        layers = int(g.cloud.package.config.get("n_layer", g.cloud.package.config.get("num_hidden_layers")))
+        common = {
+            "scheme": scheme, "setup_s": setup_s, "num_devices": len(g.devices), "num_edges": len(g.edges),
+            "local_steps": cfg.training.local_steps, "batch_size": cfg.training.batch_size,
+            "seq_len": cfg.model.max_seq_len, "peft_r": cfg.peft.r,
+            "model": {"layers": layers, "hidden": hidden, "base_params": _base_params(g.cloud.peft)},
+            "adapter_bytes_fp32": payload_nbytes(g.cloud.knowledge),
+            "device_memory": _params(next(iter(g.devices.values())).split.peft),
+            "torch_threads": torch.get_num_threads(),
+        }
+        for c in dict.fromkeys((codec, *predict_codecs)):
+            predicted = predict(cfg, g, scheme, c)
+            rows[c] = {**common, "codec": c, "measured": False, "predicted_bytes": predicted, "bytes": predicted,
+                       "total": sum(predicted.values())}
+        if not measure:
+            return rows
         t0 = time.perf_counter()
         m = g.run_round(1)
         round_s = time.perf_counter() - t0
     b = {k: int(m["bytes"][k]) for k in LINKS}
-    steps, seq = cfg.training.local_steps, cfg.model.max_seq_len
-    # What the code should have counted, from shapes alone: the check that the table means what it says.
-    act_dir = {d: 2 * batch[d] * seq * hidden * 4 for d in devices}  # per step, one direction: 2 fp32 (B,T,H)
-    n_edges = len(g.edges)
-    if scheme == "fl":
-        expect_end = sum(global_adapter_bytes for _ in devices)
-        expect = {"end_edge_up": expect_end, "end_edge_down": expect_end}
-    else:
-        expect_end = sum(dev_adapter_bytes[d] + steps * act_dir[d] for d in devices)
-        expect = {"end_edge_up": expect_end, "end_edge_down": expect_end}
-    expect["edge_cloud_up"] = n_edges * global_adapter_bytes
-    expect["edge_cloud_down"] = n_edges * global_adapter_bytes
-    mem_values = list(dev_mem.values())
-    return {
-        "scheme": scheme,
-        "bytes": b,
-        "bytes_up": int(m["bytes_up"]),
-        "bytes_down": int(m["bytes_down"]),
-        "total": int(m["bytes_up"] + m["bytes_down"]),
-        "analytic_bytes": expect,
-        "analytic_match": all(expect[k] == b[k] for k in LINKS),
-        "train_loss": m["train_loss"],
-        "modeled_comm_s": m["modeled_comm_s"],
-        "setup_s": setup_s,
-        "round_s": round_s,
-        "device_steps": len(devices) * steps,
-        "num_devices": len(devices),
-        "num_edges": n_edges,
-        "model": {"layers": num_layers, "hidden": hidden, "whole_model": whole},
-        "global_adapter_bytes": global_adapter_bytes,
-        "device_adapter_bytes": dev_adapter_bytes,
-        "activation_bytes_per_step_per_direction": act_dir,
-        "device_memory": mem_values[0],
-        "device_memory_all_equal": all(v == mem_values[0] for v in mem_values),
-        "device_memory_by_device": dev_mem,
-        "edge_memory": edge_mem,
-        "torch_threads": torch.get_num_threads(),
+    rows[codec].update(measured=True, bytes=b, total=sum(b.values()), train_loss=m["train_loss"], round_s=round_s,
+                       modeled_comm_s=m["modeled_comm_s"], prediction_exact=b == rows[codec]["predicted_bytes"])
+    return rows
+
+
+def side_by_side(model: str, extra: list[str], measured: set[str], log) -> dict:
+    rows = {}
+    for scheme in dict.fromkeys(s for s, _ in RUNS):
+        codecs = [c for s, c in RUNS if s == scheme]
+        real = [c for c in codecs if "all" in measured or f"{scheme}/{c}" in measured]
+        for i, c in enumerate(real or [codecs[0]]):  # one set-up per measured run; it predicts the rest
+            rest = tuple(x for x in codecs if x not in real) if i == 0 else ()
+            for cc, p in run_point(model, scheme, c, extra, bool(real), rest).items():
+                rows[f"{scheme}/{cc}"] = p
+                how = (f"measured, round {p['round_s']:.0f}s, prediction "
+                       f"{'exact' if p['prediction_exact'] else 'OFF'}" if p["measured"] else "predicted")
+                log(f"{model:8s} {scheme:4s} codec={cc:4s} total {fmt_bytes(p['total']):>10s}  "
+                    f"(setup {p['setup_s']:.0f}s, {how})")
+    rows = {f"{s}/{c}": rows[f"{s}/{c}"] for s, c in RUNS}
+    first = rows["hfsl/none"]
+    model_bytes = first["model"]["base_params"] * 4
+    n = first["num_devices"]
+    full = {"model_params": first["model"]["base_params"], "model_bytes_fp32": model_bytes,
+            "per_device_fp32": 2 * model_bytes, "per_round_fp32": n * 2 * model_bytes,
+            "per_round_bf16": n * 2 * model_bytes // 2,
+            "how": f"{n} devices x 2 (down + up) x {first['model']['base_params']} params x 4 bytes (fp32)"}
+    fl = rows["fl/none"]["total"]
+    for p in rows.values():
+        p["vs_fl_lora"] = p["total"] / fl
+        p["vs_full_fedavg"] = p["total"] / full["per_round_fp32"]
+    hf = {c: rows[f"hfsl/{c}"] for c in ("none", "fp32", "bf16", "int8")}
+    best = min(("bf16", "int8"), key=lambda c: hf[c]["total"])
+    end = lambda p: p["bytes"]["end_edge_up"] + p["bytes"]["end_edge_down"]  # noqa: E731
+    targets = {
+        "codec": best,
+        "hfsl_codec_le_fl_lora": hf[best]["total"] <= fl,
+        "hfsl_codec_le_fl_lora_bf16": hf[best]["total"] <= rows["fl/bf16"]["total"],
+        "full_over_hfsl_codec": full["per_round_fp32"] / hf[best]["total"],
+        f"hfsl_codec_le_full_over_{TARGET_FULL_RATIO}": hf[best]["total"] * TARGET_FULL_RATIO <= full["per_round_fp32"],
+        "end_edge_full_over_hfsl_codec": full["per_round_fp32"] / end(hf[best]),
+        "real_position_share": end(hf["fp32"]) / end(hf["none"]),  # ~ real tokens / seq_len
     }
-
-
-def crossover(points: list[dict]) -> dict | None:
-    """Fit total bytes = a + b * local_steps per scheme; the local_steps where HFSL == FL."""
-    if len({p["local_steps"] for p in points}) < 2:
-        return None
-    lo = min(points, key=lambda p: p["local_steps"])
-    hi = max(points, key=lambda p: p["local_steps"])
-    out = {}
-    for s in ("hfsl", "fl"):
-        slope = (hi[s]["total"] - lo[s]["total"]) / (hi["local_steps"] - lo["local_steps"])
-        icpt = lo[s]["total"] - slope * lo["local_steps"]
-        resid = max(abs(p[s]["total"] - (icpt + slope * p["local_steps"])) for p in points)
-        out[s] = {"intercept": icpt, "per_step": slope, "max_residual_bytes": resid}
-    dslope = out["hfsl"]["per_step"] - out["fl"]["per_step"]
-    x = (out["fl"]["intercept"] - out["hfsl"]["intercept"]) / dslope if dslope else float("inf")
-    out["crossover_local_steps"] = x
-    out["exactly_linear"] = all(out[s]["max_residual_bytes"] < 1 for s in ("hfsl", "fl"))
-    return out
+    return {"model": model, "describes": MODELS[model], "runs": rows, "full_fedavg": full, "targets": targets}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", "--presets", dest="presets", nargs="+", default=["tiny", "small", "base"],
-                    choices=["tiny", "small", "base"], help="model presets (default: tiny small base)")
-    ap.add_argument("--local-steps", nargs="+", type=int, default=[1, 6, 24],
-                    help="training.local_steps values (default: 1 6 24)")
-    ap.add_argument("--ranks", nargs="+", type=int, default=[8, 64], help="peft.r values (default: 8 64)")
-    ap.add_argument("--full", action="store_true",
-                    help="run every preset x rank x local_steps point. Default: the full sweep on tiny; "
-                    "larger presets only at local_steps <= 6 (keeps the default run within ~4-5 min on "
-                    "2 cores; bytes are exactly linear in local_steps, which tiny checks)")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (bytes do not depend on it; default 1, robust on shared cores)")
+                    help="torch threads (bytes do not depend on them; 1 is robust on shared cores)")
+    ap.add_argument("--measure-real", nargs="+", default=["none"], metavar="SCHEME/CODEC",
+                    help="SmolLM2 points to run a real round for, e.g. hfsl/int8 (each about 5-10 min on 2 shared "
+                    "cores); the others are predicted from shapes and drawn batches, the formula every tiny point "
+                    "checks to the byte. 'all': every point (about 1 h). Default none: predict only (keeps the "
+                    "default run near 6 min)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra config override, as `gaisnet run --set` (repeatable)")
-    ap.add_argument("--tag", default=None, help="write results/%s-TAG.{json,md} instead (keeps the default results)" % NAME)
+                    help="extra config override for every run, as `gaisnet run --set` (repeatable)")
+    ap.add_argument("--tag", default=None, help="write results/%s-TAG.{json,md} instead" % NAME)
     args = ap.parse_args()
-
     quiet()
     import torch
 
     torch.set_num_threads(args.threads)
-    base_cfg = make_config(BASE_OVERRIDES + args.overrides)
-    default_steps, default_r = base_cfg.training.local_steps, base_cfg.peft.r
-
-    grid = []
-    for preset in args.presets:
-        reduced = preset != "tiny" and not args.full
-        for r in args.ranks:
-            for steps in sorted(set(args.local_steps)):
-                if reduced and steps > 6:
-                    continue
-                grid.append((preset, r, steps))
-
     data = envelope(NAME, vars(args))
     started = time.perf_counter()
-    points = []
-    for preset, r, steps in grid:
-        ov = BASE_OVERRIDES + args.overrides + [f"model.preset={preset}", f"peft.r={r}", f"training.local_steps={steps}"]
-        point = {"preset": preset, "r": r, "local_steps": steps, "overrides": ov}
-        for scheme in ("hfsl", "fl"):
-            point[scheme] = run_point(ov, scheme)
-        h, f = point["hfsl"], point["fl"]
-        point["ratio_hfsl_over_fl"] = {k: (h["bytes"][k] / f["bytes"][k] if f["bytes"][k] else None) for k in LINKS}
-        point["ratio_hfsl_over_fl"]["total"] = h["total"] / f["total"]
-        points.append(point)
-        print(f"[{time.perf_counter() - started:6.1f}s] {preset:5s} r={r:<3d} local_steps={steps:<3d} "
-              f"HFSL {fmt_bytes(h['total']):>10s}  FL {fmt_bytes(f['total']):>10s}  "
-              f"ratio {point['ratio_hfsl_over_fl']['total']:.2f}  "
-              f"(round {h['round_s']:.1f}s / {f['round_s']:.1f}s)", flush=True)
-    wall = time.perf_counter() - started
-
-    fits = []
-    for preset in args.presets:
-        for r in args.ranks:
-            pts = [p for p in points if p["preset"] == preset and p["r"] == r]
-            fit = crossover(pts)
-            if fit:
-                fits.append({"preset": preset, "r": r, "local_steps_measured": [p["local_steps"] for p in pts], **fit})
-
-    data.update({
-        "base_overrides": BASE_OVERRIDES + args.overrides,
-        "config_default_point": base_cfg.model_dump(mode="json"),
-        "wall_s": wall,
-        "all_analytic_match": all(p[s]["analytic_match"] for p in points for s in ("hfsl", "fl")),
-        "points": points,
-        "crossover": fits,
-    })
-    write_results(NAME + (f"-{args.tag}" if args.tag else ""), data, render(data, default_steps, default_r))
+    log = lambda s: print(f"[{time.perf_counter() - started:6.1f}s] {s}", flush=True)  # noqa: E731
+    data["models"] = [side_by_side(m, args.overrides, {"all"} if m == "tiny" else set(args.measure_real), log)
+                      for m in args.models]
+    data["wall_s"] = time.perf_counter() - started
+    data["all_predictions_exact"] = all(p["prediction_exact"] for m in data["models"] for p in m["runs"].values()
+                                        if p["measured"])
+    write_results(NAME + (f"-{args.tag}" if args.tag else ""), data, render(data))
 
 
-def render(data: dict, default_steps: int, default_r: int) -> str:
-    points = data["points"]
-    cfg = data["config_default_point"]
-    topo, tr = cfg["topology"], cfg["training"]
-    out = ["# Bytes per round: HFSL vs FL", ""]
-    out.append(
-        f"One round each, same model, data, seeds and device steps, run in one process "
-        f"(`InProcessGaisNet`; bytes from the same `round_metrics` the Ray runtime reports). "
-        f"{topo['edges']} edges x {topo['devices_per_edge']} devices, cut front={topo['cut']['front_layers']} "
-        f"back={topo['cut']['back_layers']} blocks, batch {tr['batch_size']}, seq_len {cfg['model']['max_seq_len']}, "
-        f"fp32, family {cfg['model']['family']}; LoRA on attention+MLP. kB/MB are decimal (1 MB = 10^6 B); "
-        f"exact counts in the JSON."
-    )
-    out.append("")
-    heads = [p for p in points if p["local_steps"] == default_steps and p["r"] == default_r]
-    for p in heads:
-        h, f = p["hfsl"], p["fl"]
-        label = " (the default config)" if p["preset"] == cfg["model"]["preset"] else ""
-        out.append(f"## Per link and direction: preset `{p['preset']}`{label}, r={p['r']}, local_steps={p['local_steps']}")
+LABEL = {"none": "fp32, padding included (as computed)", "fp32": "fp32, padding dropped",
+         "bf16": "bf16, padding dropped; adapters bf16",
+         "int8": "int8 + per-token scale, padding dropped; adapters bf16"}
+
+
+def _vs_full(x: float) -> str:
+    return f"1/{1 / x:,.0f}" if x < 0.5 else f"{x:.2f}x"
+
+
+def render(data: dict) -> str:
+    out = ["# Bytes per round: HFSL with each link codec, FL-LoRA, full-model FedAvg", ""]
+    for m in data["models"]:
+        first, full, tg = m["runs"]["hfsl/none"], m["full_fedavg"], m["targets"]
+        out.append(f"## {m['model']}: {m['describes']}")
         out.append("")
-        rows = [[k, fmt_bytes(h["bytes"][k]), fmt_bytes(f["bytes"][k]),
-                 f"{p['ratio_hfsl_over_fl'][k]:.2f}" if p["ratio_hfsl_over_fl"][k] is not None else "-"] for k in LINKS]
-        rows.append(["up (end-edge + edge-cloud)", fmt_bytes(h["bytes_up"]), fmt_bytes(f["bytes_up"]),
-                     f"{h['bytes_up'] / f['bytes_up']:.2f}"])
-        rows.append(["down (end-edge + edge-cloud)", fmt_bytes(h["bytes_down"]), fmt_bytes(f["bytes_down"]),
-                     f"{h['bytes_down'] / f['bytes_down']:.2f}"])
-        rows.append(["**total**", f"**{fmt_bytes(h['total'])}**", f"**{fmt_bytes(f['total'])}**",
-                     f"**{p['ratio_hfsl_over_fl']['total']:.2f}**"])
-        out.append(md_table(["link / direction", "HFSL", "FL", "HFSL/FL"], rows))
-        out.append("")
-
-    out.append("## Sweep: total bytes per round (all links, both directions)")
-    out.append("")
-    rows = []
-    for p in points:
-        h, f = p["hfsl"], p["fl"]
-        rows.append([p["preset"], p["r"], p["local_steps"], fmt_bytes(h["bytes"]["end_edge_up"] + h["bytes"]["end_edge_down"]),
-                     fmt_bytes(f["bytes"]["end_edge_up"] + f["bytes"]["end_edge_down"]), fmt_bytes(h["total"]),
-                     fmt_bytes(f["total"]), f"{p['ratio_hfsl_over_fl']['total']:.2f}",
-                     "HFSL" if h["total"] < f["total"] else "FL",
-                     f"{h['modeled_comm_s']:.2f} / {f['modeled_comm_s']:.2f}"])
-    out.append(md_table(["preset", "r", "local_steps", "HFSL end-edge", "FL end-edge", "HFSL total", "FL total",
-                         "HFSL/FL", "moves less", "modeled link time HFSL / FL (s)"], rows, "lrrrrrrrlr"))
-    links = cfg["links"]
-    out.append("")
-    out.append(f"Modeled link time: the project's link model (`hfsl.linkmodel`, from round_metrics) with end-edge "
-               f"{links['end_edge']['bandwidth_mbps']:g} Mbit/s + {links['end_edge']['latency_ms']:g} ms per message "
-               f"and edge-cloud {links['edge_cloud']['bandwidth_mbps']:g} Mbit/s + {links['edge_cloud']['latency_ms']:g} ms; "
-               f"clusters and edges in parallel, members of a cluster in turn (under FL every device is its own cluster).")
-    out.append("")
-
-    if data["crossover"]:
-        out.append("## Crossover: local_steps at which HFSL and FL move the same bytes")
+        out.append(f"{first['num_edges']} edges x {first['num_devices'] // first['num_edges']} devices, "
+                   f"{first['local_steps']} local steps of batch {first['batch_size']} x {first['seq_len']} tokens, "
+                   f"{first['model']['layers']} blocks x {first['model']['hidden']} hidden, LoRA r={first['peft_r']} "
+                   f"(adapter {fmt_bytes(first['adapter_bytes_fp32'])} fp32). One round, all links, both directions.")
         out.append("")
         rows = []
-        for c in data["crossover"]:
-            x = c["crossover_local_steps"]
-            verdict = (f"HFSL moves less below {x:.2f} steps" if x >= 1
-                       else "none: HFSL moves more even at 1 step")
-            rows.append([c["preset"], c["r"], ", ".join(map(str, c["local_steps_measured"])),
-                         fmt_bytes(c["hfsl"]["per_step"]), fmt_bytes(c["fl"]["per_step"]),
-                         fmt_bytes(c["hfsl"]["intercept"]), fmt_bytes(c["fl"]["intercept"]),
-                         f"{x:.2f}", verdict])
-        out.append(md_table(["preset", "r", "steps measured", "HFSL per step", "FL per step", "HFSL fixed",
-                             "FL fixed", "crossover", "meaning"], rows, "lrlrrrrrl"))
-        lin = all(c["exactly_linear"] for c in data["crossover"])
+        for key, p in m["runs"].items():
+            b = p["bytes"]
+            name = "HFSL" if p["scheme"] == "hfsl" else "FL-LoRA"
+            codec = LABEL[p["codec"]] if p["scheme"] == "hfsl" else ("adapters fp32" if p["codec"] == "none"
+                                                                      else "adapters bf16")
+            rows.append([name, f"`{p['codec']}`: {codec}", fmt_bytes(b["end_edge_up"] + b["end_edge_down"]),
+                         fmt_bytes(b["edge_cloud_up"] + b["edge_cloud_down"]), f"**{fmt_bytes(p['total'])}**",
+                         f"{p['vs_fl_lora']:.2f}", _vs_full(p["vs_full_fedavg"]),
+                         f"{p['train_loss']:.4f}" if p["measured"] else "predicted"])
+        rows.append(["full-model FedAvg", "computed: 2 x model bytes per device", fmt_bytes(full["per_round_fp32"]),
+                     "-", f"**{fmt_bytes(full['per_round_fp32'])}**",
+                     f"{full['per_round_fp32'] / m['runs']['fl/none']['total']:.0f}", "1", "-"])
+        out.append(md_table(["scheme", "links.codec", "end-edge", "edge-cloud", "total", "vs FL-LoRA",
+                             "vs full FedAvg", "round-1 train loss"], rows, "llrrrrrr"))
         out.append("")
-        out.append(f"Fit: total = fixed + per_step x local_steps from the measured points "
-                   f"({'exactly linear at every measured point' if lin else 'NOT exactly linear: see JSON residuals'}).")
+        out.append(f"Full-model FedAvg: {full['how']} = {fmt_bytes(full['per_round_fp32'])} per round "
+                   f"({fmt_bytes(full['per_device_fp32'])} per device; in bf16 it would be half: "
+                   f"{fmt_bytes(full['per_round_bf16'])}). Real positions on the wire: "
+                   f"{tg['real_position_share']:.0%} of the padded rows (fp32 vs none).")
+        c = tg["codec"]
+        out.append(f"Targets with `{c}`: <= FL-LoRA: **{'met' if tg['hfsl_codec_le_fl_lora'] else 'NOT met'}** "
+                   f"({m['runs'][f'hfsl/{c}']['vs_fl_lora']:.2f}x; vs FL-LoRA with bf16 adapters: "
+                   f"{'met' if tg['hfsl_codec_le_fl_lora_bf16'] else 'not met'}); <= 1/{TARGET_FULL_RATIO} of full "
+                   f"FedAvg: **{'met' if tg[f'hfsl_codec_le_full_over_{TARGET_FULL_RATIO}'] else 'NOT met'}** "
+                   f"(1/{tg['full_over_hfsl_codec']:.0f} over all links; end-edge alone: "
+                   f"1/{tg['end_edge_full_over_hfsl_codec']:.0f}).")
         out.append("")
-
-    out.append("## Device memory: parameters a device holds")
-    out.append("")
-    rows, seen = [], set()
-    for p in points:
-        key = (p["preset"], p["r"])
-        if key in seen:
-            continue
-        seen.add(key)
-        h, f = p["hfsl"], p["fl"]
-        dh, df = h["device_memory"], f["device_memory"]
-        edge = next(iter(h["edge_memory"].values()))
-        rows.append([p["preset"], p["r"], f"{h['model']['layers']} x {h['model']['hidden']}",
-                     f"{fmt_count(dh['params'])} ({fmt_bytes(dh['param_bytes'])})",
-                     f"{fmt_count(df['params'])} ({fmt_bytes(df['param_bytes'])})",
-                     f"{dh['params'] / df['params']:.2f}",
-                     f"{fmt_count(dh['trainable_params'])} / {fmt_count(df['trainable_params'])}",
-                     f"{fmt_count(edge['params'])}" if edge else "-"])
-    out.append(md_table(["preset", "r", "blocks x hidden", "HFSL device (front+back)", "FL device (whole model)",
-                         "HFSL/FL", "trainable HFSL / FL", "HFSL edge (middle)"], rows, "lrlrrrrr"))
-    out.append("")
-    out.append("Counted over `DeviceTrainer.split.peft.parameters()` (frozen base + LoRA; pruned blocks are "
-               "parameter-free placeholders; tied embeddings counted once); fp32. Every device has the same cut here.")
-    out.append("")
-
-    out.append("## How to read this")
-    out.append("")
-    out.append(
-        "- HFSL moves activations every step: per device, per step, the front's output and the gradient of the "
-        "back's input go up, the edge's output and the gradient of the front's output come down: "
-        "2 x batch x seq_len x hidden x 4 bytes each way. So end-edge bytes grow linearly with "
-        "local_steps x batch x seq_len x hidden. FL moves the whole adapter down and up once per device turn, "
-        "independent of local_steps. The edge-cloud link carries the whole adapter per edge in both schemes, "
-        "so it is identical.")
-    out.append(
-        "- For GPT-2-family LoRA on attention+MLP (mlp = 3 x hidden) the adapter is 14 x r x hidden floats per "
-        "block, so the hidden size cancels: HFSL moves less only when local_steps < 7 x r x (edge blocks) / "
-        "(batch x seq_len). The crossover grows with the blocks the edge holds (tiny/small/base have 4/6/8 blocks, "
-        "so 2/4/6 on the edge with a 1+1 cut) and with the rank, not with the width.")
-    default_fits = [c for c in data["crossover"] if c["r"] == default_r]
-    if default_fits and all(c["crossover_local_steps"] < 1 for c in default_fits):
-        out.append(
-            f"- At the default rank r={default_r} (batch {tr['batch_size']}, seq_len {cfg['model']['max_seq_len']}) "
-            f"HFSL moves more bytes than FL at every local_steps >= 1 for "
-            f"{', '.join(sorted({c['preset'] for c in default_fits}))}: what HFSL saves here is device memory "
-            f"and device compute (see the device memory table), not bytes.")
-    elif default_fits:
-        out.append("- At the default rank the crossover is at or above 1 local step for some presets: see the table.")
-    out.append(
-        f"- Evaluation is switched off in these rounds (it moves no bytes); pre-training is off "
-        f"(training.pretrain_steps=0; it moves no bytes). Every point passed the shape-only byte check: "
-        f"{'yes' if data['all_analytic_match'] else 'NO (see JSON analytic_bytes)'}.")
+        out.append(f"Device memory under HFSL: {fmt_count(first['device_memory']['params'])} parameters "
+                   f"({fmt_bytes(first['device_memory']['param_bytes'])}) per device; under FL-LoRA "
+                   f"{fmt_count(m['runs']['fl/none']['device_memory']['params'])}.")
+        out.append("")
+    out.append("Measured byte counts are `payload_nbytes` of the messages as sent (`metrics.jsonl` `bytes`): "
+               "encoded activations count their int8/bf16 values, int8's per-token float32 scales and the int32 "
+               "row lengths. Rows marked `predicted` (SmolLM2, to keep the run short) come from the shapes and the "
+               "batches each device draws in round 1 (`predict`); every measured point equals its prediction to "
+               f"the byte: {'yes' if data['all_predictions_exact'] else 'NO (see JSON)'}. Round times are of a "
+               "shared 2-core machine and only say what a run costs.")
     out.append("")
     out.append(footer(data))
     return "\n".join(out)

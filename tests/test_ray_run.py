@@ -22,6 +22,9 @@ SMALL = {
     "topology": {"edges": 2, "devices_per_edge": 2, "cluster_size": 2},
     "training": {"pretrain_steps": 60, "local_steps": 4, "batch_size": 8, "rounds": 9},
     "run": {"audit_messages": True, "actor_timeout_s": 300},
+    # the end-edge link as encoded messages: int8 hidden states and gradients without padding, bf16
+    # adapters; the Ray run must use the codec as the single-process runtime does (equality below)
+    "links": {"codec": "int8"},
 }
 PRIVATE_DOMAINS = ("units", "facts")  # not in the cloud's public data
 
@@ -173,15 +176,10 @@ def test_knowledge_loads_with_plain_peft_and_matches_the_runtime(cli_run, tmp_pa
 
 
 def _walk(obj, path=""):
-    """Yield (path, leaf) for every leaf of an audit payload."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _walk(v, f"{path}/{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _walk(v, f"{path}[{i}]")
-    else:
-        yield path, obj
+    """Yield (path, leaf, parent) for every leaf of an audit payload (``hfsl.audit.walk_payload``)."""
+    from gaisnet_ray.hfsl.audit import walk_payload
+
+    yield from walk_payload(obj, path)
 
 
 def test_privacy_no_private_ids_labels_or_text_cross_an_actor_boundary(cli_run):
@@ -211,12 +209,18 @@ def test_privacy_no_private_ids_labels_or_text_cross_an_actor_boundary(cli_run):
                        "update_base", "drop_turn", "add_devices"}
     assert {r["method"] for r in records} <= allowed_methods
 
-    n_tensors = 0
+    from gaisnet_ray.hfsl.linkcodec import audit_wire_leaf
+
+    hidden = json.loads((run_dir / "model" / "config.json").read_text())["n_embd"]  # the model's width
+    n_tensors = n_encoded = 0
     for r in records:
-        for path, leaf in _walk(r["payload"], f"{r['node']}.{r['method']}.{r['direction']}"):
+        for path, leaf, parent in _walk(r["payload"], f"{r['node']}.{r['method']}.{r['direction']}"):
             if isinstance(leaf, torch.Tensor):
                 n_tensors += 1
-                if not leaf.is_floating_point():
+                if not leaf.is_floating_point() and audit_wire_leaf(path, leaf, parent, hidden,
+                                                                    cfg.model.max_seq_len):
+                    n_encoded += 1  # an int8 (N, H) encoded activation or its int32 (B,) lengths
+                elif not leaf.is_floating_point():
                     # only the foundation's own buffers may be non-float, never a batch of tokens
                     assert "/state_dict/" in path, f"non-float tensor crossed a boundary at {path}"
                     assert leaf.dim() != 2 or tuple(leaf.shape[1:]) != (cfg.model.max_seq_len,), path
@@ -225,6 +229,7 @@ def test_privacy_no_private_ids_labels_or_text_cross_an_actor_boundary(cli_run):
             elif isinstance(leaf, str):
                 assert not any(p in leaf for p in private_text), f"private text at {path}"
     assert n_tensors > len(forwards)  # activations, gradients and adapters were all inspected
+    assert n_encoded >= 4 * len(forwards)  # h_k, h_m, both gradients: values and lengths each
 
     # the cloud in particular: everything it ever received is adapters, sample counts and metadata
     # (floats only, no (B, T) token batch, no private text); the relay that updates its foundation
@@ -232,11 +237,12 @@ def test_privacy_no_private_ids_labels_or_text_cross_an_actor_boundary(cli_run):
     cloud_in = [r for r in records if r["node"] == "cloud" and r["direction"] == "in"]
     assert {r["method"] for r in cloud_in} >= {"aggregate_round"}
     for r in cloud_in:
-        for path, leaf in _walk(r["payload"], f"cloud.{r['method']}.in"):
+        for path, leaf, _ in _walk(r["payload"], f"cloud.{r['method']}.in"):
             if isinstance(leaf, torch.Tensor):
                 assert leaf.is_floating_point() and "lora_" in path, f"the cloud received {path}"
             elif isinstance(leaf, str):
                 assert not any(p in leaf for p in private_text), f"private text reached the cloud at {path}"
-    # activations and gradients are (B, T, H) floats
+    # activations and gradients cross as int8 (N, H) with per-token scales, padding dropped
     h = forwards[0]["payload"]["args"][2]
-    assert h.is_floating_point() and h.dim() == 3 and h.shape[1] == cfg.model.max_seq_len
+    assert h["__type__"] == "WireTensor" and h["codec"] == "int8" and h["seq_len"] == cfg.model.max_seq_len
+    assert h["values"].dtype == torch.int8 and tuple(h["values"].shape) == (int(h["lengths"].sum()), hidden)

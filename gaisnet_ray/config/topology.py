@@ -95,3 +95,9 @@ class LinkConfig(Section):
 class LinksConfig(Section):
     end_edge: LinkConfig = LinkConfig(bandwidth_mbps=20.0, latency_ms=20.0)
     edge_cloud: LinkConfig = LinkConfig(bandwidth_mbps=1000.0, latency_ms=10.0)
+    codec: Literal["none", "fp32", "bf16", "int8"] = Field(
+        "none", description="How hidden states and their gradients cross the end-edge link (hfsl.linkcodec): "
+        "none: fp32 with padding positions, as computed; fp32: padding positions dropped, values exact; bf16: "
+        "padding dropped, bfloat16; int8: padding dropped, int8 with a per-token absmax scale. bf16 and int8 "
+        "also send adapters between tiers as bfloat16. The byte counts are of what is sent."
+    )

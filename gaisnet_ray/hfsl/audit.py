@@ -47,3 +47,17 @@ class MessageAudit:
         path = directory / f"{self.node_id}.pt"
         torch.save(self.records, path)
         return path
+
+
+def walk_payload(obj, path: str = "", parent: dict | None = None):
+    """Yield (path, leaf, parent) for every leaf of a recorded payload; ``parent``: the dict the
+    leaf sits in (a dataclass is recorded as a dict with its ``__type__``), so a check can ask what
+    kind of message a tensor belongs to (``hfsl.linkcodec.audit_wire_leaf``)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from walk_payload(v, f"{path}/{k}", obj)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from walk_payload(v, f"{path}[{i}]", parent)
+    else:
+        yield path, obj, parent or {}

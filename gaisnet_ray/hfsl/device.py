@@ -13,22 +13,23 @@ import torch
 from ..config import PeftConfig, TrainingConfig
 from ..data import Example, encode_examples
 from ..data.encode import lengths_of
-from ..knowledge.accounting import payload_nbytes, tensor_nbytes
+from ..knowledge.accounting import payload_nbytes
 from ..models.adapters import adapter_state, load_adapter_state, load_base_state, trainable_parameters
 from ..models.parts import ModelPart
 from ..models.split import Cut, build_tier_model
 from ..privacy.noise import nopeek_penalty, privatize_hidden
 from ..privacy.secround import DeviceSecAgg
+from .linkcodec import LinkCodec
 from .messages import LinkUsage, StateDict, TurnResult
 
 
 class EdgeLink(Protocol):
     """The device's view of its edge for one turn (in-process call or Ray actor call)."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
+    def forward(self, hidden):  # (B, T, H) -> (B, T, H), each as ``links.codec`` puts it on the wire
         ...
 
-    def backward(self, grad: torch.Tensor) -> torch.Tensor:  # dL/dh_m (B, T, H) -> dL/dh_k
+    def backward(self, grad):  # dL/dh_m (B, T, H) -> dL/dh_k, encoded likewise
         ...
 
 
@@ -38,7 +39,7 @@ class DeviceTrainer:
     def __init__(self, device_id: str, package, peft_cfg: PeftConfig, training: TrainingConfig,
                  examples: list[Example], seq_len: int, cut: Cut | None, seed: int,
                  torch_device: str = "cpu", split=None, system: str | None = None, privacy=None,
-                 keep_adapter: bool = False):
+                 keep_adapter: bool = False, codec: LinkCodec | None = None):
         """``package``: a ``FoundationPackage`` holding at least this device's part (``self.part``;
         only that part is built). ``split``: a tier model to share with other logical devices of the
         same cut (a pool worker runs one turn at a time, and every turn loads all of its adapter
@@ -46,7 +47,8 @@ class DeviceTrainer:
         evaluation and serving format prompts. ``privacy``: the ``PrivacyConfig`` (clip and noise on
         the hidden states sent to the edge, NoPeek penalty); None: none. ``keep_adapter`` (the
         ``local`` baseline): from its second turn on the device trains the adapter it trained last,
-        not the one it is handed (nothing is averaged into it)."""
+        not the one it is handed (nothing is averaged into it). ``codec``: how hidden states,
+        gradients and adapters go on the link (``links.codec``; None: as computed)."""
         if not examples:
             raise ValueError(f"device {device_id} has no private examples")
         self.device_id = device_id
@@ -68,6 +70,7 @@ class DeviceTrainer:
         # privacy.secure_aggregation (fl): this device's side of the edge's masked aggregation
         self.secagg = DeviceSecAgg(device_id) if privacy is not None and privacy.secure_aggregation else None
         self.keep_adapter = keep_adapter
+        self.codec = codec or LinkCodec()
         self._own: StateDict | None = None  # the adapter it trained last (kept when keep_adapter)
 
     @property
@@ -121,6 +124,7 @@ class DeviceTrainer:
         trained = adapter_state(self.split.peft)
         if self.keep_adapter:
             self._own = {k: v.clone() for k, v in trained.items()}
+        trained = self.codec.encode_adapter(trained)  # bf16 on the wire when a codec is on
         usage = usage.add(LinkUsage(bytes_up=payload_nbytes(trained), messages_up=1))
         return TurnResult(self.device_id, cluster_id, trained, self.num_samples, losses, usage,
                           time.perf_counter() - started)
@@ -129,17 +133,20 @@ class DeviceTrainer:
         """``steps`` split steps: front here -> middle on the edge -> back and loss here -> back again."""
         if self.cut is None:
             raise ValueError(f"device {self.device_id} holds the whole model (FL) and has no cut")
-        cut = self.cut
+        cut, codec = self.cut, self.codec
 
         def split_step(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, LinkUsage]:
             h_k = self.split.front(input_ids, cut.front_end)  # (B, T, H)
             h_link = self._privatize(h_k)  # clipped + noised when privacy.activation_noise is on
-            sent = h_link.detach().cpu()
-            h_m = link.forward(sent).to(self.torch_device).requires_grad_()  # (B, T, H) from edge
+            lengths = lengths_of(labels.cpu())  # (B,) real positions; the codec sends only these
+            sent = codec.encode(h_link.detach().cpu(), lengths)
+            got = link.forward(sent)
+            h_m = codec.decode(got).to(self.torch_device).requires_grad_()  # (B, T, H) from edge
             loss = self.split.back_loss(h_m, cut.back_start, labels)  # logits only where labels are supervised
             loss.backward()
-            grad_m = h_m.grad.detach().cpu()
-            grad_k = link.backward(grad_m).to(self.torch_device)  # dL/dh_k from edge
+            grad_m = codec.encode(h_m.grad.detach().cpu(), lengths)
+            grad_back = link.backward(grad_m)
+            grad_k = codec.decode(grad_back).to(self.torch_device)  # dL/dh_k from edge
             if h_k.requires_grad:
                 roots, grads = [h_link], [grad_k]
                 if self.privacy is not None and self.privacy.nopeek_weight > 0:
@@ -150,8 +157,8 @@ class DeviceTrainer:
                     roots.append(self.privacy.nopeek_weight * penalty)
                     grads.append(None)
                 torch.autograd.backward(roots, grads)
-            return loss, LinkUsage(bytes_up=tensor_nbytes(sent) + tensor_nbytes(grad_m),
-                                   bytes_down=tensor_nbytes(h_m) + tensor_nbytes(grad_k),
+            return loss, LinkUsage(bytes_up=payload_nbytes(sent) + payload_nbytes(grad_m),
+                                   bytes_down=payload_nbytes(got) + payload_nbytes(grad_back),
                                    messages_up=2, messages_down=2)
 
         return self._run_turn(adapter, cluster_id, steps, split_step)

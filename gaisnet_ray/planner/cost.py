@@ -44,13 +44,14 @@ class RoundShape:
     steps: int  # optimizer steps per device turn
     lora_block_params: int
     eager: bool = False
+    link_codec: str = "none"  # links.codec: how a hidden state and an adapter go on the end-edge link
 
     @classmethod
     def from_config(cls, cfg: Config, model_config: dict) -> "RoundShape":
         g = ModelGeometry.from_config(model_config)
         return cls(g, cfg.training.batch_size, cfg.model.max_seq_len, cfg.training.local_steps,
                    g.lora_params_per_block(cfg.peft.r, cfg.peft.target_modules),
-                   cfg.model.attn_implementation == "eager")
+                   cfg.model.attn_implementation == "eager", cfg.links.codec)
 
     @property
     def num_layers(self) -> int:
@@ -83,12 +84,17 @@ class RoundShape:
 
     # bytes ------------------------------------------------------------------------------------
     def hidden_bytes(self) -> int:
-        """One hidden-state (or gradient) message: (B, T, hidden) fp32."""
-        return self.tokens * self.geometry.hidden * FP32
+        """One hidden-state (or gradient) message: (B, T, hidden) as ``links.codec`` encodes it
+        (``hfsl.linkcodec``), every position counted real: an upper bound when a codec drops padding."""
+        h = self.geometry.hidden
+        if self.link_codec == "none":
+            return self.tokens * h * FP32
+        per_token = {"fp32": h * FP32, "bf16": h * 2, "int8": h + FP32}[self.link_codec]  # int8: + its scale
+        return self.tokens * per_token + self.batch * 4  # + the int32 row lengths
 
     def adapter_bytes(self, blocks: int) -> int:
-        """The LoRA tensors of ``blocks`` blocks, fp32."""
-        return blocks * self.lora_block_params * FP32
+        """The LoRA tensors of ``blocks`` blocks: fp32, bf16 under the bf16/int8 link codecs."""
+        return blocks * self.lora_block_params * (2 if self.link_codec in ("bf16", "int8") else FP32)
 
     def turn_bytes(self, d: int) -> tuple[int, int]:
         """(up, down) bytes of one device turn: per step 2 messages each way, plus its adapter."""
