@@ -215,8 +215,30 @@ def test_a_round_under_every_defense_records_them_and_the_audit_reads_the_run(tm
     assert 0.0 <= out["membership"]["auc"] <= 1.0
     undefended = audit_run(tmp_path, **small, overrides=["privacy.activation_noise=0", "privacy.activation_clip=null"])
     assert undefended["inversion"]["search_exact_weights"]["tokens"] > 0.9
+    # privacy_audit.png: both audits, leakage next to exact match (the undefended row leaks the most)
+    from gaisnet_ray.layout import RunLayout
+    from gaisnet_ray.privacy.plot import leakage_rows
+
+    run = RunLayout(tmp_path)
+    assert run.privacy_plot.stat().st_size > 10_000 and len(run.privacy_audits()) == 2
+    own, what_if = leakage_rows([json.loads(p.read_text()) for p in run.privacy_audits()])
+    assert own["label"] == "run's own settings" and what_if["label"] == "activation_noise=0, activation_clip=null"
+    assert what_if["recovery"]["search_exact_weights"]["tokens"] == undefended["inversion"]["search_exact_weights"]["tokens"]
     with pytest.raises(AuditInputError, match="no config.yaml"):
         audit_run(tmp_path / "nowhere")
+
+
+def test_leakage_rows_put_each_attack_next_to_mean_exact_match():
+    from gaisnet_ray.privacy.plot import leakage_rows
+
+    audit = {"overrides": ["privacy.activation_noise=8"], "exact_match": {"a": 0.5, "b": 0.25},
+             "inversion": {"search_exact_weights": {"tokens": 0.03, "content": 0.02, "answers": 0.0}},
+             "membership": {"auc": 0.45}}
+    fl = {"overrides": [], "exact_match": {}, "inversion": "none: under fl no hidden state leaves a device"}
+    row, fl_row = leakage_rows([audit, fl])
+    assert row == {"label": "activation_noise=8", "exact_match": 0.375, "membership_auc": 0.45,
+                   "recovery": {"search_exact_weights": {"tokens": 0.03, "content": 0.02, "answers": 0.0}}}
+    assert fl_row["recovery"] == {} and fl_row["exact_match"] is None and fl_row["label"] == "run's own settings"
 
 
 def test_privacy_audit_command_exits_2_with_one_line_on_bad_input(tmp_path, capsys):

@@ -130,6 +130,24 @@ def test_a_device_dropping_after_the_key_exchange_leaves_the_survivors_weighted_
     print(f"\nsecure aggregation, 3 members, 1 dropped: {info}")
 
 
+def test_a_survivor_lost_before_its_reveal_still_counts_when_threshold_others_reveal(tmp_path):
+    net, edge, members, clusters, roster = _keys_exchanged(tmp_path)
+    plain, masked = {}, {}
+    for cid, (d,) in clusters.items():  # all three send their masked updates ...
+        dev = net.devices[d]
+        result = dev.train_local_turn(edge.begin_turn(cid, d, None), cid, 2)
+        plain[d] = (result.adapter, result.num_samples)
+        masked[cid] = dev.secagg.seal(result)
+    alive, dropped = reveal_sets(roster, members)
+    assert dropped == []
+    replies = [net.devices[d].secagg.reveal(alive, dropped) for d in members[:2]]  # ... one is lost before revealing
+    update = edge.finish_round(masked, replies)
+    w = sum(n for _, n in plain.values())  # its update is in the sum, and the others' shares remove its self-mask
+    expected = {k: sum(a[k].double() * n for a, n in plain.values()) / w for k in update.adapter}
+    _close({k: v.double() for k, v in update.adapter.items()}, expected)
+    assert update.secure_aggregation["survivors"] == 3
+
+
 def test_too_few_survivors_cannot_unmask(tmp_path):
     net, edge, members, clusters, roster = _keys_exchanged(tmp_path)
     cid, (d,) = next(iter(clusters.items()))
@@ -245,3 +263,30 @@ def test_on_ray_a_device_killed_after_the_key_exchange_leaves_the_survivors_mean
     info = row["privacy"]["secure_aggregation_edges"]["edge-0"]
     assert info["members"] == 3 and info["survivors"] == 2
     _close(knowledge, plain)  # the survivors' weighted mean, as the plain round without the victim
+
+
+@pytest.mark.ray
+def test_on_ray_a_survivor_killed_before_its_reveal_still_gives_the_whole_mean(ray_local, tmp_path):
+    from gaisnet_ray.driver import GaisNetDriver
+
+    cfg = tiny_config(*FL_JOB, "topology.edges=1", "run.actor_timeout_s=120", SECURE)
+    driver = GaisNetDriver(cfg, tmp_path / "ray")
+    try:
+        driver.start()
+        gather = driver._gather
+
+        def die_then_gather(refs, what):
+            if "unmasking" in what:  # every turn is in; end-0-2 dies before its reveal reaches the edge
+                ray_local.kill(driver.devices["end-0-2"])
+            return gather(refs, what)
+
+        driver._gather = die_then_gather
+        row = driver.run_round(1)
+        knowledge = ray_local.get(driver.knowledge_ref, timeout=120)
+    finally:
+        driver.close()
+    info = row["privacy"]["secure_aggregation_edges"]["edge-0"]
+    assert info["members"] == 3 and info["survivors"] == 3  # its masked update counted
+    net = InProcessGaisNet(tiny_config(*FL_JOB, "topology.edges=1"), tmp_path / "inproc")  # plain, no one lost
+    net.run_round(1)
+    _close(knowledge, net.knowledge)

@@ -199,6 +199,9 @@ def audit_run(run_dir: str | Path, *, examples: int = 48, candidates: int = 1024
     out["seconds"] = round(time.perf_counter() - started, 1)
     out["overrides"] = list(overrides or [])
     audit_path(run_dir, overrides).write_text(json.dumps(out, indent=2) + "\n")
+    from .plot import write_leakage_plot
+
+    write_leakage_plot(run_dir)  # every audit of the run so far, leakage next to exact match
     return out
 
 
@@ -231,5 +234,5 @@ def run_command(args: argparse.Namespace) -> int:
     m = out["membership"]
     print(f"membership AUC {m['auc']:.3f} (likelihood gap members {m['gap_members']:.3f}, held-out {m['gap_heldout']:.3f})")
     print(f"exact match {json.dumps({d: round(v, 3) for d, v in out['exact_match'].items()})}")
-    print(f"written {audit_path(args.run_dir, args.overrides)}")
+    print(f"written {audit_path(args.run_dir, args.overrides)} and {RunLayout(args.run_dir).privacy_plot}")
     return 0
