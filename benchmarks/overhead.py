@@ -17,6 +17,7 @@ Two phases by default:
 
     python benchmarks/overhead.py                  # both phases, 3 measured rounds each, ~3 min on 2 cores
     python benchmarks/overhead.py --rounds 5 --phases all
+    python benchmarks/overhead.py --model smollm2 --phases 1 --rounds 1 --tag smollm2   # the real model
 
 Writes benchmarks/results/overhead.{json,md}. Exits 1 if the knowledge differs.
 """
@@ -30,10 +31,13 @@ import sys
 import tempfile
 import time
 
-from _common import envelope, footer, make_config, md_table, quiet, write_results
+from _common import TINY_YAML, envelope, footer, make_config, md_table, quiet, write_results
 
 NAME = "overhead"
 BASE_OVERRIDES = ["training.pretrain_steps=0", "run.progress=false"]
+# the real model (--model smollm2): the embedded default job without the relay into the base (a
+# relay would add the base's download to every node to each round, on both sides alike)
+SMOLLM2_OVERRIDES = ["relay.policy=none"]
 
 
 def _round_record(m: dict, wall: float) -> dict:
@@ -209,14 +213,18 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override, as `gaisnet run --set` (repeatable)")
     ap.add_argument("--tag", default=None, help="write results/%s-TAG.{json,md} instead (keeps the default results)" % NAME)
+    ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
+                    help="tiny: examples/tiny.yaml (default); smollm2: the embedded default job on the real model "
+                         "SmolLM2-135M (relay off, so rounds are training + evaluation only)")
     args = ap.parse_args()
     if args.rounds < 1 or args.warmup < 0:
         ap.error("--rounds must be >= 1 and --warmup >= 0")
 
     quiet()
     total = len(args.phases) * (args.warmup + args.rounds)
-    overrides = BASE_OVERRIDES + [f"training.rounds={total}"] + args.overrides
-    cfg = make_config(overrides)
+    overrides = BASE_OVERRIDES + (SMOLLM2_OVERRIDES if args.model == "smollm2" else []) + \
+        [f"training.rounds={total}"] + args.overrides
+    cfg = make_config(overrides, config=None if args.model == "smollm2" else TINY_YAML)
     if cfg.training.scheme != "hfsl":
         print(f"note: training.scheme={cfg.training.scheme} (this benchmark is meant for hfsl)")
 

@@ -16,7 +16,6 @@ from .driver import GaisNetDriver
 from .cluster.worker_logs import worker_output_in_log
 from .hfsl.memory import check_fits
 from .logs import RunLog, events, report_round
-from .report import write_report
 from .schemes import scheme_of
 from .layout import RunLayout
 from .runfolder import (
@@ -134,6 +133,8 @@ def _run_job(cfg: Config, out: str | Path | None, progress: bool | None, serve: 
                     report_round(last, cfg.training.rounds)
             finally:
                 driver.close()
+            from .report import write_report  # matplotlib: only once the rounds are done
+
             write_report(run_dir, initial_eval)
             write_summary(run_dir, {
                 "rounds": cfg.training.rounds,

@@ -10,7 +10,23 @@ from __future__ import annotations
 
 import functools
 
+import ray
+
 from ..worker_setup import peak_rss_mb
+
+
+def deferred(ref) -> list:
+    """Hand an actor an object ref to fetch itself (``fetch_deferred``): a ref nested in a list is
+    not resolved by Ray before the actor starts, so the actor's process spawns and imports torch
+    while the cloud is still building the foundation the ref will hold."""
+    return [ref]
+
+
+def fetch_deferred(value):
+    """The value behind ``deferred(ref)`` (waits for it); anything else as given."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], ray.ObjectRef):
+        return ray.get(value[0])
+    return value
 
 
 def crosses_boundary(method):

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import ray
 
 from ..config import Config
-from ..hfsl.audit import MessageAudit
-from ..hfsl.cloud import CloudCore
-from ..hfsl.messages import EdgeUpdate, StateDict
-from ..models.build import FoundationPackage
-from ..models.parts import ModelPart
 from ..worker_setup import setup_tier_worker
 from .audited import AuditedNode, crosses_boundary
+
+if TYPE_CHECKING:  # torch-free at import: the driver imports this module, only the actor needs torch
+    from ..hfsl.messages import EdgeUpdate, StateDict
+    from ..models.build import FoundationPackage
+    from ..models.parts import ModelPart
 
 
 @ray.remote
 class CloudNode(AuditedNode):
     def __init__(self, cfg: Config, run_dir: str, resume_round: int | None = None):
+        from ..hfsl.audit import MessageAudit
+        from ..hfsl.cloud import CloudCore
+
         torch_device = setup_tier_worker(cfg, "cloud")
         self._audit = MessageAudit("cloud", cfg.run.audit_messages)
         peers = None

@@ -9,24 +9,32 @@ other callers and interleave with the driver's, so clusters proceed independentl
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import ray
 
 from ..config import Config
-from ..hfsl.audit import MessageAudit
-from ..hfsl.factory import edge_cuts, edge_trainer
-from ..hfsl.messages import EdgeUpdate, StateDict, TurnResult
 from ..worker_setup import setup_tier_worker
-from .audited import BaseHolderNode, crosses_boundary
+from .audited import BaseHolderNode, crosses_boundary, fetch_deferred
+
+if TYPE_CHECKING:  # torch-free at import: the driver imports this module, only the actor needs torch
+    from ..hfsl.messages import EdgeUpdate, StateDict, TurnResult
 
 
 @ray.remote
 class EdgeNode(BaseHolderNode):
-    def __init__(self, edge_id: str, cfg: Config, devices: list[str], package):
-        """``package``: the edge's part of the foundation (its middle blocks), built and then dropped."""
+    def __init__(self, edge_id: str, cfg: Config, devices: list[str], package, run_dir: str | None = None):
+        """``package``: the edge's part of the foundation (its middle blocks), built and then dropped.
+        ``run_dir``: the run folder (the edge's private area there holds what serving learned).
+        ``package`` may be ``audited.deferred(ref)``: fetched here, after the imports."""
+        from ..hfsl.audit import MessageAudit
+        from ..hfsl.factory import edge_trainer
+
         torch_device = setup_tier_worker(cfg, "edge")
+        package = fetch_deferred(package)
         self._audit = MessageAudit(edge_id, cfg.run.audit_messages)
         self._audit.record("__init__", "in", {"devices": devices, "package": package})
-        self.core = edge_trainer(cfg, edge_id, devices, package, torch_device)
+        self.core = edge_trainer(cfg, edge_id, devices, package, torch_device, run_dir=run_dir)
         self._cfg, self._num_layers = cfg, package.num_layers  # the package itself is not kept
 
     @crosses_boundary
@@ -72,4 +80,6 @@ class EdgeNode(BaseHolderNode):
     @crosses_boundary
     def add_devices(self, device_ids: list[str]) -> None:
         """Take over devices of an edge that died (from the next round on)."""
+        from ..hfsl.factory import edge_cuts
+
         self.core.add_devices(edge_cuts(self._cfg, device_ids, self._num_layers))

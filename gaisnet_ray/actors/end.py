@@ -8,14 +8,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import ray
 
 from ..config import Config
-from ..hfsl.audit import MessageAudit
-from ..hfsl.factory import device_trainer, device_trainers
-from ..hfsl.messages import StateDict, TurnResult
 from ..worker_setup import setup_tier_worker
-from .audited import AuditedNode, BaseHolderNode, crosses_boundary
+from .audited import AuditedNode, BaseHolderNode, crosses_boundary, fetch_deferred
+
+if TYPE_CHECKING:  # torch-free at import: the driver imports this module, only the actor needs torch
+    from ..hfsl.messages import StateDict, TurnResult
 
 
 SECAGG_STEPS = ("advertise", "share", "receive", "reveal")  # privacy.secround.DeviceSecAgg's device steps
@@ -44,8 +46,13 @@ class RayEdgeLink:
 @ray.remote
 class EndNode(BaseHolderNode):
     def __init__(self, device_id: str, cfg: Config, package):
-        """``package``: this device's part of the foundation (``hfsl.factory.device_part``)."""
+        """``package``: this device's part of the foundation (``hfsl.factory.device_part``), or
+        ``audited.deferred(ref)`` to it."""
+        from ..hfsl.audit import MessageAudit
+        from ..hfsl.factory import device_trainer
+
         torch_device = setup_tier_worker(cfg, "end")
+        package = fetch_deferred(package)
         self._audit = MessageAudit(device_id, cfg.run.audit_messages)
         self._audit.record("__init__", "in", {"package": package})
         self.device_id = device_id
@@ -82,8 +89,13 @@ class EndNode(BaseHolderNode):
 @ray.remote
 class EndWorker(AuditedNode):
     def __init__(self, worker_id: str, cfg: Config, device_ids: list[str], *packages):
-        """``packages``: one part of the foundation per distinct part its devices hold (per cut)."""
+        """``packages``: one part of the foundation per distinct part its devices hold (per cut),
+        each given or ``audited.deferred(ref)``."""
+        from ..hfsl.audit import MessageAudit
+        from ..hfsl.factory import device_trainers
+
         torch_device = setup_tier_worker(cfg, "end")
+        packages = tuple(fetch_deferred(p) for p in packages)
         self._audit = MessageAudit(worker_id, cfg.run.audit_messages)
         self._audit.record("__init__", "in", {"devices": device_ids, "packages": list(packages)})
         self.worker_id = worker_id
