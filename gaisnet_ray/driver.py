@@ -18,14 +18,14 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from .actors import CloudNode, EdgeNode, EndNode, EndWorker, tier_options
+from .actors.audited import deferred
 from .config import TIER_RESOURCES, Config
-from .hfsl.factory import relay_down_bytes, tier_parts
 from .schemes import scheme_of
 from .schemes.topology import devices_by_edge
 from .layout import RunLayout
 from .planner.command import sample_counts as planned_sample_counts
 from .planner.runtime import prepare_run
-from .privacy.secround import check_secure_aggregation, exchange_keys, members_of, reveal_sets
+from .privacy.secagg_check import check_secure_aggregation
 from .rounds import (
     BeginEdge,
     DropTurn,
@@ -59,6 +59,17 @@ def _dead_actor_id(err: BaseException) -> str | None:
         if isinstance(e, RayActorError) and getattr(e, "actor_id", None):
             return e.actor_id
     return None
+
+
+def _config_num_layers(cfg: Config) -> int | None:
+    """The foundation's block count from the model's config alone (no weights), or None if that
+    cannot be read here (then the driver asks the cloud once it is up)."""
+    from .models.sources import model_config_dict, num_blocks
+
+    try:
+        return num_blocks(model_config_dict(cfg.model))
+    except Exception:  # noqa: BLE001 - a source only the cloud's node can read: ask the cloud instead
+        return None
 
 
 def _last_line(err: BaseException) -> str:
@@ -110,10 +121,17 @@ class GaisNetDriver:
         t = self.cfg.topology
         self.cloud = CloudNode.options(**tier_options("cloud", t.cloud)).remote(self.cfg, str(self.run_dir),
                                                                                resume_round)
-        self._wait_ready({"cloud": self.cloud})
+        # the block count from the model's config, so the edges and end actors start (spawn, import
+        # torch) while the cloud builds and pre-trains the foundation; else after the cloud is up
+        num_layers = _config_num_layers(self.cfg)
+        if num_layers is None:
+            self._wait_ready({"cloud": self.cloud})
+            num_layers = ray.get(self.cloud.num_layers.remote(), timeout=self.timeout)
         # each node gets only its part of the base: one object per distinct part, pulled by the nodes
         # that hold it (devices: embeddings, front and back blocks, head; edges: middle blocks)
-        parts = tier_parts(self.cfg, ray.get(self.cloud.num_layers.remote(), timeout=self.timeout))
+        from .hfsl.factory import tier_parts  # torch: here, after Ray is up, not at the driver's import
+
+        parts = tier_parts(self.cfg, num_layers)
         all_devices = [d for ds in self.by_edge.values() for d in ds]
         self.node_parts = {e: [parts[e]] for e in self.by_edge}
         if t.end_workers:  # logical devices on a bounded pool, dealt round-robin
@@ -127,9 +145,17 @@ class GaisNetDriver:
         packages = self._part_refs(self.node_parts)
         for e, devices in self.by_edge.items():
             self.edges[e] = EdgeNode.options(**tier_options("edge", t.edge)).remote(
-                e, self.cfg, devices, packages[parts[e]])
+                e, self.cfg, devices, deferred(packages[parts[e]]), run_dir=str(self.run_dir))
         for name in hosted:
             self._place_end_actor(name, packages)
+        if "cloud" not in self._actor_ids:
+            self._wait_ready({"cloud": self.cloud})
+            built = ray.get(self.cloud.num_layers.remote(), timeout=self.timeout)
+            if built != num_layers:
+                raise RuntimeError(f"the foundation has {built} blocks, its config says {num_layers}")
+        # version 0 and the evaluation before round 1 need only the cloud: they run while the others start
+        self.knowledge_ref = self.cloud.initial_knowledge.remote()
+        initial_eval = self.cloud.evaluate.remote()
         self._wait_ready({**self.edges, **self.end_actors})
         if t.end_workers:
             profiles = [p for ps in ray.get([a.profiles.remote() for a in self.end_actors.values()],
@@ -138,8 +164,7 @@ class GaisNetDriver:
             profiles = ray.get([a.profile.remote() for a in self.end_actors.values()], timeout=self.timeout)
         self.sample_counts = {p["device_id"]: p["num_samples"] for p in profiles}
         self.scheduler = RoundScheduler(self.cfg, self.by_edge, self.hosts, self.sample_counts, self.run_plan)
-        self.knowledge_ref = self.cloud.initial_knowledge.remote()
-        self.initial_eval = ray.get(self.cloud.evaluate.remote(), timeout=self.timeout)
+        self.initial_eval = ray.get(initial_eval, timeout=self.timeout)
 
     def _place_end_actor(self, name: str, packages: dict) -> None:
         """Create the end actor ``name`` (an EndNode for one device, or a pool EndWorker)."""
@@ -147,9 +172,9 @@ class GaisNetDriver:
         devices = [d for d, h in self.hosts.items() if h == name]
         if self.cfg.topology.end_workers:
             actor = EndWorker.options(**res).remote(name, self.cfg, devices,
-                                                    *[packages[p] for p in self.node_parts[name]])
+                                                    *[deferred(packages[p]) for p in self.node_parts[name]])
         else:
-            actor = EndNode.options(**res).remote(name, self.cfg, packages[self.node_parts[name][0]])
+            actor = EndNode.options(**res).remote(name, self.cfg, deferred(packages[self.node_parts[name][0]]))
         self.end_actors[name] = actor
         self.devices.update({d: actor for d in devices})
 
@@ -251,8 +276,12 @@ class GaisNetDriver:
                 replies = []
                 if self.cfg.privacy.secure_aggregation:  # the survivors reveal what unmasks their sum
                     finished = [a.last[c].device for c in cids if a.last[c] is not None]
+                    from .privacy.secround import reveal_sets
+
                     alive, gone = reveal_sets(self._secagg_rosters.get(a.edge, {}), finished)
-                    replies = [self.devices[d].secagg.remote("reveal", d, alive, gone) for d in finished]
+                    # a survivor lost before its reveal is left out: any `threshold` replies unmask the sum
+                    replies = list(self._gather({d: self.devices[d].secagg.remote("reveal", d, alive, gone)
+                                                 for d in finished}, f"{a.edge}'s unmasking").values())
                 update, status = self.edges[a.edge].finish_round.options(num_returns=2).remote(
                     cids, *[self._results.pop(a.last[c]) if a.last[c] is not None else None for c in cids], *replies)
                 self._updates[a.edge] = update
@@ -260,25 +289,32 @@ class GaisNetDriver:
             else:
                 raise TypeError(f"unknown scheduler action {a!r}")
 
+    def _gather(self, refs: dict, what: str) -> dict:
+        """The answers of short device calls that came within run.actor_timeout_s; a device that died
+        or did not answer is left out of ``what`` (logged), the others go on."""
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout)
+        out = {}
+        for d, ref in refs.items():
+            try:
+                if ref in ready:
+                    out[d] = ray.get(ref)
+                else:
+                    log.warning("%s left out of %s: no answer within %.0f s", d, what, self.timeout)
+            except RayError as err:
+                log.warning("%s left out of %s: %s", d, what, _last_line(err))
+        return out
+
     def _exchange_keys(self, edge: str, round_idx: int, clusters: dict[str, list[str]]) -> dict[str, int]:
         """Secure aggregation's key exchange for ``edge``'s round (``privacy.secround.exchange_keys``),
         through the edge as relay. Short calls, waited on here; a device that does not answer within
         run.actor_timeout_s is left out of the roster (its turn then fails to seal and it sits out)."""
         edge_actor = self.edges[edge]
 
-        def gather(refs: dict) -> dict:
-            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout)
-            out = {}
-            for d, ref in refs.items():
-                try:
-                    if ref in ready:
-                        out[d] = ray.get(ref)
-                except RayError as err:
-                    log.warning("%s left out of %s's secure aggregation: %s", d, edge, _last_line(err))
-            return out
-
         def step(name: str, asks: dict) -> dict:
-            return gather({d: self.devices[d].secagg.remote(name, d, *a) for d, a in asks.items()})
+            return self._gather({d: self.devices[d].secagg.remote(name, d, *a) for d, a in asks.items()},
+                                f"{edge}'s secure aggregation")
+
+        from .privacy.secround import exchange_keys, members_of
 
         return exchange_keys(
             edge, round_idx, members_of(clusters),
@@ -389,6 +425,8 @@ class GaisNetDriver:
                     self.scheduler.edge_lost(name)
                 else:  # an EndNode, or a pool worker with every device it hosted
                     self.scheduler.host_lost(name, f"died: {type(err).__name__}")
+        from .hfsl.factory import relay_down_bytes
+
         return relay_down_bytes(written)
 
     # ------------------------------------------------------------------------------ closing

@@ -49,7 +49,8 @@ class InProcessGaisNet:
         package = self.cloud.package
         self.by_edge = devices_by_edge(cfg.topology)
         parts = tier_parts(cfg, package.num_layers)  # each tier gets (and builds) only its part
-        self.edges = {e: edge_trainer(cfg, e, ds, package.cut(parts[e])) for e, ds in self.by_edge.items()}
+        self.edges = {e: edge_trainer(cfg, e, ds, package.cut(parts[e]), run_dir=str(run_dir))
+                      for e, ds in self.by_edge.items()}
         self.devices = {d: device_trainer(cfg, d, package.cut(parts[d])) for ds in self.by_edge.values() for d in ds}
         self.knowledge: StateDict = self.cloud.initial_knowledge()
         self.steps = scheme_of(cfg).turn_steps(cfg)  # optimizer steps of one device turn

@@ -16,6 +16,8 @@ finds the whole on-disk shape here::
       knowledge/             global adapter versions vNNNN/            .knowledge, .version_dir(v)
         bases/bNNNN/         foundation versions (relay)               .bases, .base_dir(b)
         edges/<edge>/vNNNN/  each edge's own adapter                   .edges, .edge_store(e)
+      edges_private/<edge>/  what the edge escalated + the cloud's     .edge_private(e)
+                             answers (serve.learn_from_escalations; never relayed)
       cloud/checkpoints/     DeepSpeed checkpoints of pre-training     .cloud_checkpoints
       cloud/initial_eval.json  the eval before round 1                 .initial_eval
       audit/                 per-actor message audits                  .audit
@@ -37,6 +39,7 @@ SUMMARY_NAME = "run.json"
 REPORT_NAME = "report.png"
 PLAN_NAME = "plan.json"
 PRIVACY_AUDIT_NAME = "privacy_audit.json"
+PRIVACY_PLOT_NAME = "privacy_audit.png"  # every audit of the run: leakage next to exact match
 MODEL_DIR = "model"
 MODEL_CONFIG_NAME = "config.json"  # what makes model/ a Hugging Face folder
 MODEL_SWAP_PREFIX = ".model-"  # model/ is rebuilt beside itself under this name, then swapped in
@@ -50,6 +53,7 @@ AUDIT_DIR = "audit"
 LOGS_DIR = "logs"
 LOG_NAME = "gaisnet.log"
 ORPHANED_DIR = "orphaned"
+EDGES_PRIVATE_DIR = "edges_private"  # each edge's own serving data, outside knowledge/ (which is relayed)
 
 VERSION_PREFIX = "v"  # knowledge/v0000, knowledge/edges/<edge>/v0000
 BASE_PREFIX = "b"  # knowledge/bases/b0000
@@ -89,6 +93,17 @@ class RunLayout:
     @property
     def plan(self) -> Path:
         return self.root / PLAN_NAME
+
+    @property
+    def privacy_plot(self) -> Path:
+        return self.root / PRIVACY_PLOT_NAME
+
+    def privacy_audits(self) -> list[Path]:
+        """Every audit written in this run folder: the run's own first, then the what-ifs by name."""
+        stem, suffix = PRIVACY_AUDIT_NAME.rsplit(".", 1)
+        own = self.root / PRIVACY_AUDIT_NAME
+        others = sorted(self.root.glob(f"{stem}-*.{suffix}"))
+        return ([own] if own.is_file() else []) + others
 
     def privacy_audit(self, tag: str | None = None) -> Path:
         """``privacy_audit.json``, or ``privacy_audit-<tag>.json`` (tag made file-name safe) for an
@@ -134,6 +149,11 @@ class RunLayout:
 
     def edge_store(self, edge_id: str) -> Path:
         return self.edges / edge_id
+
+    def edge_private(self, edge_id: str) -> Path:
+        """The edge's own area: what its serving replica escalated, with the cloud's answers
+        (``serve.learn_from_escalations``); user prompts, so never under ``knowledge/``."""
+        return self.root / EDGES_PRIVATE_DIR / edge_id
 
     # --- the cloud's own files, audits, logs, what resume set aside ----------------------------
     @property

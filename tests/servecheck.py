@@ -17,13 +17,14 @@ NEW_TOKENS = 8  # what the routing tests ask for (the calibration generates the 
 PROMPT = "12+"  # a prompt the test model answers with several tokens
 
 
-def make_run(out: Path) -> Path:
+def make_run(out: Path, calibrate: bool = False) -> Path:
     """The tiny run folder the serving tests share: config.yaml and one in-process round (v1) of the
-    small job (``conftest.SMALL_JOB``), global and per-edge knowledge, no Ray."""
+    small job (``conftest.SMALL_JOB``), global and per-edge knowledge, no Ray. Without ``calibrate``
+    the edge versions carry no routing.json: the fixed limits the serving tests set decide."""
     from gaisnet_ray.config import config_to_yaml, load_config
     from gaisnet_ray.inprocess import InProcessGaisNet
 
-    cfg = load_config(TINY_YAML, small_job())
+    cfg = load_config(TINY_YAML, small_job(f"serve.routing.calibrate={str(calibrate).lower()}"))
     out.mkdir()
     (out / "config.yaml").write_text(config_to_yaml(cfg))
     InProcessGaisNet(cfg, out).run_round(1)

@@ -117,6 +117,7 @@ def test_the_edge_drops_split_sessions_idle_past_the_ttl(monkeypatch):
     tier = object.__new__(EdgeTier.func_or_class)  # the replica's state, without Serve or a model
     tier.settings = ServeSettings(split_session_ttl_s=30, max_split_sessions=4)
     tier._lock, tier._sessions = threading.Lock(), OrderedDict()
+    tier.learner = None  # serve.learn_from_escalations off
     for sid, idle_s in (("old", 31.0), ("recent", 29.0)):
         tier._sessions[sid] = SplitSession(served=None, runner=Runner(), past_len=3, last_used=now[0] - idle_s)
 

@@ -22,7 +22,7 @@ from .planner import DeviceClass, DeviceSpec, PlannerConfig
 from .privacy import PrivacyConfig
 from .run import RunConfig
 from .section import ConfigError, Section
-from .serve import RoutingSettings, ServeSettings, ServeTier
+from .serve import LearnSettings, RoutingSettings, ServeSettings, ServeTier
 from .topology import CutConfig, LinkConfig, LinksConfig, TierResources, TopologyConfig, device_id, edge_id
 from .training import FaultConfig, RelayConfig, TrainingConfig
 from .tree import Config
@@ -34,6 +34,6 @@ __all__ = [
     "TopologyConfig", "TierResources", "CutConfig", "LinksConfig", "LinkConfig", "device_id", "edge_id",
     "TrainingConfig", "RelayConfig", "FaultConfig", "PrivacyConfig", "RunConfig",
     "CloudEngineConfig", "PlannerConfig", "DeviceSpec", "DeviceClass",
-    "ServeSettings", "ServeTier", "RoutingSettings",
+    "ServeSettings", "ServeTier", "RoutingSettings", "LearnSettings",
     "TIER_RESOURCES",
 ]

@@ -26,6 +26,41 @@ class RoutingSettings(Section):
     min_token_prob: float = Field(
         0.05, ge=0, le=1, description="Escalate to the cloud when any token the edge emitted had a lower probability."
     )
+    probe_tokens: int = Field(
+        8, ge=1, description="Edge tokens the policy judges before the first chunk goes out (the whole answer when shorter): kept, they stream on; escalated, the cloud answers."
+    )
+    calibrate: bool = Field(
+        True, description="When the cloud publishes an edge adapter, calibrate per domain on the held-out eval sets "
+                          "the confidence threshold that keeps tiered exact match >= the cloud's while escalating the "
+                          "fewest, and store it with the version (routing.json); the two limits above are the fallback "
+                          "for versions and domains without one."
+    )
+
+
+class LearnSettings(Section):
+    """Bounds of ``serve.learn_from_escalations`` (serve/escalations.py, inference/learn.py)."""
+
+    store_dir: str | None = Field(
+        None, description="Folder each edge keeps its escalations in (<dir>/<edge>/); None: the run folder's edges_private/<edge>/."
+    )
+    max_records: int = Field(256, ge=1, description="Escalated prompts (with the cloud's answers) an edge keeps; the oldest go first.")
+    max_chars: int = Field(2000, ge=1, description="Longest prompt or answer (characters) stored; longer ones are not kept.")
+    retention_s: float = Field(86400.0, gt=0, description="Stored escalations older than this are dropped.")
+    min_records: int = Field(4, ge=1, description="Distil only once the edge holds at least this many escalations.")
+    every_records: int = Field(
+        0, ge=0, description="Also distil again after this many new escalations (0: only when a new knowledge version arrives)."
+    )
+    steps: int = Field(12, ge=1, description="Optimizer steps of one distillation into the edge's serving adapter.")
+    batch_size: int = Field(8, ge=1, description="Escalations per distillation step.")
+    lr: float = Field(
+        0.0005, gt=0, description="Learning rate of the distillation (AdamW on LoRA B); higher overwrites neighbouring facts."
+    )
+    max_share: float = Field(
+        0.25, ge=0, lt=1, description="Largest weight the escalations get in the edge's aggregation of a round (gaisnet run --serve)."
+    )
+    anchors: bool = Field(
+        False, description="Also keep (same bounds) the answers the edge gave itself and distil them beside the escalations, so learning the cloud's answers moves the rest less."
+    )
 
 
 class ServeSettings(Section):
@@ -40,6 +75,13 @@ class ServeSettings(Section):
     max_ongoing_requests: int = Field(4, ge=1, description="Concurrent requests per tier replica.")
     max_queued_requests: int = Field(
         8, ge=1, description="Requests waiting for a busy tier before new ones get 503 + Retry-After."
+    )
+    batch_max_size: int = Field(
+        8, ge=1, description="Requests an edge or cloud replica decodes together in one forward pass per step (at most "
+                             "max_ongoing_requests); 1: each request generates on its own."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="How long a batch waits for more requests to join before it starts (seconds)."
     )
     ingress_max_ongoing_requests: int = Field(
         64, ge=1, description="HTTP requests one ingress replica admits at a time (the /health route is not counted)."
@@ -73,6 +115,10 @@ class ServeSettings(Section):
     api_key_file: str | None = Field(
         None, description="A file with one API key per line (blank lines and # comments skipped), added to serve.api_keys."
     )
+    learn_from_escalations: bool = Field(
+        False, description="Each edge keeps what it escalated with the cloud's answers (on its node only) and distils them into its adapter between rounds."
+    )
+    learn: LearnSettings = LearnSettings()
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica.")
     startup_timeout_s: float = Field(
         600.0, gt=0, description="Give up starting the app after this, naming the deployments not running and why."

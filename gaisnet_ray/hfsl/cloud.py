@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import Config
@@ -11,6 +12,8 @@ from ..knowledge.aggregate import aggregator_of, check_finite
 from ..knowledge.bases import BaseStore, refresh_model_dir
 from ..knowledge.accounting import content_hash, payload_nbytes
 from ..knowledge.store import KnowledgeStore
+from ..inference.calibrate import answer_budget, calibrate_table, measure_domains
+from ..inference.routing import ROUTING_NAME
 from ..layout import MODEL_CONFIG_NAME, MODEL_DIR, RunLayout
 from ..models.adapters import (adapter_state, attach_lora, base_state_view, load_adapter_state, load_base_state,
                                merged_base_state)
@@ -20,6 +23,7 @@ from ..privacy.dp import DPAggregator
 from ..schemes import scheme_of
 from .cloud_spmd import CloudPeers, peer_start, pretrain
 from .evaluate import domain_loss, evaluate_domains
+from .linkcodec import LinkCodec
 from .linkmodel import transfer_s
 from .messages import EdgeUpdate, StateDict
 
@@ -117,12 +121,13 @@ class CloudCore:
     def initial_knowledge(self) -> StateDict:
         """Version 0: the freshly initialised adapter (LoRA B = 0, so it equals the base model).
         A resumed run: the knowledge its last complete round left (nothing is published)."""
+        wire = LinkCodec(self.cfg.links.codec).encode_adapter  # bf16 to the edges when a codec is on
         if self.resume_round is not None:
-            return self.knowledge
+            return wire(self.knowledge)
         self.knowledge = dict(self.fresh_adapter)
         self.store.publish(0, self.knowledge, self.peft.peft_config["default"],
                            {"round": 0, "parent_version": None, **self._base_lineage()})
-        return self.knowledge
+        return wire(self.knowledge)
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         return evaluate_domains(self.peft, self.tokenizer, self.eval_sets, self.cfg.model.max_seq_len,
@@ -135,6 +140,10 @@ class CloudCore:
         anything is changed: the previous version stays current and on disk.
         """
         t = self.cfg.training
+        sent, updates = updates, [replace(u, adapter=LinkCodec.decode_adapter(u.adapter),  # links.codec: bf16
+                                          device_adapters={d: LinkCodec.decode_adapter(a)  # on the wire
+                                                           for d, a in u.device_adapters.items()})
+                                  for u in updates]
         dp_report = None
         if self.dp is not None:  # privacy.dp_*: clipped deltas, Gaussian noise, epsilon accounted
             knowledge, dp_report = self.dp.aggregate(round_idx, [u.adapter for u in updates],
@@ -158,10 +167,12 @@ class CloudCore:
         load_adapter_state(self.peft, knowledge, strict=True)
         self.knowledge, self.version = knowledge, parent + 1
         self._publish_edges(parent + 1, round_idx, updates)
-        metrics = round_metrics(self.cfg, round_idx, self.version, updates, knowledge)
+        metrics = round_metrics(self.cfg, round_idx, self.version, sent, knowledge)  # the bytes as sent
         metrics["privacy"] = {**active_defenses(self.cfg.privacy), **(dp_report or {})}
         if any(u.secure_aggregation for u in updates):  # per edge: members, survivors, bytes, unmask time
             metrics["privacy"]["secure_aggregation_edges"] = {u.edge_id: u.secure_aggregation for u in updates}
+        if any(u.escalations for u in updates):  # serve.learn_from_escalations: what each edge folded in
+            metrics["escalations_learned"] = {u.edge_id: u.escalations for u in updates if u.escalations}
         due = round_idx % t.eval_every == 0 or round_idx == t.rounds
         metrics["eval"] = self.evaluate() if due else {}
         if due and any(u.device_adapters for u in updates):  # ``local``: each device's own adapter
@@ -169,7 +180,7 @@ class CloudCore:
             metrics["eval"] = _mean_eval([e["eval"] for e in metrics["eval_devices"].values()])
         if self.bases is not None:
             metrics["relay"] = self.relay(round_idx, updates)
-        return self.knowledge, metrics
+        return LinkCodec(self.cfg.links.codec).encode_adapter(self.knowledge), metrics  # as the edges get it
 
     def _evaluate_devices(self, updates: list[EdgeUpdate]) -> dict:
         """Each device's own adapter (``local``) on every domain, and its mean over the domains of
@@ -279,13 +290,28 @@ class CloudCore:
 
     def _publish_edges(self, version: int, round_idx: int, updates: list[EdgeUpdate]) -> None:
         """Store each edge's adapter beside the global one, with its held-out loss per domain
-        (measured here on the public eval sets), so serving can route a domain to its best edge."""
+        (measured here on the public eval sets), so serving can route a domain to its best edge;
+        with ``serve.routing.calibrate``, also its calibrated routing (``inference.calibrate``:
+        per domain, the confidence above which its answers are kept rather than escalated to the
+        global version served by the cloud), published in the version as ``routing.json``."""
+        calibrating = self.cfg.serve.routing.calibrate and self.eval_sets
+        if calibrating:
+            budget, k = answer_budget(self.tokenizer, self.eval_sets), self.cfg.serve.routing.probe_tokens
+            cloud = measure_domains(self.peft, self.tokenizer, self.eval_sets, self.cfg.data.system_prompt, budget, k)
         for u in updates:
+            files = {}
             try:
                 load_adapter_state(self.peft, u.adapter, strict=True)
                 losses = {d: domain_loss(self.peft, self.tokenizer, ex, self.cfg.model.max_seq_len,
                                          system=self.cfg.data.system_prompt)
                           for d, ex in self.eval_sets.items()}
+                if calibrating:
+                    edge = measure_domains(self.peft, self.tokenizer, self.eval_sets, self.cfg.data.system_prompt,
+                                           budget, k)
+                    as_stored = {n: t.detach().to("cpu").contiguous() for n, t in u.adapter.items()}  # publish's hash
+                    table = calibrate_table(u.edge_id, version, content_hash(as_stored), self.eval_sets, edge, cloud,
+                                            {"adapter": "global", "version": version}, k)
+                    files[ROUTING_NAME] = table.to_json().encode()
             finally:
                 load_adapter_state(self.peft, self.knowledge, strict=True)  # back to the global knowledge
             KnowledgeStore(self.edges_root / u.edge_id).publish(
@@ -293,6 +319,7 @@ class CloudCore:
                 {"round": round_idx, "edge": u.edge_id, "global_version": version, **self._base_lineage(),
                  "clusters": u.clusters, "device_samples": u.device_samples, "num_samples": u.num_samples,
                  "eval_loss": losses},
+                files=files,
             )
 
 
@@ -308,7 +335,7 @@ def _mean_eval(evals: list[dict[str, dict[str, float]]], over_domains: bool = Fa
 
 def round_metrics(cfg: Config, round_idx: int, version: int, updates: list[EdgeUpdate], knowledge: StateDict) -> dict:
     """Losses, bytes per link and direction, and the modeled link delay of one round."""
-    down_each = payload_nbytes(knowledge)  # the global adapter each edge pulled at round start
+    down_each = payload_nbytes(LinkCodec(cfg.links.codec).encode_adapter(knowledge))  # each edge pulled it
     bytes_ = {
         "end_edge_up": sum(u.end_edge.bytes_up for u in updates),
         "end_edge_down": sum(u.end_edge.bytes_down for u in updates),

@@ -10,15 +10,18 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from ..config import LinkConfig, PeftConfig, TrainingConfig
+from ..inference.learn import escalation_weight, fold_delta, load_learned
 from ..knowledge.aggregate import aggregator_of
 from ..models.adapters import adapter_state, load_adapter_state, load_base_state, trainable_parameters
 from ..models.parts import ModelPart
 from ..models.split import Cut, SplitModel, build_tier_model, select_keys
 from ..privacy.secround import EdgeSecAgg, KeyOffer
+from .linkcodec import LinkCodec
 from .linkmodel import clusters_comm_s
 from .messages import EdgeUpdate, LinkUsage, StateDict, TurnResult
 
@@ -30,7 +33,7 @@ class _ClusterState:
     optimizer: torch.optim.Optimizer | None
     knowledge: StateDict  # the cluster's whole adapter, kept current as members finish
     turns: list[TurnResult] = field(default_factory=list)
-    pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    pending: dict[str, tuple] = field(default_factory=dict)  # device -> (x, y, lengths kept on the wire)
     active: str | None = None  # the member whose turn runs now; others' split calls are refused
     snapshot: StateDict | None = None  # the middle adapter before the active turn (restored on a drop)
     dropped: dict[str, str] = field(default_factory=dict)  # member -> why it sat out
@@ -39,12 +42,19 @@ class _ClusterState:
 class EdgeTrainer:
     def __init__(self, edge_id: str, package, part: ModelPart, peft_cfg: PeftConfig, training: TrainingConfig,
                  device_cuts: dict[str, Cut | None], link: LinkConfig, torch_device: str = "cpu",
-                 report_devices: bool = False):
+                 report_devices: bool = False, codec: LinkCodec | None = None,
+                 learned_dir: Path | None = None, learned_share: float = 0.0):
         """``part``: the blocks this edge runs, as its scheme decides (``factory.edge_part_of``;
         none when devices train the whole model). ``device_cuts``: each served device's cut (None:
         it trains the whole model, with no split step here). ``report_devices`` (the ``local``
-        baseline): the update also carries each device's own adapter, for the cloud to evaluate."""
+        baseline): the update also carries each device's own adapter, for the cloud to evaluate.
+        ``codec``: how hidden states, gradients and adapters go on the wire (``links.codec``)."""
+        self.codec = codec or LinkCodec()
         self.report_devices = report_devices
+        # serve.learn_from_escalations under `gaisnet run --serve`: the edge's serving replica writes
+        # what it distilled from its escalations into this private folder on the edge's node; each
+        # round's aggregation takes it as one more input (``_escalations``), at most this share
+        self.learned_dir, self.learned_share = learned_dir, learned_share
         self.edge_id = edge_id
         self.training = training
         self.device_cuts = device_cuts
@@ -73,7 +83,7 @@ class EdgeTrainer:
         """Pull the global knowledge down and give every cluster a fresh copy of the middle."""
         self._round_started = time.perf_counter()
         self._compute_s = 0.0
-        self._global = global_knowledge
+        self._global = global_knowledge = self.codec.decode_adapter(global_knowledge)  # bf16 on the wire
         self._clusters = {}
         self._secagg = None
         for cid, members in clusters.items():
@@ -91,10 +101,11 @@ class EdgeTrainer:
 
     def _absorb(self, st: _ClusterState, turn: TurnResult) -> None:
         """Fold a finished member's device-side keys into the cluster's knowledge (and middle)."""
+        adapter = self.codec.decode_adapter(turn.adapter)  # bf16 on the wire when a codec is on
         if st.split is not None:
             st.knowledge.update(adapter_state(st.split.peft))
-            load_adapter_state(st.split.peft, turn.adapter)
-        st.knowledge.update(turn.adapter)
+            load_adapter_state(st.split.peft, adapter)
+        st.knowledge.update(adapter)
         st.turns.append(turn)
 
     def add_devices(self, device_cuts: dict[str, Cut | None]) -> None:
@@ -118,9 +129,9 @@ class EdgeTrainer:
             st.snapshot = adapter_state(st.split.peft)
             st.knowledge.update(st.snapshot)
         if self.split is None:  # FL: the device holds and trains the whole adapter
-            return dict(st.knowledge)
+            return self.codec.encode_adapter(dict(st.knowledge))
         layers = self.device_cuts[device_id].device_layers(self.num_layers)
-        return select_keys(st.knowledge, layers, include_unlayered=True)
+        return self.codec.encode_adapter(select_keys(st.knowledge, layers, include_unlayered=True))
 
     def drop_turn(self, cluster_id: str, device_id: str, reason: str) -> None:
         """``device_id`` died or timed out during its turn: undo what its turn did to the middle
@@ -155,32 +166,54 @@ class EdgeTrainer:
         return self._secagg.route(sealed)
 
     # --------------------------------------------------------------------------- split step
-    def forward(self, cluster_id: str, device_id: str, hidden: torch.Tensor) -> torch.Tensor:
-        """h_k (B, T, H) from the device -> h_m (B, T, H) back to it; keeps the graph for backward."""
+    def _reply(self, t: torch.Tensor, lengths: torch.Tensor | None):
+        """(B, T, H) back to the device, encoded as the device's message was (dense if it was dense)."""
+        t = t.detach().cpu()
+        return t if lengths is None else self.codec.encode(t, lengths)
+
+    def forward(self, cluster_id: str, device_id: str, hidden):
+        """h_k (B, T, H) from the device -> h_m (B, T, H) back to it; keeps the graph for backward.
+        Both as ``links.codec`` puts them on the wire (``hfsl.linkcodec``)."""
         t0 = time.perf_counter()
         st = self._cluster_for(cluster_id, device_id)
         cut = self.device_cuts[device_id]
-        x = hidden.to(self.torch_device).requires_grad_()
+        lengths = self.codec.lengths_of(hidden)
+        x = self.codec.decode(hidden).to(self.torch_device).requires_grad_()
         st.split.peft.train()
         y = st.split.blocks(x, cut.front_end, cut.back_start)
-        st.pending[device_id] = (x, y)
+        st.pending[device_id] = (x, y, lengths)
         self._compute_s += time.perf_counter() - t0
-        return y.detach().cpu()
+        return self._reply(y, lengths)
 
-    def backward(self, cluster_id: str, device_id: str, grad: torch.Tensor) -> torch.Tensor:
+    def backward(self, cluster_id: str, device_id: str, grad):
         """dL/dh_m from the device -> dL/dh_k back to it; steps the cluster's middle adapter."""
         t0 = time.perf_counter()
         st = self._cluster_for(cluster_id, device_id)
         if device_id not in st.pending:
             raise RuntimeError(f"{self.edge_id}: backward from {device_id} without a forward")
-        x, y = st.pending.pop(device_id)
-        y.backward(grad.to(self.torch_device))
+        x, y, lengths = st.pending.pop(device_id)
+        y.backward(self.codec.decode(grad).to(self.torch_device))
         st.optimizer.step()
         st.optimizer.zero_grad(set_to_none=True)
         self._compute_s += time.perf_counter() - t0
-        return x.grad.detach().cpu()
+        return self._reply(x.grad, lengths)
 
     # -------------------------------------------------------------------------- aggregation
+    def _escalations(self, round_weight: float) -> dict | None:
+        """What the edge's serving replica learned from its escalations, as an aggregation input:
+        this round's starting knowledge plus the learned delta (LoRA B), weighted one per escalation
+        and at most ``learned_share`` of the round; None when there is nothing (off, none yet). The
+        prompts themselves never reach here: only the delta the replica wrote on this node."""
+        found = load_learned(self.learned_dir) if self.learned_share > 0 else None
+        if found is None:
+            return None
+        delta, meta = found
+        weight = escalation_weight(int(meta.get("records", 0)), round_weight, self.learned_share)
+        if weight <= 0:
+            return None
+        return {"adapter": fold_delta(self._global, delta), "weight": weight, "records": int(meta["records"]),
+                "knowledge_version": meta.get("knowledge_version"), "loss_after": meta.get("loss_after")}
+
     def finish_round(self, last_turns: dict[str, TurnResult | None], secagg_replies: list | None = None) -> EdgeUpdate:
         """Close every cluster with its last member's result and aggregate the clusters, weighted
         by their members' samples, into the edge's update. (Under FL every cluster is one device.)
@@ -201,22 +234,28 @@ class EdgeTrainer:
         states = [self._clusters[cid] for cid in included]
         dropped = {d: why for st in self._clusters.values() for d, why in st.dropped.items()}
         weights = [sum(t.num_samples for t in st.turns) for st in states]
-        secure = None
+        secure, escalations = None, None  # escalations: not folded under secure aggregation (sums only)
         if any(t.masked is not None for st in states for t in st.turns):
             if self._secagg is None:
                 raise ValueError(f"{self.edge_id}: masked updates, but no key exchange this round")
             knowledge, secure = self._secagg.mean({t.device_id: t.masked for st in states for t in st.turns},
                                                   list(secagg_replies or []), reference=self._global)
         else:
-            knowledge = self.aggregator([st.knowledge for st in states], weights, reference=self._global,
-                                        sources=[f"{self.edge_id}/{cid}" for cid in included])
+            inputs, in_weights, sources = ([st.knowledge for st in states], list(weights),
+                                           [f"{self.edge_id}/{cid}" for cid in included])
+            escalations = self._escalations(sum(weights))
+            if escalations is not None:
+                inputs.append(escalations.pop("adapter"))
+                in_weights.append(escalations["weight"])
+                sources.append(f"{self.edge_id}/escalations")
+            knowledge = self.aggregator(inputs, in_weights, reference=self._global, sources=sources)
         turns = [t for st in states for t in st.turns]
         usage = LinkUsage()
         for t in turns:
             usage = usage.add(t.link)
         update = EdgeUpdate(
             edge_id=self.edge_id,
-            adapter=knowledge,
+            adapter=self.codec.encode_adapter(knowledge),  # bf16 on the wire when a codec is on
             num_samples=int(sum(weights)),
             clusters=[[t.device_id for t in st.turns] for st in states],
             device_samples={t.device_id: t.num_samples for t in turns},
@@ -227,7 +266,8 @@ class EdgeTrainer:
             edge_compute_s=self._compute_s,
             dropped=dropped,
             secure_aggregation=secure,
-            device_adapters={t.device_id: t.adapter for t in turns} if self.report_devices else {},
+            device_adapters={t.device_id: t.adapter for t in turns} if self.report_devices else {},  # as sent
+            escalations=escalations,
         )
         self._clusters = {}
         return update

@@ -8,14 +8,19 @@ so a node holds and trains the same thing in either; what a node holds is its sc
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..config import Config
-from ..data import device_examples
-from ..models.parts import ModelPart
-from ..models.split import Cut
 from ..schemes import scheme_of
-from .device import DeviceTrainer
-from .edge import EdgeTrainer
 from ..schemes.topology import devices_by_edge
+
+# Importing this module is torch-free (the Ray driver does, before Ray starts); the parts import
+# torch when computed (models.split), the trainers their data, devices and codecs where built.
+if TYPE_CHECKING:
+    from ..models.parts import ModelPart
+    from ..models.split import Cut
+    from .device import DeviceTrainer
+    from .edge import EdgeTrainer
 
 
 def device_seed(cfg: Config, device: str) -> int:
@@ -59,12 +64,22 @@ def package_for(packages: list, part: ModelPart):
 
 
 # ---------------------------------------------------------------------------------- trainers
-def edge_trainer(cfg: Config, edge: str, devices: list[str], package, torch_device: str = "cpu") -> EdgeTrainer:
-    """``package``: the edge's part (``edge_part_of``) or any package holding it, e.g. the whole."""
+def edge_trainer(cfg: Config, edge: str, devices: list[str], package, torch_device: str = "cpu",
+                 run_dir: str | None = None) -> EdgeTrainer:
+    """``package``: the edge's part (``edge_part_of``) or any package holding it, e.g. the whole.
+    ``run_dir``: with ``serve.learn_from_escalations``, where the edge's private area is (what its
+    serving replica learned from escalations joins the edge's aggregation)."""
+    from ..inference.learn import edge_area
+    from .edge import EdgeTrainer
+    from .linkcodec import LinkCodec
+
     n = package.num_layers
+    learn = cfg.serve.learn_from_escalations and run_dir is not None
     return EdgeTrainer(edge, package, edge_part_of(cfg, devices, n), cfg.peft, cfg.training,
                        edge_cuts(cfg, devices, n), cfg.links.end_edge, torch_device,
-                       report_devices=scheme_of(cfg).keeps_adapters)
+                       report_devices=scheme_of(cfg).keeps_adapters, codec=LinkCodec(cfg.links.codec),
+                       learned_dir=edge_area(run_dir, cfg.serve.learn.store_dir, edge) if learn else None,
+                       learned_share=cfg.serve.learn.max_share if learn else 0.0)
 
 
 def device_trainer(cfg: Config, device: str, package, torch_device: str = "cpu") -> DeviceTrainer:
@@ -78,6 +93,10 @@ def device_trainers(cfg: Config, devices: list[str], packages, torch_device: str
     never sent). ``packages``: one ``FoundationPackage`` or several (a pool worker gets one part per
     cut of its devices); each device builds only its part. ``share_model``: one tier model per part
     for all of them (a pool worker)."""
+    from ..data import device_examples
+    from .device import DeviceTrainer
+    from .linkcodec import LinkCodec
+
     all_ids = [d for ds in devices_by_edge(cfg.topology).values() for d in ds]
     scheme = scheme_of(cfg)
     examples = scheme.device_data(cfg, device_examples(cfg.data, all_ids))  # centralized: pooled in one
@@ -91,7 +110,7 @@ def device_trainers(cfg: Config, devices: list[str], packages, torch_device: str
         out[d] = DeviceTrainer(d, package_for(packages, part), cfg.peft, cfg.training, examples[d],
                                cfg.model.max_seq_len, scheme.device_cut(cfg.topology, d, n), device_seed(cfg, d),
                                torch_device, split=split, system=cfg.data.system_prompt, privacy=cfg.privacy,
-                               keep_adapter=scheme.keeps_adapters)
+                               keep_adapter=scheme.keeps_adapters, codec=LinkCodec(cfg.links.codec))
         if share_model:
             shared.setdefault(part, out[d].split)
     return out

@@ -62,3 +62,6 @@ class EdgeUpdate:
     secure_aggregation: dict | None = None  # the protocol's members, survivors and cost (None: off)
     # device -> its own adapter, only under a scheme where devices keep theirs (``local``), to be evaluated
     device_adapters: dict[str, StateDict] = field(default_factory=dict)
+    # serve.learn_from_escalations: what the edge folded in from its serving escalations (records, weight,
+    # the knowledge version the replica learned on); None: nothing this round
+    escalations: dict | None = None

@@ -1,4 +1,7 @@
-"""Text generation with a KV cache, reporting the confidence signals the tier router uses."""
+"""Text generation with a KV cache, reporting the confidence signals the tier router uses.
+
+One sequence at a time here; ``batch.py`` decodes several in one forward pass per step, through the
+same ``RowDecoder``."""
 
 from __future__ import annotations
 
@@ -20,6 +23,15 @@ class Generation:
     completion_tokens: int
     mean_entropy: float  # mean over generated tokens of the next-token distribution's entropy (nats)
     min_token_prob: float  # lowest probability the model gave a token it emitted
+
+
+@dataclass(frozen=True)
+class Confidence:
+    """The router's signals over the first ``tokens`` generated tokens (the tier router's probe)."""
+
+    tokens: int
+    mean_entropy: float
+    min_token_prob: float
 
 
 class PromptTooLongError(ValueError):
@@ -71,45 +83,88 @@ class TokenStats:
     def mean_entropy(self) -> float:
         return sum(self.entropies) / len(self.entropies) if self.entropies else 0.0
 
+    def confidence(self) -> Confidence:
+        return Confidence(len(self.entropies), self.mean_entropy, self.min_prob)
+
+
+class RowDecoder:
+    """One sequence's decoding state: sampling with its own generator, confidence, stop strings and
+    the text released so far. Whole-model, split and batched generation all decode through it, so
+    a row of a batch stops, samples and streams exactly as a request generated alone.
+
+    ``step(logits)`` takes the next-token logits (V,) and returns the text deltas that became
+    printable; after it, ``done`` says whether the row has finished, else ``out[-1]`` is the token
+    to feed next. ``result()`` is the ``Generation`` once done. ``probe_tokens`` (k): the step that
+    chose the k-th token also returns the ``Confidence`` of the first k tokens, last in its list
+    (the tier router decides on it before the answer is complete).
+    """
+
+    def __init__(self, tokenizer, prompt_len: int, *, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | tuple[str, ...] | None = None,
+                 probe_tokens: int | None = None):
+        self.probe_tokens = probe_tokens
+        self.tokenizer, self.prompt_len, self.max_new_tokens = tokenizer, prompt_len, max_new_tokens
+        self.temperature, self.top_p, self.stop = temperature, top_p, list(stop) if stop else None
+        self.gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.stats = TokenStats()
+        self.out: list[int] = []
+        self.text, self.finish = "", "length"
+        self.done = max_new_tokens <= 0
+
+    def step(self, logits: torch.Tensor) -> list[str | Confidence]:
+        token = choose_token(logits, self.temperature, self.top_p, self.gen)
+        self.stats.add(logits, token)
+        deltas = self._advance(token)
+        if self.probe_tokens is not None and len(self.stats.entropies) == self.probe_tokens:
+            deltas.append(self.stats.confidence())
+        return deltas
+
+    def _advance(self, token: int) -> list[str | Confidence]:
+        if token == self.tokenizer.eos_token_id:
+            self.finish, self.done = "stop", True
+            return []
+        self.out.append(token)
+        full = self.tokenizer.decode(self.out, skip_special_tokens=True)
+        deltas = []
+        if self.stop and any(s in full for s in self.stop):
+            cut = min(full.index(s) for s in self.stop if s in full)
+            if cut > len(self.text):
+                deltas.append(full[len(self.text):cut])
+            self.text, self.finish, self.done = full[:cut], "stop", True
+            return deltas
+        last = len(self.out) >= self.max_new_tokens
+        if last or not full.endswith("\ufffd"):  # hold back a partial UTF-8 character until the end
+            if len(full) > len(self.text):
+                deltas.append(full[len(self.text):])
+            self.text = full
+        self.done = last
+        return deltas
+
+    def result(self) -> Generation:
+        return Generation(self.text, self.out, self.finish, self.prompt_len, len(self.out), self.stats.mean_entropy,
+                          self.stats.min_prob)
+
 
 def decode_loop(next_logits, prompt_ids: list[int], tokenizer, *, max_new_tokens: int, temperature: float,
-                top_p: float, seed: int | None, stop: list[str] | None) -> Iterator[str | Generation]:
-    """The generation loop shared by whole-model and split inference.
+                top_p: float, seed: int | None, stop: list[str] | None,
+                probe_tokens: int | None = None) -> Iterator[str | Confidence | Generation]:
+    """The one-sequence generation loop shared by whole-model and split inference.
 
     ``next_logits(new_ids)`` feeds the new token ids (the prompt first, then one token at a time)
     through a model that keeps its own KV cache and returns the last position's logits (V,).
-    Yields text deltas as they become printable, then the ``Generation``.
+    Yields text deltas as they become printable (and the probe's ``Confidence``, see ``RowDecoder``),
+    then the ``Generation``.
     """
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    stats = TokenStats()
-    out: list[int] = []
-    text, finish = "", "length"
-    logits = next_logits(prompt_ids)
-    for _ in range(max_new_tokens):
-        token = choose_token(logits, temperature, top_p, gen)
-        stats.add(logits, token)
-        if token == tokenizer.eos_token_id:
-            finish = "stop"
-            break
-        out.append(token)
-        full = tokenizer.decode(out, skip_special_tokens=True)
-        if stop and any(s in full for s in stop):
-            cut = min(full.index(s) for s in stop if s in full)
-            if cut > len(text):
-                yield full[len(text):cut]
-            text, finish = full[:cut], "stop"
-            break
-        if not full.endswith("\ufffd"):  # hold back a partial UTF-8 character
-            if len(full) > len(text):
-                yield full[len(text):]
-            text = full
-        logits = next_logits([token])
-    else:
-        full = tokenizer.decode(out, skip_special_tokens=True)
-        if len(full) > len(text):
-            yield full[len(text):]
-        text = full
-    yield Generation(text, out, finish, len(prompt_ids), len(out), stats.mean_entropy, stats.min_prob)
+    row = RowDecoder(tokenizer, len(prompt_ids), max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_p=top_p, seed=seed, stop=stop, probe_tokens=probe_tokens)
+    if not row.done:
+        logits = next_logits(prompt_ids)
+        while True:
+            yield from row.step(logits)
+            if row.done:
+                break
+            logits = next_logits([row.out[-1]])
+    yield row.result()
 
 
 class CausalGenerator:
@@ -130,10 +185,21 @@ class CausalGenerator:
             raise PromptTooLongError(len(ids), self.max_prompt_tokens)
         return ids
 
-    def stream(self, prompt: str, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, stop: list[str] | None = None, chat: bool = True) -> Iterator[str | Generation]:
-        ids = self.encode_prompt(prompt, chat)
-        max_new_tokens = max(0, min(max_new_tokens, self.max_context - len(ids)))
+    def new_tokens_for(self, ids: list[int], max_new_tokens: int) -> int:
+        """``max_new_tokens`` cut so that prompt + answer fit the model's context."""
+        return max(0, min(max_new_tokens, self.max_context - len(ids)))
+
+    def stream(self, prompt: str | list[int], *, max_new_tokens: int = 32, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+               chat: bool = True, probe_tokens: int | None = None) -> Iterator[str | Confidence | Generation]:
+        """Text deltas, then the ``Generation``. ``prompt``: text (see ``encode_prompt``) or token ids."""
+        if isinstance(prompt, str):
+            ids = self.encode_prompt(prompt, chat)
+        elif len(prompt) > self.max_prompt_tokens:
+            raise PromptTooLongError(len(prompt), self.max_prompt_tokens)
+        else:
+            ids = list(prompt)
+        max_new_tokens = self.new_tokens_for(ids, max_new_tokens)
         cache = DynamicCache(config=self.model.config)
 
         @torch.no_grad()
@@ -142,8 +208,9 @@ class CausalGenerator:
             return self.model(input_ids=x, cache=cache, use_cache=True).logits[0, -1]
 
         yield from decode_loop(next_logits, ids, self.tokenizer, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+                               temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+                               probe_tokens=probe_tokens)
 
-    def generate(self, prompt: str, **kwargs) -> Generation:
+    def generate(self, prompt: str | list[int], **kwargs) -> Generation:
         *_, result = self.stream(prompt, **kwargs)
         return result

@@ -22,6 +22,7 @@ from ..knowledge.bases import BaseStore
 from ..knowledge.errors import KnowledgeError
 from ..knowledge.store import ADAPTER_WEIGHTS_NAME, LINEAGE_NAME, KnowledgeStore
 from ..layout import MODEL_CONFIG_NAME, RunLayout
+from .routing import ROUTING_NAME, RoutingTable
 
 GLOBAL = "global"
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class ServedRun:
         self.bases = BaseStore(self.layout.bases)
         self._verdicts: dict[tuple[str, int], tuple[tuple, str | None]] = {}
         self._verdict_lock = threading.Lock()
+        self._tables: dict[tuple[str, int], tuple[tuple, RoutingTable | None]] = {}
 
     # ------------------------------------------------------------------------- names for clients
     def rel(self, path: str | Path) -> str:
@@ -113,6 +115,42 @@ class ServedRun:
     def skipped_versions(self, adapter: str) -> dict[int, str]:
         """Versions newer than the one ``adapter`` serves that failed verification (version -> why)."""
         return self.intact_version(adapter)[1]
+
+    # ---------------------------------------------------------------------- calibrated routing
+    def routing_table(self, adapter: str, version: int | None) -> RoutingTable | None:
+        """The calibrated routing of ``adapter``'s ``version``: the ``routing.json`` published in the
+        version folder (hash-checked with the weights by ``verify``), else a table calibrated after
+        the run (``inference.calibrate``: ``routing/<adapter>/vNNNN.json``) that names this
+        version's content hash; None when neither (the router then uses serve.routing.*). Cached
+        per file stamp."""
+        if version is None or adapter == "base" or "/" in adapter or adapter.startswith("."):
+            return None
+        from .calibrate import sidecar_path
+
+        # per request on the router's path: no listing of the edges (adapter_store does one)
+        store = self.store if adapter == GLOBAL else KnowledgeStore(self.edges_root / adapter)
+        inside, sidecar = store.folder(version) / ROUTING_NAME, sidecar_path(self.run_dir, adapter, version)
+        stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else None for f in (inside, sidecar))
+        cached = self._tables.get((adapter, version))
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        table = None
+        try:
+            if inside.is_file():
+                if self.verify(adapter, version) is None:
+                    table = RoutingTable.from_json(inside.read_text(encoding="utf-8"))
+            elif sidecar.is_file():
+                table = RoutingTable.from_json(sidecar.read_text(encoding="utf-8"))
+                expected = store.lineage(version).get("content_hash")
+                if table.content_hash != expected or table.adapter != adapter or table.version != version:
+                    log.warning("%s was calibrated for other weights than %s v%04d; using serve.routing.*",
+                                self.rel(sidecar), adapter, version)
+                    table = None
+        except (OSError, ValueError, TypeError) as e:  # unreadable or malformed: the fixed limits
+            log.warning("routing table of %s v%04d unreadable (%s); using serve.routing.*", adapter, version, e)
+            table = None
+        self._tables[(adapter, version)] = (stamp, table)
+        return table
 
     def latest_version(self) -> int | None:
         return self.store.latest_version()

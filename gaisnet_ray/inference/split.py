@@ -121,8 +121,8 @@ class RestRunner:
 
 def split_stream(front: FrontRunner, rest: Callable[[torch.Tensor], torch.Tensor], tokenizer, prompt: str | list[int],
                  *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 stop: list[str] | None = None, chat: bool = True,
-                 system: str | None = None) -> Iterator[str | Generation]:
+                 stop: list[str] | None = None, chat: bool = True, system: str | None = None,
+                 probe_tokens: int | None = None) -> Iterator[str | Generation]:
     """Generate with the front here and ``rest(hidden) -> logits`` wherever the edge is. ``prompt``:
     text (formatted by ``prompt_ids`` with ``chat``/``system``) or the prompt's token ids."""
     ids = list(prompt) if isinstance(prompt, list) else prompt_ids(prompt, tokenizer, chat, system)
@@ -132,4 +132,4 @@ def split_stream(front: FrontRunner, rest: Callable[[torch.Tensor], torch.Tensor
         return rest(hidden)
 
     yield from decode_loop(next_logits, ids, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, seed=seed, stop=stop)
+                           top_p=top_p, seed=seed, stop=stop, probe_tokens=probe_tokens)

@@ -17,6 +17,7 @@ and the integrity check that the weights still hash to the ``content_hash`` of t
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # peft costs seconds to import; only publish() needs it at ru
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-RESERVED_LINEAGE_KEYS = ("version", "content_hash", "num_tensors", "nbytes", "created_at")
+RESERVED_LINEAGE_KEYS = ("version", "content_hash", "num_tensors", "nbytes", "created_at", "files_sha256")
 
 __all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "HISTORY_NAME", "LINEAGE_NAME", "RESERVED_LINEAGE_KEYS",
            "KnowledgeStore"]
@@ -45,8 +46,11 @@ class KnowledgeStore(VersionedStore):
     noun = "version"
     reserved_keys = RESERVED_LINEAGE_KEYS
 
-    def publish(self, version: int, state_dict: StateDict, peft_config: PeftConfig, lineage: dict) -> Path:
-        """Write version ``version`` atomically and return its folder."""
+    def publish(self, version: int, state_dict: StateDict, peft_config: PeftConfig, lineage: dict,
+                files: dict[str, bytes] | None = None) -> Path:
+        """Write version ``version`` atomically and return its folder. ``files``: small extra files
+        published with the weights (e.g. the calibrated ``routing.json``); their sha256 go into the
+        lineage (``files_sha256``) and ``verify`` checks them like the weights."""
         from peft import PeftConfig
 
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
@@ -65,12 +69,20 @@ class KnowledgeStore(VersionedStore):
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         filled = {"content_hash": content_hash(tensors), "num_tensors": len(tensors),
                   "nbytes": sum(tensor_nbytes(t) for t in tensors.values())}
+        files = dict(files or {})
+        if files:
+            taken = sorted(set(files) & {ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LINEAGE_NAME})
+            if taken or any("/" in name or name.startswith(".") for name in files):
+                raise KnowledgeError(f"extra files {sorted(files)} must be plain names other than the store's own")
+            filled["files_sha256"] = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}
 
         def write(tmp: Path) -> None:
             config = copy.deepcopy(peft_config)  # never mutate the caller's config
             config.inference_mode = True  # as PeftModel.save_pretrained writes it
             config.save_pretrained(str(tmp))  # base_model_name_or_path kept as the config carries it
             safetensors.torch.save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
 
         return self._publish(version, write, lineage, extra=lambda _: filled)
 
@@ -95,4 +107,11 @@ class KnowledgeStore(VersionedStore):
             return "its lineage records no content_hash"
         if content_hash(tensors) != expected:
             return f"{ADAPTER_WEIGHTS_NAME} does not match its lineage's content_hash"
+        for name, digest in (record.get("files_sha256") or {}).items():
+            try:
+                data = (folder / name).read_bytes()
+            except OSError:
+                return f"{name} is missing"
+            if hashlib.sha256(data).hexdigest() != digest:
+                return f"{name} does not match its lineage's files_sha256"
         return None

@@ -262,7 +262,7 @@ def announce(run_dir: str | Path, handle: ServingHandle) -> None:
     version, skipped = KnowledgeStore(RunLayout(run_dir).knowledge).latest_intact()
     served = "no knowledge version yet" if version is None else f"knowledge v{version:04d}"
     print(f"serving {Path(run_dir).resolve()} ({served}) at {handle.url} (OpenAI-compatible API under "
-          f"{handle.url}/v1)", flush=True)
+          f"{handle.url}/v1; playground page: {handle.url}/)", flush=True)
     for v, why in sorted(skipped.items()):
         print(f"skipped knowledge v{v:04d}, which fails verification ({why}); serving {served} instead", flush=True)
 

@@ -3,7 +3,8 @@
 Keys come from three places, merged: ``serve.api_keys`` (the config), ``serve.api_key_file`` (one
 key per line; blank lines and ``#`` comments skipped) and the ``GAISNET_API_KEYS`` environment
 variable (comma-separated) of the process that builds the app. With any key set, every route but
-``/health`` needs ``Authorization: Bearer <key>``, which is what OpenAI clients send for ``api_key=``.
+``/health`` and the playground page ``/`` needs ``Authorization: Bearer <key>``, which is what
+OpenAI clients send for ``api_key=``.
 
 The keys themselves stay in the process that builds the app: the ingress replica receives only
 their SHA-256 digests, and a presented key is hashed and compared with every digest in constant
@@ -22,7 +23,8 @@ from pathlib import Path
 from ..config import ConfigError, ServeSettings
 
 API_KEYS_ENV = "GAISNET_API_KEYS"
-OPEN_ROUTES = ("/health",)  # answered without a key (load balancers and probes ask it)
+OPEN_ROUTES = ("/health", "/")  # answered without a key: probes ask /health; "/" is the static playground
+# page (playground.py), which holds no data and sends the key the user types with every API call it makes
 
 
 class ApiKeyError(ConfigError):

@@ -32,4 +32,4 @@ class CloudTier(TierReplica):
 
     async def info(self) -> dict:
         return {"tier": self.tier, "adapters_loaded": {GLOBAL: self.global_slot.current.version},
-                "poll": self.poll_info(), "device": self.torch_device}
+                "poll": self.poll_info(), "batching": self.batch_info(), "device": self.torch_device}

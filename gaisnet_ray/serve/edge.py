@@ -24,6 +24,7 @@ from ..inference.served import GLOBAL, UnknownAdapterError
 from ..inference.split import HiddenStateError, RestRunner, check_hidden
 from ..knowledge.errors import KnowledgeError
 from .errors import ServeError, unknown_model
+from .escalations import EscalationLearner, EscalationRecord
 from .replica import TierReplica, front_layers_for
 from .slots import BASE, GenerationRequest, ModelSlot, ServedModel, TierAnswer
 
@@ -57,6 +58,9 @@ class EdgeTier(TierReplica):
         self._sessions: OrderedDict[str, SplitSession] = OrderedDict()  # least recently used first
         self.evicted = 0
         self._lock = threading.Lock()
+        # serve.learn_from_escalations: what this edge escalated, kept on its node, distilled between rounds
+        self.learner = (EscalationLearner(run_dir, self.settings, self.run.tokenizer, self.run.system_prompt)
+                        if self.settings.learn_from_escalations else None)
         self.start_polling()
 
     # ------------------------------------------------------------------------------ adapters
@@ -85,6 +89,13 @@ class EdgeTier(TierReplica):
         served = await self.current()
         async for item in self.answer_stream(served, req):
             yield item
+
+    async def record_escalation(self, record: EscalationRecord) -> bool:
+        """Keep an escalation of one of the edges' adapters with the cloud's answer (the router's
+        ``escalations.hand_back``); False when learning is off or the record is not kept."""
+        if self.learner is None or record.edge not in self.known_adapters():
+            return False
+        return await asyncio.to_thread(self.learner.record, record)
 
     # ----------------------------------------------------------------------- split inference
     async def split_forward(self, session_id: str, past_len: int, version: int | None, payload: bytes,
@@ -188,6 +199,8 @@ class EdgeTier(TierReplica):
             stale = [sid for sid, s in self._sessions.items() if s.last_used < cutoff]
             for sid in stale:
                 self._sessions.pop(sid).runner.close(sid)
+        if self.learner is not None:  # between rounds: distil escalations into the served edge adapters
+            self.learner.on_tick(dict(self._slots))
 
     async def split_info(self) -> dict:
         """What a device needs to run the front half: the cut, the model's sizes, the served version."""
@@ -209,5 +222,7 @@ class EdgeTier(TierReplica):
                       "max_sessions": self.settings.max_split_sessions, "evicted_sessions": self.evicted,
                       "pinned_versions": [f"{a}@v{v}" for a, v in self._pinned]},
             "poll": self.poll_info(),
+            "batching": self.batch_info(),
             "device": self.torch_device,
+            "learning": self.learner.info() if self.learner is not None else None,
         }

@@ -4,7 +4,7 @@
    the proxy the gate makes one and sets the header itself), and a guard that turns any exception
    the routes did not handle into a JSON 500 with a generic message and that id; the traceback goes
    to the server log only;
-2. the API key (``auth.py``), for every route but ``/health``: 401 JSON;
+2. the API key (``auth.py``), for every route but ``auth.OPEN_ROUTES`` (``/health``, the page ``/``): 401 JSON;
 3. admission: at most ``ingress_max_ongoing_requests`` requests run, ``ingress_max_queued_requests``
    wait; any more get a JSON 503 with ``Retry-After`` at once;
 4. the body: 413 JSON when ``Content-Length`` is over the cap, else the body is read here in

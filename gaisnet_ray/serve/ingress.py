@@ -2,9 +2,10 @@
 
 It composes the tiers through the ``DeploymentHandle``s passed to its constructor; which tier
 answers is ``router.TierRouter``'s (the policy of ``gaisnet_ray.inference.routing``: an explicit tier
-hint overrides; otherwise the edge answers first with the adapter that knows the prompt's domain
-best, and a low-confidence answer escalates to the cloud). Every answer says which tier served it, why, and at which knowledge
-version. Errors are JSON in OpenAI's shape with a 4xx/5xx status (``failures.py``); a tier over its
+hint overrides; otherwise the edge starts with the adapter that knows the prompt's domain best, and
+a low-confidence probe of its first tokens escalates to the cloud). Every answer says which tier
+served it, why, and at which knowledge version; a stream says it in its first chunk, then sends
+text as it is generated. The routing metrics (``metrics.py``) are recorded here. Errors are JSON in OpenAI's shape with a 4xx/5xx status (``failures.py``); a tier over its
 queue limit gives 503 with Retry-After. Before a route runs, every request passes the gate
 (``gate.py``): API key, admission (the ingress sheds load itself, so Serve's proxy never answers a
 plain-text 503), body cap and read timeout, and the 500 guard that keeps tracebacks in the log.
@@ -13,10 +14,11 @@ plain-text 503), body cap and read timeout, and the 500 guard that keeps traceba
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at run time.
 import asyncio
 import logging
+import time
 from typing import AsyncIterator, Literal
 
 from fastapi import FastAPI, Header, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -38,8 +40,9 @@ from .api import (
 from .errors import ServeError, internal_error, overloaded, unknown_model
 from .failures import as_serve_error, install_error_handlers
 from .gate import Admission, Gate, HttpPolicy, configure as configure_gate, request_id
+from .playground import PAGE_HEADERS, page_html
 from .router import Route, TierRouter
-from .slots import BASE, GenerationRequest, StreamStart, TierAnswer
+from .slots import BASE, GenerationRequest, TierAnswer
 
 log = logging.getLogger(__name__)
 api = FastAPI(title="gaisnet", description="Tiered inference over GaisNet's relayed knowledge")
@@ -72,9 +75,16 @@ class Router(TierRouter):
         n = self.settings.default_new_tokens if max_new_tokens is None else max_new_tokens
         if n > limit:
             raise ServeError(422, "invalid_field", f"field '{param}': {n} is over this server's limit of {limit}", param)
+        a = self.admission
+        self.metrics.set_depth("ingress", a.running + a.waiting)  # sampled as each generating request starts
         return GenerationRequest(prompt, n, temperature, top_p, seed, stop_list(stop), chat=chat, route_text=route_text)
 
     # ------------------------------------------------------------------------------ routes
+    @api.get("/", include_in_schema=False)
+    async def playground(self) -> HTMLResponse:
+        """The playground page (``playground.py``): static, needs no key; its API calls send one."""
+        return HTMLResponse(page_html(), headers=PAGE_HEADERS)
+
     @api.get("/health")
     async def health(self) -> JSONResponse:
         catalog = self.catalog()
@@ -156,39 +166,45 @@ class Router(TierRouter):
             routed = await self.route(req, tier=body.tier, domain=domain, adapter=adapter)
             return JSONResponse(shape.response(routed), headers=routed.headers())
         route, items = await self.route_stream(req, tier=body.tier, domain=domain, adapter=adapter)
-        start = await items.__anext__()
-        if not isinstance(start, StreamStart):
-            raise ServeError(500, "bad_stream", f"a tier stream began with {type(start).__name__}, not StreamStart")
-        headers = tier_headers(start.tier, start.adapter, start.version, route.decision)
-        events = self._sse(shape, route, items, body.include_usage)
+        await items.__anext__()  # the StreamStart: who answers is route.start
+        s = route.start
+        headers = tier_headers(s.tier, s.adapter, s.version, route.decision)
+        events = self._sse(shape, req, route, items, body.include_usage)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache"})
 
-    async def _sse(self, shape: OpenAIShape, route: Route, items: AsyncIterator,
+    async def _sse(self, shape: OpenAIShape, req: GenerationRequest, route: Route, items: AsyncIterator,
                    include_usage: bool) -> AsyncIterator[bytes]:
-        final = None
-        try:
-            if shape.kind == "chat":
-                yield sse(shape.chunk(None, first=True))
-            async for item in items:
-                if isinstance(item, TierAnswer):
-                    final = item
-                elif item:
-                    yield sse(shape.chunk(item))
-        except Exception as e:  # after the 200 header: the error goes into the stream, then it ends
-            err = as_serve_error(e, self.settings.retry_after_s)
-            if err is None:  # a bug: the traceback goes to the log, the client gets the request id
-                log.exception("request %s: stream failed", request_id())
-                err = internal_error(request_id())
-            else:
-                log.warning("request %s: stream failed: %s", request_id(), err)
-            yield sse(err.body())
-            yield SSE_DONE
-            return
+        """The first chunk carries ``gaisnet`` (the answering tier, known before any text: ``Route.head``),
+        then text deltas as the tier generates them, then the final chunk with the whole ``gaisnet``."""
+        final, first_text = None, True
+        tier = route.start.tier
+        with self.metrics.running(tier):
+            try:
+                yield sse(shape.chunk(None, first=True, gaisnet=route.head()))
+                async for item in items:
+                    if isinstance(item, TierAnswer):
+                        final = item
+                    elif item:
+                        if first_text:
+                            self.metrics.first_token(tier, time.perf_counter() - route.started)
+                            first_text = False
+                        yield sse(shape.chunk(item))
+            except Exception as e:  # after the 200 header: the error goes into the stream, then it ends
+                err = as_serve_error(e, self.settings.retry_after_s)
+                if err is None:  # a bug: the traceback goes to the log, the client gets the request id
+                    log.exception("request %s: stream failed", request_id())
+                    err = internal_error(request_id())
+                else:
+                    log.warning("request %s: stream failed: %s", request_id(), err)
+                yield sse(err.body())
+                yield SSE_DONE
+                return
         if final is None:
             yield sse(ServeError(500, "empty_stream", "the tier ended the stream without an answer").body())
             yield SSE_DONE
             return
+        self.finished(req, route, final)
         routed = RoutedAnswer(final, route.decision, route.domain, route.edge_attempt)
         yield sse(shape.chunk(None, finish_reason=final.generation.finish_reason, gaisnet=routed.gaisnet()))
         if include_usage:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..inference.batch import BatchRow
 from ..inference.generate import CausalGenerator, Generation, PromptTooLongError
 from ..inference.served import ServedRun
 from ..inference.split import RestRunner
@@ -38,10 +39,12 @@ class GenerationRequest:
     stop: tuple[str, ...] | None = None
     chat: bool = True  # prompt is a user turn (chat template, as in training); False: raw text
     route_text: str | None = None  # what domain inference reads (the last user message); None: prompt
+    probe_tokens: int | None = None  # the stream carries the Confidence of the first k tokens (the router's probe)
 
     def decode_kwargs(self) -> dict:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "seed": self.seed, "stop": list(self.stop) if self.stop else None, "chat": self.chat}
+                "seed": self.seed, "stop": list(self.stop) if self.stop else None, "chat": self.chat,
+                "probe_tokens": self.probe_tokens}
 
 
 @dataclass
@@ -94,6 +97,15 @@ class ServedModel:
         except PromptTooLongError as e:
             raise prompt_too_long(e.prompt_tokens, e.limit) from None
         return TierAnswer(tier, self.adapter, self.version, gen, time.perf_counter() - started)
+
+    def batch_row(self, req: GenerationRequest) -> BatchRow:
+        """``req`` as a row of a batch: its prompt's tokens (checked against the limit) and settings."""
+        try:
+            ids = self.generator.encode_prompt(req.prompt, req.chat)
+        except PromptTooLongError as e:
+            raise prompt_too_long(e.prompt_tokens, e.limit) from None
+        return BatchRow(tuple(ids), self.generator.new_tokens_for(ids, req.max_new_tokens), req.temperature,
+                        req.top_p, req.seed, req.stop, req.probe_tokens, cancel=threading.Event())
 
     def split_model(self) -> SplitModel:
         """The model as segments (for split inference); the base model has no adapter to split."""
