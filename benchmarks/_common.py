@@ -129,3 +129,20 @@ def footer(data: dict[str, Any]) -> str:
     """The closing line of a result table: command, wall time, host, date, versions."""
     return (f"Command: `{data['command']}` - wall {data['wall_s']:.0f} s on {data['host']['cpu_count']} CPUs, "
             f"{data['date']}. Versions: {versions_line(data['versions'])}.")
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (raylet, GCS, Ray workers and actors), from /proc."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, frontier = [], [root]
+    while frontier:
+        frontier = [p for p, pp in parent.items() if pp in frontier]
+        out += frontier
+    return out

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from _common import TINY_YAML, envelope, footer, make_config, md_table, quiet, write_results
+from _common import TINY_YAML, descendants, envelope, footer, make_config, md_table, quiet, write_results
 
 NAME = "overhead"
 BASE_OVERRIDES = ["training.pretrain_steps=0", "run.progress=false"]
@@ -62,28 +62,10 @@ def compare_knowledge(a: dict, b: dict) -> dict:
     }
 
 
-def _descendants(root: int) -> list[int]:
-    """Every live process below ``root`` (raylet, GCS, Ray workers and actors), from /proc."""
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    out, frontier = [], [root]
-    while frontier:
-        kids = [p for p, pp in parent.items() if pp in frontier]
-        out += kids
-        frontier = kids
-    return out
-
-
 def pin_tree(cpus: set[int]) -> dict:
     """Pin this process and every descendant, thread by thread, to ``cpus`` (new threads and
     processes inherit it). Returns what was pinned and the affinity read back."""
-    pids = [os.getpid(), *_descendants(os.getpid())]
+    pids = [os.getpid(), *descendants(os.getpid())]
     tasks = 0
     for pid in pids:
         try:

@@ -37,7 +37,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from _common import REPO, RESULTS, TINY_YAML, envelope, footer, md_table, write_results
+from _common import REPO, RESULTS, TINY_YAML, descendants, envelope, footer, md_table, write_results
 
 NAME = "vs_flower"
 FLWR = "1.42.0"
@@ -68,22 +68,6 @@ def ensure_flower_venv(venv: Path) -> Path:
 
 
 # ------------------------------------------------------------------------- process-tree memory
-def _tree(root: int) -> list[int]:
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    out, frontier = [root], [root]
-    while frontier:
-        frontier = [p for p, pp in parent.items() if pp in frontier]
-        out += frontier
-    return out
-
-
 def _name(pid: int) -> str:
     """A short name for a process: Ray's title for its workers (ray::EndNode), else the command."""
     try:
@@ -124,7 +108,7 @@ class TreeSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            pids = _tree(self.pid)
+            pids = [self.pid, *descendants(self.pid)]
             mem = [_mem_kb(p) for p in pids]
             if sum(m[0] for m in mem) > self.peak_rss_kb:  # what the tree held at its peak, process by process
                 self.peak_rss_kb = sum(m[0] for m in mem)
