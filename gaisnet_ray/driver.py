@@ -11,6 +11,7 @@ on refs, telling a dead actor from a failing call, restarting a worker.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -61,6 +62,18 @@ def _dead_actor_id(err: BaseException) -> str | None:
     return None
 
 
+_IMPORTS = threading.Lock()
+
+
+def _import_model_libraries() -> None:
+    """Finish importing transformers before planning reads model configs. Its lazy module is not safe
+    to import from two threads at once (two drivers in one process, as tests/test_cluster_mode.py
+    places them, raised ``ImportError: cannot import name 'AutoConfig'``); the driver imports it lazily
+    so that ``import gaisnet_ray.driver`` stays light, so the first import happens under one lock."""
+    with _IMPORTS:
+        from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
+
+
 def _config_num_layers(cfg: Config) -> int | None:
     """The foundation's block count from the model's config alone (no weights), or None if that
     cannot be read here (then the driver asks the cloud once it is up)."""
@@ -81,6 +94,7 @@ class GaisNetDriver:
         # the planner (topology.planner, planner.*): the plan's cuts go into the config every tier builds
         # from; ``planned``: what planner.runtime.prepare_run already returned for ``cfg`` (run_job plans
         # before its memory check)
+        _import_model_libraries()
         self.cfg, self.run_plan = planned or prepare_run(cfg, sample_counts=planned_sample_counts(cfg),
                                                          run_dir=run_dir)
         cfg = self.cfg
