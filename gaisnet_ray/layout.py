@@ -53,6 +53,7 @@ AUDIT_DIR = "audit"
 LOGS_DIR = "logs"
 LOG_NAME = "gaisnet.log"
 ORPHANED_DIR = "orphaned"
+ROUTING_DIR = "routing"  # routing/<adapter>/vNNNN.json: cascade thresholds calibrated after the run
 EDGES_PRIVATE_DIR = "edges_private"  # each edge's own serving data, outside knowledge/ (which is relayed)
 
 VERSION_PREFIX = "v"  # knowledge/v0000, knowledge/edges/<edge>/v0000
@@ -93,6 +94,11 @@ class RunLayout:
     @property
     def plan(self) -> Path:
         return self.root / PLAN_NAME
+
+    def routing_table(self, adapter: str, version: int) -> Path:
+        """Thresholds calibrated for ``adapter`` at ``version`` after the run (versions published
+        since the cascade existed carry theirs inside the version folder instead)."""
+        return self.root / ROUTING_DIR / adapter / f"{version_name(version)}.json"
 
     @property
     def privacy_plot(self) -> Path:

@@ -36,12 +36,12 @@ import torch
 from transformers import GenerationConfig
 
 from ..data import Example, encode_prompt
+from ..layout import RunLayout
 from .routing import SIGNALS, DomainCalibration, RoutingTable
 
 OBJECTIVE = ("per domain, the lowest confidence threshold at which the edge answers it keeps are "
              "exactly right at least as often as the cloud's answers to the same prompts "
              "(tiered EM >= cloud EM on the held-out slice), escalating the fewest")
-SIDECAR_DIR = "routing"  # RUN_DIR/routing/<adapter>/vNNNN.json: tables calibrated after the run
 MEASURE_BATCH = 32
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def in_fold(prompt: str, fold: tuple[int, int] | None) -> bool:
 
 # --------------------------------------------------------------------- an existing run folder
 def sidecar_path(run_dir: str | Path, adapter: str, version: int) -> Path:
-    return Path(run_dir) / SIDECAR_DIR / adapter / f"v{version:04d}.json"
+    return RunLayout(run_dir).routing_table(adapter, version)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from .generate import Generation
 
 TIERS = ("end", "edge", "cloud")
-ROUTING_NAME = "routing.json"  # in a knowledge version folder, hash recorded as lineage 'routing_sha256'
+ROUTING_NAME = "routing.json"  # in a knowledge version folder, hash recorded in the lineage's 'files_sha256'
 SIGNALS = ("min_token_prob", "mean_entropy")  # confidence signals a calibrated rule may use
 
 
