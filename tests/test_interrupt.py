@@ -52,9 +52,13 @@ def test_ctrl_c_exits_130_keeps_finished_rounds_and_the_console_showed_only_even
     run = tmp_path / "run"
     sets = [a for kv in LONG for a in ("--set", kv)]
     err_path = tmp_path / "stderr.txt"
+    # SIGINT at its default, as a terminal's foreground job has it: a shell that starts jobs in the background
+    # without job control (`cmd &` in a script, nohup) hands them SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler, so the Ctrl-C below would be lost (seen when the suite itself ran that way)
     with open(err_path, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "gaisnet_ray", "run", str(TINY_YAML), *sets, "--out", str(run)],
-                                stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pgid = proc.pid
     try:
         deadline = time.monotonic() + 300
