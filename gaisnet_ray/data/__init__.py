@@ -15,7 +15,7 @@ from gaisnet_ray.data.domains import (
     get_domain,
     sample_examples,
 )
-from gaisnet_ray.data.encode import IGNORE_INDEX, Tokenizer, encode_examples, encode_prompt
+from gaisnet_ray.data.encode import IGNORE_INDEX, Tokenizer, encode_examples, encode_prompt, left_padded_batches
 from gaisnet_ray.data.jsonl import DatasetError, load_jsonl
 from gaisnet_ray.data.partition import partition_dirichlet, partition_iid
 from gaisnet_ray.data.records import RecordFact, record_facts
@@ -36,6 +36,7 @@ __all__ = [
     "device_examples",
     "encode_examples",
     "encode_prompt",
+    "left_padded_batches",
     "eval_examples",
     "get_domain",
     "load_jsonl",

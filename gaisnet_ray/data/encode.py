@@ -15,7 +15,7 @@ Labels sit at the same positions as input_ids; the model shifts them (Hugging Fa
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 
@@ -100,3 +100,20 @@ def lengths_of(labels: torch.Tensor) -> torch.Tensor:
     padding after) -> (N,) real tokens in each sequence."""
     t = torch.arange(labels.shape[1]).expand_as(labels)
     return torch.where(labels != -100, t + 1, torch.zeros_like(t)).max(dim=1).values
+
+
+def left_padded_batches(encoded: Sequence[list[int]], batch_size: int,
+                        pad: int) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Prompts for batched ``model.generate``: (indices into ``encoded``, ids (B, T0) left-padded with
+    ``pad``, attention mask), batches of similar lengths (sorted by length, so they pad less)."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(encoded[i])
+            ids[row, width - n:] = torch.tensor(encoded[i])
+            mask[row, width - n:] = 1
+        yield idx, ids, mask

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from ..data import Example, encode_examples, encode_prompt
+from ..data import Example, encode_examples, encode_prompt, left_padded_batches
 
 GENERATE_BATCH = 32  # prompts per generate() call
 LOSS_BATCH = 16  # rows per forward of the held-out loss: (B, T, V) logits, ~0.4 GB at SmolLM2's vocab
@@ -46,17 +46,9 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, sy
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                eos_token_id=eos, bos_token_id=tokenizer.bos_token_id)
     encoded = [encode_prompt(p, tokenizer, system) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths pad less
     out: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)  # (B, T0), left-padded
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            n = len(encoded[i])
-            ids[row, width - n :] = torch.tensor(encoded[i])
-            mask[row, width - n :] = 1
+    for idx, ids, mask in left_padded_batches(encoded, batch_size, pad):
+        width = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
         for row, i in enumerate(idx):
             new = gen[row, width:].tolist()

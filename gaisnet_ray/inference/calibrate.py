@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from ..data import Example, encode_prompt
+from ..data import Example, encode_prompt, left_padded_batches
 from ..layout import RunLayout
 from .routing import SIGNALS, DomainCalibration, RoutingTable
 
@@ -132,16 +132,9 @@ def measure(model, tokenizer, prompts: list[str], max_new_tokens: int, system: s
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos,
                            bos_token_id=tokenizer.bos_token_id, output_logits=True, return_dict_in_generate=True)
     encoded = [encode_prompt(p, tokenizer, system) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[Measured | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)  # (B, T0), left-padded
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
+    for idx, ids, mask in left_padded_batches(encoded, batch_size, pad):
+        width = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg)
         logits = torch.stack(gen.logits, dim=1).float()  # (B, steps, V)
         logp = torch.log_softmax(logits, dim=-1)
