@@ -146,3 +146,33 @@ def descendants(root: int) -> list[int]:
         frontier = [p for p, pp in parent.items() if pp in frontier]
         out += frontier
     return out
+
+
+def closed_loop_clients(url: str, items: list, concurrency: int, ask, timeout: float = 600) -> tuple[list[dict], float]:
+    """Closed-loop load: ``concurrency`` threads, each with its own keep-alive ``httpx.Client`` on
+    ``url``, take the next of ``items`` (in order) until none is left and record ``ask(client, item)``
+    (a dict per request). Returns the records and the wall time."""
+    import threading
+
+    import httpx
+
+    queue, records, lock = list(items), [], threading.Lock()
+
+    def worker():
+        with httpx.Client(base_url=url, timeout=timeout) as client:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    item = queue.pop(0)
+                rec = ask(client, item)
+                with lock:
+                    records.append(rec)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return records, time.perf_counter() - t0

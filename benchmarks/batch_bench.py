@@ -29,11 +29,10 @@ import gc
 import json
 import socket
 import statistics
-import threading
 import time
 from pathlib import Path
 
-from _common import RESULTS, envelope, footer, make_config, md_table, quiet, write_results
+from _common import RESULTS, closed_loop_clients, envelope, footer, make_config, md_table, quiet, write_results
 
 NAME = "batch_bench"
 WHY_SMALL = ("Served gain is small for a measured reason: Ray Serve 2.60's `@serve.batch` forms a batch when its first request arrives (plus `serve.batch_wait_timeout_s`), not when the model is free, and queues formed batches behind the running one (`max_concurrent_batches` 1); requests arriving during a batch therefore form small batches of their own (1.2-2.5 requests per forward at 4-16 clients, against up to 16 in the core table), and a batch runs until its longest answer ends. The one-at-a-time path runs requests side by side in threads on both cores. Next step: a queue of our own that takes every waiting request when the model frees up, or rows joining a running batch between steps (continuous batching).\n")
@@ -108,34 +107,14 @@ def core(run_dir: Path, sizes: list[int], n_prompts: int, max_new_tokens: int) -
 
 
 def closed_loop(url: str, prompts: list[str], clients: int, n: int, max_new_tokens: int) -> dict:
-    import httpx
+    def ask(c, i) -> dict:
+        t0 = time.perf_counter()
+        r = c.post("/v1/generate", json={"prompt": prompts[i % len(prompts)], "tier": "cloud",
+                                         "max_new_tokens": max_new_tokens})
+        return {"status": r.status_code, "latency_s": time.perf_counter() - t0,
+                "tokens": r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0}
 
-    todo = list(range(n))
-    lock = threading.Lock()
-    records: list[dict] = []
-
-    def worker():
-        with httpx.Client(base_url=url, timeout=600) as c:
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    i = todo.pop()
-                t0 = time.perf_counter()
-                r = c.post("/v1/generate", json={"prompt": prompts[i % len(prompts)], "tier": "cloud",
-                                                 "max_new_tokens": max_new_tokens})
-                rec = {"status": r.status_code, "latency_s": time.perf_counter() - t0,
-                       "tokens": r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0}
-                with lock:
-                    records.append(rec)
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    records, wall = closed_loop_clients(url, list(range(n)), clients, ask)
     ok = [r for r in records if r["status"] == 200]
     return {"clients": clients, "requests": n, "ok": len(ok), "wall_s": wall, "req_s": len(ok) / wall,
             "tok_s": sum(r["tokens"] for r in ok) / wall,

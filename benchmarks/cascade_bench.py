@@ -35,11 +35,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from _common import envelope, footer, md_table, quiet, write_results
+from _common import closed_loop_clients, envelope, footer, md_table, quiet, write_results
 
 NAME = "cascade_bench"
 MODES = {"tiered": {}, "cloud-only": {"tier": "cloud"}, "edge-only": {"tier": "edge"}}
@@ -67,39 +66,25 @@ def link_s(body: bytes, answer: bytes, to_cloud: bool, links) -> float:
 
 def run_workload(url: str, examples: list, extra: dict, concurrency: int, max_new_tokens: int, links) -> dict:
     """Closed loop: each client takes the next example, waits for the answer, then the modeled link time."""
-    import httpx
 
-    records, lock, queue = [], threading.Lock(), list(enumerate(examples))
+    def ask(c, item) -> dict:
+        i, ex = item
+        body = json.dumps({"prompt": ex.prompt, "max_new_tokens": max_new_tokens, **extra}).encode()
+        t0 = time.perf_counter()
+        r = c.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+        serve_s = time.perf_counter() - t0
+        rec = {"i": i, "domain": ex.domain, "status": r.status_code, "serve_s": serve_s}
+        if r.status_code == 200:
+            a = r.json()
+            to_cloud = a["tier"] == "cloud" or bool(a.get("escalated"))
+            wire = link_s(body, r.content, to_cloud, links)
+            time.sleep(wire)
+            rec.update(tier=a["tier"], adapter=a["adapter"], escalated=bool(a.get("escalated")),
+                       exact=a["text"].strip() == ex.answer, link_s=wire, latency_s=serve_s + wire)
+        return rec
 
-    def worker():
-        with httpx.Client(base_url=url, timeout=600) as c:
-            while True:
-                with lock:
-                    if not queue:
-                        return
-                    i, ex = queue.pop(0)
-                body = json.dumps({"prompt": ex.prompt, "max_new_tokens": max_new_tokens, **extra}).encode()
-                t0 = time.perf_counter()
-                r = c.post("/v1/generate", content=body, headers={"content-type": "application/json"})
-                serve_s = time.perf_counter() - t0
-                rec = {"i": i, "domain": ex.domain, "status": r.status_code, "serve_s": serve_s}
-                if r.status_code == 200:
-                    a = r.json()
-                    to_cloud = a["tier"] == "cloud" or bool(a.get("escalated"))
-                    wire = link_s(body, r.content, to_cloud, links)
-                    time.sleep(wire)
-                    rec.update(tier=a["tier"], adapter=a["adapter"], escalated=bool(a.get("escalated")),
-                               exact=a["text"].strip() == ex.answer, link_s=wire, latency_s=serve_s + wire)
-                with lock:
-                    records.append(rec)
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {"records": records, "wall_s": time.perf_counter() - t0}
+    records, wall = closed_loop_clients(url, list(enumerate(examples)), concurrency, ask)
+    return {"records": records, "wall_s": wall}
 
 
 def summarize(passes: list[dict]) -> dict:

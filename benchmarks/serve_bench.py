@@ -32,11 +32,10 @@ import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from _common import envelope, footer, make_config, md_table, quiet, write_results
+from _common import closed_loop_clients, envelope, footer, make_config, md_table, quiet, write_results
 
 NAME = "serve_bench"
 MODES = {"tiered": {}, "cloud-only": {"tier": "cloud"}, "edge-only": {"tier": "edge"}}
@@ -69,38 +68,22 @@ def percentile(xs: list[float], q: float) -> float:
 def run_workload(url: str, examples: list, body_extra: dict, concurrency: int, max_new_tokens: int) -> dict:
     """Closed loop: ``concurrency`` threads, each with its own keep-alive connection, take the next
     example until none is left. Returns per-request records and the wall time."""
-    import httpx
 
-    records: list[dict] = []
-    lock = threading.Lock()
-    queue = list(enumerate(examples))
+    def ask(c, item) -> dict:
+        i, ex = item
+        body = {"prompt": ex.prompt, "max_new_tokens": max_new_tokens, **body_extra}
+        t0 = time.perf_counter()
+        r = c.post("/v1/generate", json=body)
+        dt = time.perf_counter() - t0
+        rec = {"i": i, "domain": ex.domain, "latency_s": dt, "status": r.status_code}
+        if r.status_code == 200:
+            a = r.json()
+            rec.update(tier=a["tier"], adapter=a["adapter"], escalated=a["escalated"],
+                       exact=a["text"].strip() == ex.answer, version=a["version"])
+        return rec
 
-    def worker():
-        with httpx.Client(base_url=url, timeout=300) as c:
-            while True:
-                with lock:
-                    if not queue:
-                        return
-                    i, ex = queue.pop(0)
-                body = {"prompt": ex.prompt, "max_new_tokens": max_new_tokens, **body_extra}
-                t0 = time.perf_counter()
-                r = c.post("/v1/generate", json=body)
-                dt = time.perf_counter() - t0
-                rec = {"i": i, "domain": ex.domain, "latency_s": dt, "status": r.status_code}
-                if r.status_code == 200:
-                    a = r.json()
-                    rec.update(tier=a["tier"], adapter=a["adapter"], escalated=a["escalated"],
-                               exact=a["text"].strip() == ex.answer, version=a["version"])
-                with lock:
-                    records.append(rec)
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {"records": records, "wall_s": time.perf_counter() - t0}
+    records, wall = closed_loop_clients(url, list(enumerate(examples)), concurrency, ask, timeout=300)
+    return {"records": records, "wall_s": wall}
 
 
 def summarize(passes: list[dict]) -> dict:

@@ -85,32 +85,28 @@ def kept_record(req, domain: str | None, answer) -> EscalationRecord | None:
                             None, time.time(), source="edge")
 
 
-def hand_back(edge_handle, settings: ServeSettings, req, domain: str | None, edge_attempt, cloud_answer) -> None:
-    """Router side: give the cloud's answer to the edge that escalated (fire and forget; never
-    raises: learning must not fail a request that was answered)."""
-    if not settings.learn_from_escalations:
-        return
-    record = escalation_record(req, domain, edge_attempt, cloud_answer)
+def _send(edge_handle, record: EscalationRecord | None, what: str) -> None:
+    """Fire and forget ``record`` to the edge replica holding its adapter; a lost record is logged,
+    never raised: learning must not fail a request that was answered."""
     if record is None:
         return
     try:
         edge_handle.options(multiplexed_model_id=record.edge).record_escalation.remote(record)
-    except Exception as e:  # noqa: BLE001 - a lost record is logged, the answer still goes out
-        log.warning("could not hand an escalation back to %s: %s: %s", record.edge, type(e).__name__, e)
+    except Exception as e:  # noqa: BLE001 - the answer still goes out
+        log.warning("could not hand %s back to %s: %s: %s", what, record.edge, type(e).__name__, e)
+
+
+def hand_back(edge_handle, settings: ServeSettings, req, domain: str | None, edge_attempt, cloud_answer) -> None:
+    """Router side: give the cloud's answer to the edge that escalated."""
+    if settings.learn_from_escalations:
+        _send(edge_handle, escalation_record(req, domain, edge_attempt, cloud_answer), "an escalation")
 
 
 def hand_back_kept(edge_handle, settings: ServeSettings, req, domain: str | None, answer) -> None:
     """Router side, ``serve.learn.anchors``: an edge answer the router kept goes to that edge as an
-    anchor for its next distillation (fire and forget; never raises)."""
-    if not (settings.learn_from_escalations and settings.learn.anchors):
-        return
-    record = kept_record(req, domain, answer)
-    if record is None:
-        return
-    try:
-        edge_handle.options(multiplexed_model_id=record.edge).record_escalation.remote(record)
-    except Exception as e:  # noqa: BLE001 - a lost anchor is logged, the answer still goes out
-        log.warning("could not hand a kept answer back to %s: %s: %s", record.edge, type(e).__name__, e)
+    anchor for its next distillation."""
+    if settings.learn_from_escalations and settings.learn.anchors:
+        _send(edge_handle, kept_record(req, domain, answer), "a kept answer")
 
 
 def store_folder(run_dir: str | Path, learn: LearnSettings, edge: str) -> Path:
