@@ -29,8 +29,16 @@ class ModelConfig(Section):
 
 
 class PeftConfig(Section):
-    method: Literal["lora"] = Field("lora", description="Adapter kind relayed as knowledge.")
-    r: int = Field(8, ge=1, le=512, description="LoRA rank.")
+    method: Literal["lora", "prefix"] = Field(
+        "lora", description="Knowledge kind trained and relayed: lora (low-rank adapters on the linears) or prefix "
+        "(deep prompts, P-Tuning v2: trainable key/value prefixes in every block, each tier training those of the "
+        "blocks it runs; stored as peft PrefixTuningConfig, no projection). prefix needs relay.policy none."
+    )
+    num_virtual_tokens: int = Field(
+        8, ge=1, le=256, description="peft.method prefix: key/value prefix length per block (virtual tokens); "
+        "the real tokens take positions after them, so a GPT-2 needs max_seq_len + this within its positions."
+    )
+    r: int = Field(8, ge=1, le=512, description="LoRA rank (peft.method lora).")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (lora_alpha).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     freeze_a: bool = Field(
@@ -41,3 +49,15 @@ class PeftConfig(Section):
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; None picks the family's attention+MLP linears."
     )
+
+
+def check_knowledge_method(peft: PeftConfig, relay_policy: str) -> None:
+    """A knowledge kind the relay cannot handle is refused by key (torch-free: it runs when the
+    config loads, before Ray). A prefix cannot be folded into the base weights (``merge``);
+    distilling prefix teachers into the base is not supported yet."""
+    from .section import ConfigError
+
+    if peft.method == "prefix" and relay_policy != "none":
+        why = ("a key/value prefix cannot be folded into the base weights" if relay_policy == "merge"
+               else "distilling prefix knowledge into the base is not supported yet")
+        raise ConfigError(f"peft.method prefix needs relay.policy none (got '{relay_policy}'): {why}")

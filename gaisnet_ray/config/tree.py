@@ -3,9 +3,11 @@ them. Each component gets only its own section, never the whole tree."""
 
 from __future__ import annotations
 
+from pydantic import model_validator
+
 from .cloud import CloudEngineConfig
 from .data import DataConfig
-from .model import ModelConfig, PeftConfig
+from .model import ModelConfig, PeftConfig, check_knowledge_method
 from .planner import PlannerConfig
 from .privacy import PrivacyConfig
 from .run import RunConfig
@@ -29,3 +31,8 @@ class Config(Section):
     privacy: PrivacyConfig = PrivacyConfig()
     serve: ServeSettings = ServeSettings()
     run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _check_knowledge(self) -> "Config":
+        check_knowledge_method(self.peft, self.relay.policy)  # a prefix cannot be merged into the base
+        return self

@@ -22,6 +22,7 @@ from ..knowledge.bases import BaseStore
 from ..knowledge.errors import KnowledgeError
 from ..knowledge.store import ADAPTER_WEIGHTS_NAME, LINEAGE_NAME, KnowledgeStore
 from ..layout import MODEL_CONFIG_NAME, RunLayout
+from ..models.prefix import refuse_prefix_serving
 from .routing import ROUTING_NAME, RoutingTable
 
 GLOBAL = "global"
@@ -217,5 +218,6 @@ class ServedRun:
                 raise FileNotFoundError(f"no intact knowledge version of '{adapter}' in {self.run_dir.name} ({why})")
         elif version in store.versions() and (why := self.verify(adapter, version)) is not None:
             raise DamagedVersionError(f"version {version} of '{adapter}' is damaged: {why}")
+        refuse_prefix_serving(store.path(version))  # the serving paths run their own KV cache
         base = self.load_base(self.base_dir_for(store, version))
         return PeftModel.from_pretrained(base, store.path(version)).eval(), version

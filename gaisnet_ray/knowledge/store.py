@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ from gaisnet_ray.knowledge.aggregate import StateDict, check_finite
 from gaisnet_ray.knowledge.accounting import content_hash, tensor_nbytes
 from gaisnet_ray.knowledge.errors import KnowledgeError
 from gaisnet_ray.knowledge.versioned import HISTORY_NAME, LINEAGE_NAME, VersionedStore
+from gaisnet_ray.models.prefix import PEFT_PREFIX_KEY, from_peft_layout, to_peft_layout
 
 if TYPE_CHECKING:  # peft costs seconds to import; only publish() needs it at run time
     from peft import PeftConfig
@@ -37,6 +39,11 @@ RESERVED_LINEAGE_KEYS = ("version", "content_hash", "num_tensors", "nbytes", "cr
 
 __all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "HISTORY_NAME", "LINEAGE_NAME", "RESERVED_LINEAGE_KEYS",
            "KnowledgeStore"]
+
+
+def _is_prefix(peft_config) -> bool:
+    """Whether ``peft_config`` is prefix tuning (``peft.method: prefix``: stored in peft's layout)."""
+    return str(getattr(peft_config.peft_type, "value", peft_config.peft_type)) == "PREFIX_TUNING"
 
 
 class KnowledgeStore(VersionedStore):
@@ -65,6 +72,8 @@ class KnowledgeStore(VersionedStore):
         if self.folder(version).exists():
             raise KnowledgeError(f"version {version} already exists at {self.folder(version)}; versions are immutable")
         check_finite(state_dict, source=self.name(version))
+        if _is_prefix(peft_config):  # per-block prefix knowledge -> peft's one prompt_embeddings tensor
+            state_dict = to_peft_layout(state_dict)
 
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         filled = {"content_hash": content_hash(tensors), "num_tensors": len(tensors),
@@ -87,8 +96,13 @@ class KnowledgeStore(VersionedStore):
         return self._publish(version, write, lineage, extra=lambda _: filled)
 
     def load(self, version: int) -> StateDict:
-        """The published state dict (cpu tensors, keys as published)."""
-        return safetensors.torch.load_file(str(self.path(version) / ADAPTER_WEIGHTS_NAME), device="cpu")
+        """The published state dict (cpu tensors, keys as published; prefix knowledge, stored in
+        peft's layout, comes back per block as it was published)."""
+        state = safetensors.torch.load_file(str(self.path(version) / ADAPTER_WEIGHTS_NAME), device="cpu")
+        if PEFT_PREFIX_KEY in state:
+            config = json.loads((self.path(version) / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+            state = from_peft_layout(state, int(config["num_layers"]))
+        return state
 
     def _check_content(self, folder: Path, record: dict, deep: bool) -> str | None:
         """Intact means: the adapter config is there, the weights file loads, and the tensors hash to

@@ -3,6 +3,10 @@
 Knowledge is exchanged only as ``get_peft_model_state_dict`` dicts (keys like
 ``base_model.model.transformer.h.0.attn.c_attn.lora_A.weight``); a segment owns the keys of its
 blocks (see ``split.owner_of_key``).
+
+``peft.method: prefix`` (deep prompts, ``models.prefix``) takes the prefix branches below: its
+knowledge is one ``prefix.layers.{i}.key_value`` tensor per block, held by a tier's
+``PrefixModel`` or by the cloud's peft prefix-tuned model.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 
 from ..config import PeftConfig
+from .prefix import PrefixModel, attach_peft_prefix, is_peft_prefix, load_peft_prefix_state, peft_prefix_state
 
 DEFAULT_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
@@ -32,7 +37,11 @@ def lora_config(cfg: PeftConfig, family: str, base_name: str | None = None) -> L
 
 def attach_lora(model, cfg: PeftConfig, family: str, base_name: str | None = None) -> PeftModel:
     """Wrap ``model`` with a fresh LoRA adapter; only adapter parameters require grad (only LoRA B
-    with ``cfg.freeze_a``: A stays as the knowledge version carried it, the same on every node)."""
+    with ``cfg.freeze_a``: A stays as the knowledge version carried it, the same on every node).
+    ``cfg.method`` prefix: the whole model with peft prefix tuning instead (the cloud's model; a tier
+    builds a ``PrefixModel`` over its part, ``split.build_tier_model``)."""
+    if cfg.method == "prefix":
+        return attach_peft_prefix(model, cfg, base_name)
     peft_model = get_peft_model(model, lora_config(cfg, family, base_name))
     if cfg.freeze_a:
         for name, param in peft_model.named_parameters():
@@ -43,11 +52,19 @@ def attach_lora(model, cfg: PeftConfig, family: str, base_name: str | None = Non
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """Detached CPU copy of the adapter weights present in ``model`` (a pruned model gives a subset)."""
+    if isinstance(model, PrefixModel):
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.key_params().items()}
+    if is_peft_prefix(model):
+        return peft_prefix_state(model)
     return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
 
 def _state_key_to_param(model: PeftModel) -> dict[str, torch.nn.Parameter]:
     """Map each peft state-dict key to the live parameter (adapter name stripped, like peft does)."""
+    if isinstance(model, PrefixModel):
+        return model.key_params()
+    if is_peft_prefix(model):
+        raise TypeError("a peft prefix-tuned model holds one tensor for all blocks: no parameter per key")
     name = model.active_adapter
     out = {}
     for pname, param in model.named_parameters():
@@ -62,6 +79,12 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor], *, stri
     Keys the (possibly pruned) model does not hold are skipped unless ``strict``; a key the model
     holds with a different shape always raises. Copying in place keeps optimizer references valid.
     """
+    if is_peft_prefix(model):
+        return load_peft_prefix_state(model, state, strict=strict)
+    if isinstance(model, PrefixModel):
+        from .prefix import as_block_keys
+
+        state = as_block_keys(state, model.num_layers)  # a stored version is in peft's layout
     params = _state_key_to_param(model)
     loaded = 0
     with torch.no_grad():
@@ -80,6 +103,10 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor], *, stri
 
 def trainable_parameters(model: PeftModel) -> list[torch.nn.Parameter]:
     """The adapter parameters an optimizer steps (all LoRA tensors, or only B with ``freeze_a``)."""
+    if is_peft_prefix(model):
+        from .prefix import prompt_weight
+
+        return [prompt_weight(model)]
     return [p for p in _state_key_to_param(model).values() if p.requires_grad]
 
 
@@ -145,6 +172,10 @@ def merged_base_state(model: PeftModel) -> dict[str, torch.Tensor]:
     from peft.tuners.lora import Linear as LoraLinear
 
     from .parts import storage_key
+
+    if isinstance(model, PrefixModel) or is_peft_prefix(model):
+        raise ValueError("prefix knowledge (peft.method prefix) cannot be merged into the base weights: "
+                         "use relay.policy none")
 
     adapter = model.active_adapter
     lora_layers = {}

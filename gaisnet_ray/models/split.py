@@ -11,6 +11,10 @@ function as the whole model. Tied input/output embeddings both sit on the device
 
 Per family, only three things differ: how embeddings are computed, what each block needs besides
 hidden states (mask, rotary position embeddings), and the final norm. Those live in ``_FAMILIES``.
+
+With prefix knowledge (``peft.method: prefix``, ``models.prefix.PrefixModel``) each segment puts
+the prefixes of its own blocks into a fresh KV cache first and the real tokens take positions
+``n..n+T-1`` after the ``n`` virtual tokens, as peft's prefix tuning runs the whole model.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from transformers.masking_utils import create_causal_mask
 
 from .build import UnknownModelFamilyError
 from .parts import ModelPart, Pruned, layer_of_key, prune_modules
+from .prefix import PrefixModel, PrefixServingError, attach_prefix
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,7 @@ class SplitModel:
         self.family = family
         self._f = _FAMILIES[family]
         self.num_layers = len(self._f.blocks(self.lm))
+        self.prefix = peft_model if isinstance(peft_model, PrefixModel) else None  # deep prompts per block
 
     # ------------------------------------------------------------------------------- segments
     def _positions(self, hidden_or_ids: torch.Tensor, past_len: int = 0) -> torch.Tensor:
@@ -141,7 +147,10 @@ class SplitModel:
 
     def front(self, input_ids: torch.Tensor, front_end: int, cache=None, past_len: int = 0) -> torch.Tensor:
         """(B, T) token ids -> (B, T, H) hidden state after blocks[0:front_end]."""
-        pos = self._positions(input_ids, past_len)
+        offset = past_len
+        if self.prefix is not None and cache is None:  # the real tokens sit after the virtual ones
+            offset = self.prefix.num_virtual_tokens
+        pos = self._positions(input_ids, offset)
         hidden = self._f.embed(self.lm, input_ids, pos)
         return self.blocks(hidden, 0, front_end, cache=cache, past_len=past_len)
 
@@ -155,9 +164,15 @@ class SplitModel:
         """
         if start >= end:
             return hidden
+        if self.prefix is not None:
+            if cache is not None:
+                raise PrefixServingError("KV-cached split inference with prefix knowledge (peft.method prefix) "
+                                         "is not supported")
+            cache = self.prefix.segment_cache(start, end, hidden.shape[0], hidden.dtype)
+            past_len = self.prefix.num_virtual_tokens
         pos = self._positions(hidden, past_len)
         kwargs = self._f.block_kwargs(self.lm, hidden, pos, cache, start)
-        recompute = checkpoint and cache is None and torch.is_grad_enabled()
+        recompute = checkpoint and cache is None and torch.is_grad_enabled()  # a prefix cache: no recompute
         for block in self._f.blocks(self.lm)[start:end]:
             if recompute:
                 hidden = torch.utils.checkpoint.checkpoint(block, hidden, use_reentrant=False, **kwargs)
@@ -198,7 +213,8 @@ class SplitModel:
 
 
 def build_tier_model(package, peft_cfg, part: ModelPart | None = None, *, torch_device: str = "cpu") -> SplitModel:
-    """A tier's part of the foundation model with a LoRA adapter; only that part is ever built.
+    """A tier's part of the foundation model with a LoRA adapter (``peft_cfg.method`` prefix: with
+    key/value prefixes for the blocks it holds); only that part is ever built.
 
     ``package`` is a ``FoundationPackage`` (whole, or a part: ``FoundationPackage.cut``); ``part``
     (default: what the package holds) is cut out of it first, so no module outside it is allocated.
@@ -211,6 +227,10 @@ def build_tier_model(package, peft_cfg, part: ModelPart | None = None, *, torch_
     family = package.family
     if family not in _FAMILIES:
         raise UnknownModelFamilyError(family)
-    split = SplitModel(attach_lora(package.materialize(), peft_cfg, family))
+    if peft_cfg.method == "prefix":
+        part_spec = package.part_spec
+        split = SplitModel(attach_prefix(package.materialize(), peft_cfg, part_spec.held_layers(package.num_layers)))
+    else:
+        split = SplitModel(attach_lora(package.materialize(), peft_cfg, family))
     split.peft.to(torch_device)
     return split
