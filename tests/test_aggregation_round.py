@@ -94,3 +94,13 @@ def test_median_and_trimmed_mean_are_not_the_same_rule_here(tmp_path):
     median = aggregate("median", updates, weights, reference=reference, sources=edges)
     trimmed = aggregate("trimmed_mean", updates, weights, reference=reference, trim_ratio=0.2, sources=edges)
     assert _differs(median, trimmed)
+
+
+def test_server_lr_takes_the_global_step_along_the_edges_average(tmp_path):
+    """``training.server_lr`` 2: the published version is v0 + 2 x (FedAvg of the edges - v0)
+    (FedOpt's global step), so it lies twice as far from v0 as the plain average does."""
+    cfg, published, updates, weights, reference, lineage, edges = _round(tmp_path, "training.server_lr=2")
+    mean = aggregate("fedavg", updates, weights, reference=reference, sources=edges)
+    expected = {k: reference[k] + 2.0 * (mean[k] - reference[k]) for k in mean}
+    _assert_equal_states(published, expected)
+    assert _norm_from(published, reference) == pytest.approx(2 * _norm_from(mean, reference), rel=1e-5)

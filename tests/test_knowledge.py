@@ -126,6 +126,22 @@ def test_aggregate_clips_then_averages():
     assert_sd_equal(out, sd(a=[0.3, 0.9]))
 
 
+def test_server_step_worked_by_hand():
+    """reference + lr * (aggregate - reference): 1 + 3 * (2 - 1) = 4, 0 + 3 * (-1 - 0) = -3; lr 1 is the
+    aggregate itself; a bad lr or mismatched keys are refused."""
+    from gaisnet_ray.knowledge.aggregate import server_step
+
+    ref = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([2.0], dtype=torch.float16)}
+    agg = {"a": torch.tensor([2.0, -1.0]), "b": torch.tensor([2.5], dtype=torch.float16)}
+    out = server_step(ref, agg, 3.0)
+    assert out["a"].tolist() == [4.0, -3.0] and out["b"].tolist() == [3.5] and out["b"].dtype == torch.float16
+    assert server_step(ref, agg, 1.0) is agg
+    with pytest.raises(ValueError, match="server_lr"):
+        server_step(ref, agg, float("nan"))
+    with pytest.raises(KeyMismatchError):
+        server_step({"a": ref["a"]}, agg, 2.0)
+
+
 def test_aggregate_dispatches_rules():
     updates = [sd(a=[1.0]), sd(a=[2.0]), sd(a=[9.0])]
     assert_sd_equal(aggregate("fedavg", updates, [1, 1, 1]), sd(a=[4.0]))

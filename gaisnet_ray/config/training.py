@@ -36,6 +36,11 @@ class TrainingConfig(Section):
     )
     trim_ratio: float = Field(0.1, ge=0, lt=0.5, description="Fraction trimmed at each end.")
     clip_norm: float | None = Field(None, gt=0, description="Clip each update's L2 norm.")
+    server_lr: float = Field(
+        1.0, gt=0, le=10, description="The cloud's global step (FedOpt's server learning rate, Reddi et al. 2021): "
+        "the new knowledge is the last version plus server_lr x (the edges' aggregate - the last version). 1: plain "
+        "aggregation. >1 undoes the dilution of averaging edges that learned different domains (each edge's change "
+        "counts more). Applied after privacy.dp_* noise (post-processing: the reported epsilon holds).")
     eval_every: int = Field(1, ge=1, description="Evaluate every N rounds (and always the last).")
     seed: int = Field(0, description="Seed for batch order and pre-training.")
 
@@ -58,6 +63,30 @@ class RelayConfig(Section):
     )
     distill_seq_len: int | None = Field(
         None, ge=2, description="Tokens per self-generated input; None: model.max_seq_len."
+    )
+    distill_inputs: Literal["bos", "chat"] = Field(
+        "chat", description="Where each teacher (the base with one edge's adapter) starts the inputs it writes. "
+        "chat: the chat template's prefix with the run's public data.system_prompt and an open user turn, so the "
+        "teacher writes a user question and then, after the template's assistant header, its answer: an adapter "
+        "that learned the devices' domains asks about them (without a chat template: BOS, then the seed turns "
+        "below). bos: sample from the BOS token alone (on a chat model this rarely leaves the first turn). Either "
+        "way data-free: the inputs are a function of the base, the adapters, the seed and this config only."
+    )
+    distill_targets: Literal["token", "sequence"] = Field(
+        "sequence", description="How the teachers' next-token distributions mix into the targets, with the edges' "
+        "sample counts as weights. token: the same weights at every position. sequence: the mixture of the teachers "
+        "as models of whole sequences, each weighted at each position by how likely it finds the input so far, so on "
+        "a conversation about one edge's domain the target is that edge's teacher rather than an average with "
+        "teachers that never learned it."
+    )
+    distill_bos_fraction: float = Field(
+        0.0, ge=0, le=1, description="With distill_inputs chat: this share of each teacher's inputs is sampled "
+        "from BOS instead (mixing in what the teacher writes unprompted)."
+    )
+    distill_seed_prompts: list[str] = Field(
+        default_factory=list, description="With distill_inputs chat: generic public openings of the user turn "
+        "(e.g. 'What'), used in turn; the teacher continues each one. Configuration, not device data. Empty: "
+        "the user turn opens empty."
     )
     rehearse_steps: int = Field(
         0, ge=0, description="After absorbing a round's knowledge, train the whole new base this many steps on the "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..data import eval_examples, public_examples
-from ..knowledge.aggregate import aggregator_of, check_finite
+from ..knowledge.aggregate import aggregator_of, check_finite, server_step
 from ..knowledge.bases import BaseStore, refresh_model_dir
 from ..knowledge.accounting import content_hash, payload_nbytes
 from ..knowledge.store import KnowledgeStore
@@ -151,6 +151,8 @@ class CloudCore:
         else:
             knowledge = self.aggregator([u.adapter for u in updates], [u.num_samples for u in updates],
                                         reference=self.knowledge, sources=[u.edge_id for u in updates])
+        # training.server_lr (FedOpt's global step); after DP noise it is post-processing: epsilon is unchanged
+        knowledge = server_step(self.knowledge, knowledge, t.server_lr)
         parent = self.version
         lineage = {
             "round": round_idx,
@@ -226,7 +228,7 @@ class CloudCore:
         if r.policy == "merge":
             state = merged_base_state(self.peft)
         else:
-            from ..relay.distill import distill
+            from ..relay.distill import distill, distill_options
 
             def peers(data):
                 world, wait = peer_start(self.cfg, self.peers, "distill", package=self.package, data=data)
@@ -238,7 +240,8 @@ class CloudCore:
                 num_inputs=r.distill_samples, num_heldout=r.distill_heldout,
                 seq_len=r.distill_seq_len or self.cfg.model.max_seq_len, steps=r.distill_steps,
                 batch_size=r.distill_batch_size, lr=r.distill_lr, temperature=r.distill_temperature,
-                seed=self.cfg.training.seed * 1_000_003 + round_idx, restore=self.knowledge, peers=peers)
+                seed=self.cfg.training.seed * 1_000_003 + round_idx, restore=self.knowledge, peers=peers,
+                **distill_options(self.cfg))  # relay.distill_inputs / distill_targets / ...
             state = result.state
             out["distill"] = result.summary()
         check_finite(state, source=f"the relayed base of round {round_idx} (relay.policy={r.policy})")

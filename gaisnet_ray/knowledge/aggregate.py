@@ -314,6 +314,21 @@ class Aggregator:
         return self.rule.combine(updates, w)
 
 
+def server_step(reference: StateDict, aggregate: StateDict, lr: float) -> StateDict:
+    """FedOpt's global step with plain SGD (Reddi et al. 2021, "Adaptive Federated Optimization"):
+    ``reference + lr * (aggregate - reference)`` per key, in float64, cast back to the aggregate's
+    dtype. ``lr`` 1 returns ``aggregate`` itself. The pseudo-gradient is ``reference - aggregate``;
+    with LoRA B only (``peft.freeze_a``) it is the exact average weight update, so ``lr`` > 1 moves
+    the knowledge further along the average of the edges' updates."""
+    if lr == 1.0:
+        return aggregate
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"server_lr must be a finite positive number, got {lr!r}")
+    check_compatible([aggregate, reference], ["aggregate", "reference"])
+    return {k: (reference[k].double() + lr * (v.double() - reference[k].double())).to(v.dtype)
+            for k, v in aggregate.items()}
+
+
 def rule_named(name: str, *, trim_ratio: float = 0.1) -> AggregationRule:
     rule = _RULES.get(name)
     if rule is None:
