@@ -81,6 +81,19 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     pl.add_argument("--out", default="plan.json", help="JSON file of the plans (default: plan.json)")
 
+    st = sub.add_parser("study", help="run the case-study grid (schemes, pre-training, fine-tuning, non-IID, "
+                                      "clustering, relay, knowledge format) with the in-process runtime; resumable")
+    st.add_argument("config", nargs="?", help="YAML config every cell starts from; omitted: the embedded default")
+    st.add_argument("--out", required=True, help="study folder: study.jsonl, study.png, cells/<key>/ (run "
+                                                 "folders); run again to resume")
+    st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key in every cell (a cell's swept key still wins; repeatable)")
+    st.add_argument("--only", nargs="+", action="extend", metavar="EFFECT",
+                    help="run only these effects (schemes, pretraining, finetuning, noniid, clustering, relay, "
+                         "knowledge)")
+    st.add_argument("--list", action="store_true", help="print the cells, their keys and whether they are done; "
+                                                       "run nothing")
+
     pa = sub.add_parser("privacy-audit", help="attack a run folder as a curious edge/cloud would and report what "
                                               "leaks next to exact match (writes RUN_DIR/privacy_audit.json)")
     pa.add_argument("run_dir")
@@ -322,9 +335,31 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _study(args) -> int:
+    """``gaisnet study``: exit 2 (one line) for a bad --only or a cell config the config refuses,
+    before any cell runs; 1 when a cell's run fails (every finished cell stays in study.jsonl)."""
+    from .study import StudyError, list_study, run_study
+
+    try:
+        if args.list:
+            return list_study(args.config, args.out, args.overrides, args.only)
+        run_study(args.config, args.out, args.overrides, args.only)
+    except ValueError as e:  # a ConfigError too: "config error: ..."
+        return _refuse(e)
+    except StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (FileExistsError, NotADirectoryError, PermissionError) as e:  # --out a file, or not writable
+        print(f"error: study folder '{args.out}' cannot be used: {e.strerror or e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _main(args) -> int:
     if args.command == "serve":
         return _serve(args)
+    if args.command == "study":
+        return _study(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

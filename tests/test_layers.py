@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "gaisnet_ray"
 # top to bottom; a module may import from its own layer or any layer below it
 LAYERS: list[set[str]] = [
     {"cli", "__main__"},
-    {"run_command", "precheck"},           # `gaisnet run`, and what it checks before Ray loads
+    {"run_command", "precheck", "study"},  # `gaisnet run`, what it checks before Ray loads; `gaisnet study`
     {"driver", "inprocess", "report"},     # the two runtimes of a round, the run's report
     {"actors", "serve", "cluster"},        # everything that talks to Ray
     # ---- core: no `import ray` from here down
