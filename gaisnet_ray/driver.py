@@ -267,7 +267,14 @@ class GaisNetDriver:
             if isinstance(a, BeginEdge):
                 self._ready[a.edge] = self.edges[a.edge].begin_round.remote(self.knowledge_ref, a.clusters)
                 if self.cfg.privacy.secure_aggregation:  # before any turn: devices' calls run in submission order
-                    self._secagg_rosters[a.edge] = self._exchange_keys(a.edge, round_idx, a.clusters)
+                    try:
+                        self._secagg_rosters[a.edge] = self._exchange_keys(a.edge, round_idx, a.clusters)
+                    except (RayError, GetTimeoutError) as err:
+                        # the edge (the exchange's relay) is lost or stuck: no roster, so no member can
+                        # mask; its turns fail on the edge and the scheduler treats it as any lost edge
+                        # (faults.edge_failure) while the other edges' rounds go on
+                        log.warning("%s's secure-aggregation key exchange failed: %s", a.edge, _last_line(err))
+                        self._secagg_rosters[a.edge] = {}
             elif isinstance(a, StartTurn):
                 t = a.turn
                 edge = self.edges[t.edge]

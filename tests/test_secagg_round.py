@@ -290,3 +290,44 @@ def test_on_ray_a_survivor_killed_before_its_reveal_still_gives_the_whole_mean(r
     net = InProcessGaisNet(tiny_config(*FL_JOB, "topology.edges=1"), tmp_path / "inproc")  # plain, no one lost
     net.run_round(1)
     _close(knowledge, net.knowledge)
+
+
+def _ray_round_losing_an_edge(ray_local, run_dir, secure: bool) -> tuple[dict, dict]:
+    """One Ray round of the fl job (2 edges x 2 devices on a pool of 2 workers) where edge-1 dies:
+    as its secure-aggregation key exchange begins (it relays that exchange), or, without secure
+    aggregation, just before the round. Returns (the round's knowledge, its metrics row)."""
+    from gaisnet_ray.driver import GaisNetDriver
+
+    cfg = tiny_config(*FL_JOB, "topology.devices_per_edge=2", "topology.end_workers=2", "run.actor_timeout_s=300",
+                      *([SECURE] if secure else []))
+    driver = GaisNetDriver(cfg, run_dir)
+    try:
+        driver.start()
+        if secure:
+            exchange = driver._exchange_keys
+
+            def die_then_exchange(edge, round_idx, clusters):
+                if edge == "edge-1":
+                    ray_local.kill(driver.edges[edge])
+                return exchange(edge, round_idx, clusters)
+
+            driver._exchange_keys = die_then_exchange
+        else:
+            ray_local.kill(driver.edges["edge-1"])
+        row = driver.run_round(1)
+        return ray_local.get(driver.knowledge_ref, timeout=120), row
+    finally:
+        driver.close()
+
+
+@pytest.mark.ray
+def test_on_ray_an_edge_lost_during_the_key_exchange_leaves_the_other_edges_round(ray_local, tmp_path):
+    """The edge relaying the key exchange dies in it: the round is not lost. That edge is reported
+    lost (its devices move per faults.edge_failure), the other edge's secure sum goes to the cloud,
+    and the knowledge equals a plain round that lost the same edge."""
+    knowledge, row = _ray_round_losing_an_edge(ray_local, tmp_path / "secure", secure=True)
+    plain, plain_row = _ray_round_losing_an_edge(ray_local, tmp_path / "plain", secure=False)
+    assert row["faults"]["lost_edges"] == ["edge-1"] == plain_row["faults"]["lost_edges"]
+    assert list(row["privacy"]["secure_aggregation_edges"]) == ["edge-0"]
+    assert row["privacy"]["secure_aggregation_edges"]["edge-0"]["survivors"] == 2
+    _close(knowledge, plain)
