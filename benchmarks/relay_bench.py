@@ -40,25 +40,6 @@ def cloud_alone(metrics: list[dict]) -> dict:
             "distill": [r.get("distill") for r in relays]}
 
 
-def _wire_options(cfg) -> None:
-    """Pass the run's distillation options to ``relay.distill.distill`` even where the cloud's
-    call does not (yet) pass ``distill_options(cfg)``."""
-    import inspect
-
-    import gaisnet_ray.relay.distill as D
-    from gaisnet_ray.hfsl import cloud
-
-    if "distill_options" in inspect.getsource(cloud.CloudCore.relay):
-        return
-    original = getattr(D, "_original_distill", D.distill)
-    D._original_distill = original
-
-    def distill(*args, **kwargs):
-        return original(*args, **{**D.distill_options(cfg), **kwargs})
-
-    D.distill = distill
-
-
 def run_variant(name: str, rounds: int, extra: list[str], out: Path | None = None, threads: int = 1) -> dict:
     """One variant; with ``out``, one JSON line after every round (a run cut short keeps its rounds)."""
     import torch
@@ -68,7 +49,6 @@ def run_variant(name: str, rounds: int, extra: list[str], out: Path | None = Non
 
     torch.set_num_threads(threads)  # a loaded 2-core machine: more threads than cores left oversubscribe it
     cfg = load_config(None, [*VARIANTS[name], f"training.rounds={rounds}", *extra])
-    _wire_options(cfg)
     started = time.perf_counter()
     metrics: list[dict] = []
     row: dict = {}
