@@ -120,11 +120,17 @@ def test_serve_a_finished_run_folder(served_run, tmp_path):
         _wait(lambda: f"at {url}" in log.read_text(), 300, "the serving announcement", proc, log)
         ids = [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=60).json()["data"]]
         assert {"gaisnet", "base", "global", "edge-0", "edge-1"} <= set(ids)
-        r = httpx.post(f"{url}/v1/completions", json={"model": "global", "prompt": "7+"}, timeout=60)
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["usage"]["completion_tokens"] == 3  # the --set override reached the deployments
-        assert body["gaisnet"]["version"] == ROUNDS
+        bodies = []
+        for prompt in ("7+", "The", "a b c", "1 2"):  # an answer may end at EOS before the budget
+            r = httpx.post(f"{url}/v1/completions", json={"model": "global", "prompt": prompt}, timeout=60)
+            assert r.status_code == 200, r.text
+            bodies.append(r.json())
+        # the --set override reached the deployments: no answer longer than 3 tokens, and the ones cut
+        # by the budget (finish_reason "length") exactly 3
+        tokens = [(b["usage"]["completion_tokens"], b["choices"][0]["finish_reason"]) for b in bodies]
+        assert all(n <= 3 for n, _ in tokens) and any(f == "length" for _, f in tokens), tokens
+        assert all(n == 3 for n, f in tokens if f == "length"), tokens
+        assert all(b["gaisnet"]["version"] == ROUNDS for b in bodies)
     finally:
         rc = _stop(proc, log) if proc.poll() is None else proc.returncode
     assert rc == 0, log.read_text()[-3000:]
