@@ -104,7 +104,7 @@ class GaisNetDriver:
         if self.run_plan is not None:
             self.run_plan.record(self.run_dir)
         self.by_edge = devices_by_edge(cfg.topology)
-        self.end_actors: dict = {}  # host name -> EndNode (name = device) or EndWorker (topology.end_workers)
+        self.end_actors: dict = {}  # host name -> EndNode (name = device) or EndWorker (topology.end_pool)
         self.hosts: dict[str, str] = {}  # device -> the end actor's name that runs its turns
         self.timeout = cfg.run.actor_timeout_s
         self.turn_steps = scheme_of(cfg).turn_steps(cfg)  # optimizer steps of one device turn
@@ -148,9 +148,9 @@ class GaisNetDriver:
         parts = tier_parts(self.cfg, num_layers)
         all_devices = [d for ds in self.by_edge.values() for d in ds]
         self.node_parts = {e: [parts[e]] for e in self.by_edge}
-        if t.end_workers:  # logical devices on a bounded pool, dealt round-robin
-            hosted = {f"end-worker-{w}": all_devices[w::t.end_workers]
-                      for w in range(min(t.end_workers, len(all_devices)))}
+        pool = t.end_pool
+        if pool:  # logical devices on a bounded pool, dealt round-robin
+            hosted = {f"end-worker-{w}": all_devices[w::pool] for w in range(min(pool, len(all_devices)))}
             self.node_parts.update({name: list(dict.fromkeys(parts[d] for d in ds)) for name, ds in hosted.items()})
         else:
             hosted = {d: [d] for d in all_devices}
@@ -171,7 +171,7 @@ class GaisNetDriver:
         self.knowledge_ref = self.cloud.initial_knowledge.remote()
         initial_eval = self.cloud.evaluate.remote()
         self._wait_ready({**self.edges, **self.end_actors})
-        if t.end_workers:
+        if pool:
             profiles = [p for ps in ray.get([a.profiles.remote() for a in self.end_actors.values()],
                                             timeout=self.timeout) for p in ps]
         else:
@@ -184,7 +184,7 @@ class GaisNetDriver:
         """Create the end actor ``name`` (an EndNode for one device, or a pool EndWorker)."""
         res = tier_options("end", self.cfg.topology.end)
         devices = [d for d, h in self.hosts.items() if h == name]
-        if self.cfg.topology.end_workers:
+        if self.cfg.topology.end_pool:
             actor = EndWorker.options(**res).remote(name, self.cfg, devices,
                                                     *[deferred(packages[p]) for p in self.node_parts[name]])
         else:

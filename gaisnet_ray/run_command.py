@@ -18,6 +18,7 @@ from .hfsl.memory import check_fits
 from .logs import RunLog, events, report_round
 from .schemes import scheme_of
 from .layout import RunLayout
+from .tiers import on_cluster
 from .runfolder import (
     append_metrics,
     prepare_run_dir,
@@ -84,6 +85,8 @@ def _run_job(cfg: Config, out: str | Path | None, progress: bool | None, serve: 
     its own node, so it must be the same path, on shared storage, there.
     """
     cluster_mode = joins_cluster(address)
+    if cluster_mode:  # each device is a machine there: one actor each, whatever this host's CPUs
+        cfg = on_cluster(cfg)
     if cluster_mode and cfg.planner.emulate:
         print("warning: planner.emulate is on while joining a cluster: real devices will be slowed to their "
               "profiles' speed too (emulation is meant for local dev mode)", file=sys.stderr)

@@ -101,11 +101,20 @@ def placements(cfg: "Config", training: bool = True, serving: bool = False) -> l
     t = cfg.topology
     out: list[Placement] = []
     if training:
-        counts = {"cloud": cfg.cloud.workers, "edge": t.edges, "end": t.end_workers or t.num_devices}
+        counts = {"cloud": cfg.cloud.workers, "edge": t.edges, "end": t.end_pool or t.num_devices}
         out += [Placement(f"{tier} actor", counts[tier], resource_shape(tier, getattr(t, tier))) for tier in TIERS]
     if serving:
         out += serve_placements(cfg.serve, tier_labels(t))
     return out
+
+
+def on_cluster(cfg: "Config") -> "Config":
+    """``cfg`` as a run that joins a cluster places it: there each end device is a machine placed by
+    the ``gaisnet_end`` resource, so ``topology.end_workers: auto`` means one actor per device (in
+    local dev mode it sizes a pool to this host: ``TopologyConfig.end_pool``)."""
+    if cfg.topology.end_workers != "auto":
+        return cfg
+    return cfg.model_copy(update={"topology": cfg.topology.model_copy(update={"end_workers": None})})
 
 
 def total_demand(placed: list[Placement]) -> dict[str, float]:

@@ -192,6 +192,29 @@ def test_a_random_init_cell_gets_its_model_folder(tmp_path):
     assert (tmp_path / "foundations" / "random-init" / "config.json").is_file() and _finite(row)
 
 
+def test_a_relay_cell_records_the_cloud_alone_and_the_relay_bytes(tmp_path):
+    """relay merge: the cloud alone after the run is the last relay's measurement (not round 0's),
+    and the bytes the relay sent down are summed per link (not its per-node split)."""
+    grid = [Cell("relay", "merge", "relay.policy", "merge", ("relay.policy=merge",))]
+    run_study(TINY_YAML, tmp_path, SETS, grid=grid, isolate=False, log=lambda s: None)
+    (row,) = StudyStore(tmp_path).rows()
+    metrics = [json.loads(x) for x in (tmp_path / row["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    relay = metrics[-1]["relay"]
+    assert row["cloud_alone"] == relay["cloud_after"] != row["eval_round0"] and _finite(row)
+    sent = relay["bytes_down"]
+    assert row["relay_bytes_down"] == sent["edge_cloud_down"] + sent["end_edge_down"] > 0
+
+
+def test_the_end_actor_pool_does_not_change_a_cells_key():
+    """A cell runs in one process: how devices would map onto actors (topology.end_workers) is not
+    part of its identity, so a finished cell stays finished whatever the pool default is."""
+    from gaisnet_ray.study.grid import resolve
+
+    cell = GRID[0]
+    keys = {resolve(cell, TINY_YAML, [*SETS, f"topology.end_workers={w}"])[1] for w in ("auto", "null", "2")}
+    assert len(keys) == 1
+
+
 def test_a_cell_that_finished_without_its_row_is_not_run_again(study, tmp_path):
     """Killed between a cell's result.json and its row: the next invocation writes the row from the
     cell's result, no run."""

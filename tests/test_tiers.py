@@ -94,3 +94,24 @@ def test_a_serve_config_file_places_replicas_by_the_runs_own_labels(tmp_path):
     assert run_tier_labels(tmp_path) == {"cloud": {}, "edge": {"gaisnet/tier": "edge"}, "end": {}}
     (tmp_path / "config.yaml").write_text("topology: {edgez: 1}\n")
     assert run_tier_labels(tmp_path) == {}  # an unreadable config places by resource, as before
+
+
+def test_end_workers_auto_pools_the_devices_on_a_small_host_and_not_on_a_cluster(monkeypatch):
+    """``auto`` (the default): a pool of one EndWorker per CPU once the devices outnumber this host's
+    CPUs (local dev mode), else one actor per device; a run that joins a cluster places one actor per
+    device (``tiers.on_cluster``), the resource check counting them so."""
+    import os
+
+    from gaisnet_ray.tiers import on_cluster
+
+    cfg = load_config(TINY_YAML, ["topology.end_workers=auto"])  # 2 edges x 3 devices
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cfg.topology.end_pool == 2
+    assert {p.what: p.count for p in placements(cfg)}["end actor"] == 2
+    assert on_cluster(cfg).topology.end_pool is None
+    assert {p.what: p.count for p in placements(on_cluster(cfg))}["end actor"] == 6
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
+    assert cfg.topology.end_pool is None  # a core per device: one actor each, as before the pool
+    fixed = load_config(TINY_YAML, ["topology.end_workers=3"])
+    assert fixed.topology.end_pool == 3 and on_cluster(fixed) is fixed  # a number is kept everywhere
+    assert load_config(TINY_YAML).topology.end_pool is None  # examples/tiny.yaml: null

@@ -3,6 +3,7 @@ tier's actors ask of Ray, and the modeled links between the tiers; stable node i
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -30,7 +31,10 @@ class CutConfig(Section):
 
 class TopologyConfig(Section):
     edges: int = Field(2, ge=1, le=256, description="Edge servers (one EdgeNode actor each).")
-    devices_per_edge: int = Field(3, ge=1, le=4096, description="End devices per edge (one EndNode each).")
+    devices_per_edge: int = Field(
+        3, ge=1, le=4096, description="End devices per edge (one EndNode each, or logical devices on a pool: "
+        "`end_workers`)."
+    )
     cluster_size: int = Field(2, ge=1, description="Devices per HFSL cluster (members train in turn).")
     clustering: Literal["balanced", "sequential"] = Field(
         "balanced",
@@ -51,9 +55,11 @@ class TopologyConfig(Section):
         "the clusters and each cluster's share of the edge bandwidth chosen to minimize the modeled round "
         "(`gaisnet plan` shows it)."
     )
-    end_workers: int | None = Field(
-        None, ge=1, description="Run the end devices as logical devices on this many EndWorker actors (each holds "
-        "its devices' data and one model per cut, and runs one turn at a time); None: one EndNode actor per device."
+    end_workers: int | Literal["auto"] | None = Field(
+        "auto", description="Run the end devices as logical devices on this many EndWorker actors (each holds "
+        "its devices' data and one model per cut, and runs one turn at a time); None: one EndNode actor per device; "
+        "auto: in local dev mode a pool of the host's CPUs when there are more devices than CPUs (else one actor "
+        "per device), and on a cluster one actor per device (each device is a machine)."
     )
     cloud: TierResources = TierResources()
     edge: TierResources = TierResources()
@@ -61,6 +67,8 @@ class TopologyConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "TopologyConfig":
+        if isinstance(self.end_workers, int) and self.end_workers < 1:
+            raise ValueError(f"topology.end_workers must be >= 1, auto or null, not {self.end_workers}")
         if any(c <= 0 for c in self.device_compute) or not self.device_compute:
             raise ValueError("topology.device_compute must be a non-empty list of positive numbers")
         known = {device_id(e, d) for e in range(self.edges) for d in range(self.devices_per_edge)}
@@ -72,6 +80,19 @@ class TopologyConfig(Section):
     @property
     def num_devices(self) -> int:
         return self.edges * self.devices_per_edge
+
+    @property
+    def end_pool(self) -> int | None:
+        """How many EndWorker actors host the devices, or None for one EndNode actor per device.
+
+        ``auto`` is resolved here for local dev mode, where every actor shares this host's cores: a
+        process per device would only add imports and memory (each holds torch and a model) once
+        the devices outnumber the cores, since no more turns can run at once. ``run_job`` resolves
+        ``auto`` to None before it joins a cluster."""
+        if self.end_workers != "auto":
+            return self.end_workers
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return cpus if self.num_devices > cpus else None
 
     def cut_for(self, device: str) -> CutConfig:
         return self.device_cuts.get(device, self.cut)

@@ -167,8 +167,8 @@ def estimate_job(cfg: Config, model_config: dict, local: bool = True) -> JobEsti
     dev_parts = {ModelPart.whole()} if fl else {cut_of(d).device_part(n) for d in devices}
     dev_part = max(dev_parts, key=g.part_bytes)
     dev_blocks = len(dev_part.held_layers(n))
-    end_actors = topo.end_workers or topo.num_devices
-    hosted_parts = len(dev_parts) if topo.end_workers else 1  # a pool worker holds one model per part
+    end_actors = topo.end_pool or topo.num_devices
+    hosted_parts = len(dev_parts) if topo.end_pool else 1  # a pool worker holds one model per part
     end = ActorEstimate("end", end_actors, {
         "runtime": RUNTIME_BYTES,
         "weights": hosted_parts * g.part_bytes(dev_part),

@@ -115,7 +115,8 @@ def run_cell(cell_dir: str | Path, base_eval: dict | None = None, random_init: d
         "train_loss": [r["train_loss"] for r in rows],
         "bytes": {k: sum(r["bytes"][k] for r in rows) for k in rows[0]["bytes"]},
         "bytes_up": sum(r["bytes_up"] for r in rows), "bytes_down": sum(r["bytes_down"] for r in rows),
-        "relay_bytes_down": sum(sum((r.get("relay") or {}).get("bytes_down", {}).values()) for r in rows),
+        "relay_bytes_down": sum(v for r in rows for k, v in ((r.get("relay") or {}).get("bytes_down") or {}).items()
+                                if k != "per_node"),  # edge_cloud_down + end_edge_down; per_node splits them
         "modeled_comm_s": sum(r["modeled_comm_s"] for r in rows),
         "modeled_round_s": (sum(r["plan"]["modeled_round_s"] for r in rows)
                             if all(r.get("plan") for r in rows) else None),

@@ -150,4 +150,8 @@ def resolve(cell: Cell, config: str | Path | None, user_sets: list[str] | None):
     from ..config import load_config
 
     cfg = load_config(config, cell_overrides(cell, user_sets))
-    return cfg, config_key(cfg.model_dump(mode="json"))
+    resolved = cfg.model_dump(mode="json")
+    # a cell runs in one process (no actors), so how devices would map to actors cannot change it:
+    # keyed as one actor per device whatever the pool says, as before `auto` existed
+    resolved["topology"]["end_workers"] = None
+    return cfg, config_key(resolved)
