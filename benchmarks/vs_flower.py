@@ -157,8 +157,25 @@ def run_gaisnet(config: str, scheme: str, overrides: list[str], work: Path, tag:
     res.update(side=f"gaisnet-ray {scheme}", round1_start_s=r1_start, round1_end_s=r1_start + rows[0]["wall_s"],
                round_s=[r["wall_s"] for r in rows], final_loss=_losses(rows[-1]["eval"]),
                bytes_per_round=rows[-1]["bytes"], bytes_up_down=rows[-1]["bytes_up"] + rows[-1]["bytes_down"],
-               peak_rss_mb_by_actor=rows[-1].get("peak_rss_mb"))
+               peak_rss_mb_by_actor=rows[-1].get("peak_rss_mb"), startup=startup_phases(out, res["t_spawn"]))
     return res
+
+
+def startup_phases(run_dir: Path, t_spawn: float) -> dict | None:
+    """run.json's start-up timeline as seconds after the command was spawned: the command's own
+    imports, Ray up, the cloud ready (foundation built and pre-trained), the last other actor ready,
+    the initial evaluation done (round 1 begins)."""
+    st = json.loads((run_dir / "run.json").read_text()).get("startup")
+    if not st:
+        return None
+    job = st["job_began_at"] - t_spawn
+    actors = st["actors"]
+    others = [a for n, a in actors.items() if n != "cloud"]
+    return {"command_imports_s": job, "ray_up_s": job + st["ray_up_s"],
+            "cloud_ready_s": job + actors["cloud"]["ready_s"],
+            "first_other_process_s": job + min(a["process_start_s"] for a in others),
+            "last_other_ready_s": job + max(a["ready_s"] for a in others),
+            "initial_eval_done_s": job + st["initial_eval_done_s"], "actors": len(actors)}
 
 
 def run_flower(py: Path, config: str, overrides: list[str], work: Path, tag: str, client_cpus: float) -> dict:
@@ -296,6 +313,18 @@ def render(data: dict) -> str:
         out.append("")
     hf = [r for r in data["runs"] if r["side"] == "gaisnet-ray hfsl"]
     fl = [r for r in data["runs"] if r["side"] == "gaisnet-ray fl"]
+    timed = [r for r in fl if r.get("startup")]
+    if timed:
+        med = lambda k: statistics.median(r["startup"][k] for r in timed)  # noqa: E731
+        out.append(f"Where gaisnet-ray FL's time before round 1 goes (seconds after the command was spawned, median of "
+                   f"{len(timed)} run(s), {timed[-1]['startup']['actors']} actors):")
+        out.append("")
+        out.append(md_table(["the command's imports and checks done", "Ray up", "first other actor's process",
+                             "cloud ready (built, pre-trained)", "last other actor ready", "initial evaluation done"],
+                            [[f"{med(k):.1f} s" for k in ("command_imports_s", "ray_up_s", "first_other_process_s",
+                                                          "cloud_ready_s", "last_other_ready_s",
+                                                          "initial_eval_done_s")]], "rrrrrr"))
+        out.append("")
     if hf and fl:
         def kinds(r: dict) -> str:
             return ", ".join(f"{k} {v['max']:.0f}" for k, v in r["peak_rss_mb_by_actor"].items() if k != "all_actors")

@@ -11,6 +11,7 @@ on refs, telling a dead actor from a failing call, restarting a worker.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -51,6 +52,25 @@ class PlacementError(RuntimeError):
 def _own_actor_id(actor) -> str:
     """Run inside an actor (``__ray_call__``): its id, as Ray's errors name it (hex)."""
     return ray.get_runtime_context().get_actor_id()
+
+
+def _process_start_time() -> float | None:
+    """When this process started (seconds since the epoch), from /proc; None where there is none."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _actor_started(actor) -> dict:
+    """Run inside an actor once its constructor returned: its id, and when its worker process
+    started and when it was ready (epoch seconds; the difference is the worker's boot, its imports
+    and the constructor: the model built, the part pulled, the data derived)."""
+    return {"id": ray.get_runtime_context().get_actor_id(), "process_start": _process_start_time(),
+            "ready": time.time()}
 
 
 def _dead_actor_id(err: BaseException) -> str | None:
@@ -117,6 +137,8 @@ class GaisNetDriver:
         self.node_parts: dict[str, list] = {}  # edge / end actor -> the parts of the base it holds (ModelPart)
         self.scheduler: RoundScheduler | None = None
         self._actor_ids: dict[str, str] = {}  # node name -> actor id (hex), reported by each actor at start
+        self._t0: float | None = None  # when start() began (epoch s)
+        self.startup: dict = {}  # start()'s timeline, seconds after _t0: each actor's process start and ready
         self._events: dict = {}  # ref -> ("turn", Turn) | ("finish", edge) | ("host", name)
         self._turn_refs: dict[Turn, object] = {}
         self._results: dict[Turn, object] = {}  # a finished turn's result ref, until the edge absorbs it
@@ -133,6 +155,8 @@ class GaisNetDriver:
         """Place 1 cloud, the edges and the end devices by their tier resources, wait until ready.
         ``resume_round``: the last round a resumed run has on disk (the cloud starts from it)."""
         t = self.cfg.topology
+        self._t0 = time.time()
+        self.startup = {"actors": {}}
         self.cloud = CloudNode.options(**tier_options("cloud", t.cloud)).remote(self.cfg, str(self.run_dir),
                                                                                resume_round)
         # the block count from the model's config, so the edges and end actors start (spawn, import
@@ -178,7 +202,9 @@ class GaisNetDriver:
             profiles = ray.get([a.profile.remote() for a in self.end_actors.values()], timeout=self.timeout)
         self.sample_counts = {p["device_id"]: p["num_samples"] for p in profiles}
         self.scheduler = RoundScheduler(self.cfg, self.by_edge, self.hosts, self.sample_counts, self.run_plan)
+        self.startup["all_ready_s"] = time.time() - self._t0
         self.initial_eval = ray.get(initial_eval, timeout=self.timeout)
+        self.startup["initial_eval_done_s"] = time.time() - self._t0
 
     def _place_end_actor(self, name: str, packages: dict) -> None:
         """Create the end actor ``name`` (an EndNode for one device, or a pool EndWorker)."""
@@ -200,10 +226,16 @@ class GaisNetDriver:
     def _wait_ready(self, actors: dict) -> None:
         """Wait until the actors are constructed; each reports its actor id (kept, to tell which
         actor died from Ray's errors)."""
-        refs = {a.__ray_call__.remote(_own_actor_id): name for name, a in actors.items()}
+        refs = {a.__ray_call__.remote(_actor_started): name for name, a in actors.items()}
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout)
         for r in ready:  # surfaces a constructor error (bad model path, bad data) with its cause
-            self._actor_ids[refs[r]] = ray.get(r)
+            started = ray.get(r)
+            self._actor_ids[refs[r]] = started["id"]
+            if self._t0 is not None:  # when each actor's process started and was ready
+                self.startup["actors"][refs[r]] = {
+                    "process_start_s": None if started["process_start"] is None
+                    else round(started["process_start"] - self._t0, 3),
+                    "ready_s": round(started["ready"] - self._t0, 3)}
         if pending:
             names = sorted(refs[r] for r in pending)
             raise PlacementError(

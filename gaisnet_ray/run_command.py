@@ -99,7 +99,7 @@ def _run_job(cfg: Config, out: str | Path | None, progress: bool | None, serve: 
     if cluster_mode:
         run_dir = run_dir.absolute()
     show = cfg.run.progress if progress is None else progress
-    started = time.perf_counter()
+    started, t_job = time.perf_counter(), time.time()
     model_config = check_model(cfg, convert=not cluster_mode)
     if check_resources and not cluster_mode:  # a run this machine's memory cannot hold: refused before Ray starts
         check_fits(cfg, model_config=model_config)
@@ -110,6 +110,7 @@ def _run_job(cfg: Config, out: str | Path | None, progress: bool | None, serve: 
         check_fits(cfg, model_config=model_config)
     with connect(cfg, training=True, serving=serve, address=address, check_resources=check_resources) as cluster, \
             worker_output_in_log():  # the actors' output: into the log file, not onto the console
+        ray_up_s = time.time() - t_job
         if check_resources and cluster.mode == "cluster":  # the same for the cluster's nodes
             check_cluster_memory(cfg, model_config=model_config)
         if resume_round is None:
@@ -121,6 +122,7 @@ def _run_job(cfg: Config, out: str | Path | None, progress: bool | None, serve: 
         try:
             try:
                 driver.start(resume_round)
+                startup = _startup_timeline(driver, t_job, ray_up_s)
                 initial_eval = _initial_eval(run_dir, driver.initial_eval, resume_round)
                 if serve:
                     serving = _start_serving(run_dir, cfg, shared=cluster.mode == "cluster")
@@ -149,6 +151,7 @@ def _run_job(cfg: Config, out: str | Path | None, progress: bool | None, serve: 
                 "eval_final": last.get("eval"),
                 "final_version": last.get("version"),
                 "wall_s": time.perf_counter() - started,
+                "startup": startup,
             })
             if serving is not None:
                 from .serve.app import wait_for_interrupt
@@ -160,6 +163,19 @@ def _run_job(cfg: Config, out: str | Path | None, progress: bool | None, serve: 
             if serving is not None:
                 serving.shutdown()
     return run_dir
+
+
+def _startup_timeline(driver: GaisNetDriver, t_job: float, ray_up_s: float) -> dict:
+    """Where the time before round 1 went, in seconds after the job began (``job_began_at``, epoch
+    s: the command's imports before it; config, model and memory checks after): Ray up, the driver placing the actors, each actor's worker process
+    started and ready (its boot, imports and constructor between), everyone ready, the initial
+    evaluation done (= round 1 may begin)."""
+    shift = (driver._t0 or t_job) - t_job
+    at = lambda x: None if x is None else round(x + shift, 3)  # noqa: E731
+    actors = {name: {k: at(v) for k, v in a.items()} for name, a in driver.startup.get("actors", {}).items()}
+    return {"job_began_at": t_job, "ray_up_s": round(ray_up_s, 3), "placing_s": round(shift, 3),
+            "all_ready_s": at(driver.startup.get("all_ready_s")),
+            "initial_eval_done_s": at(driver.startup.get("initial_eval_done_s")), "actors": actors}
 
 
 def _initial_eval(run_dir: Path, measured: dict | None, resume_round: int | None) -> dict | None:

@@ -72,6 +72,12 @@ def test_run_folder_contract(cli_run):
     assert sum(e["num_samples"] for e in last["edges"].values()) == 4 * 64
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / "model" / "config.json").is_file()
+    # where the time before round 1 went: Ray up, then every actor's process start and ready, in order
+    startup = json.loads((run_dir / "run.json").read_text())["startup"]
+    assert set(startup["actors"]) == {"cloud", "edge-0", "edge-1", "end-0-0", "end-0-1", "end-1-0", "end-1-1"}
+    assert 0 < startup["ray_up_s"] <= startup["placing_s"] < startup["all_ready_s"] <= startup["initial_eval_done_s"]
+    for name, a in startup["actors"].items():
+        assert 0 < a["process_start_s"] < a["ready_s"] <= startup["all_ready_s"], (name, a)  # workers may be prestarted
 
 
 def test_relay_versions_the_base_with_lineage_and_model_is_the_latest(cli_run):

@@ -233,6 +233,20 @@ def test_a_cell_that_finished_without_its_row_is_not_run_again(study, tmp_path):
     assert again[1]["eval"] == rows[1]["eval"] and again[1]["key"] == rows[1]["key"]
 
 
+def test_rows_copied_without_their_run_folders_still_share_and_do_not_run(study, tmp_path):
+    """study.jsonl copied alone into a new folder (the committed results, say): its runs are not
+    repeated, and a cell that shares one of them takes that row's numbers."""
+    out, _ = study
+    rows = StudyStore(out).rows()
+    (tmp_path / STUDY_JSONL).write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))  # no cells/ folder
+    runs: list[str] = []
+    _study(tmp_path, runs)
+    assert runs == []
+    shared = StudyStore(tmp_path).rows()[2]
+    assert shared["cell"] == "clustering/size 1" and shared["shared_from"] == "schemes/hfsl"
+    assert shared["eval"] == rows[0]["eval"] and shared["swept_key"] == "topology.cluster_size"
+
+
 def test_a_failing_cell_does_not_stop_the_others(tmp_path, capsys):
     """A cell whose run fails (here: a cut the tiny model cannot take, found only when the cell's
     process builds the model) is reported with its log; the other cells still run; exit 1."""

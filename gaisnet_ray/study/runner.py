@@ -150,8 +150,15 @@ def run_study(config: str | Path | None, out: str | Path, user_sets: list[str] |
         cell_dir = out / CELLS_DIR / key
         if key in by_key:  # another effect's cell ran this very config
             src = by_key[key]
-            result = json.loads((out / src["run_dir"] / RESULT_NAME).read_text())
-            row = make_row(cell, cfg, key, result, user_sets, src["run_dir"], shared_from=src["cell"])
+            src_result = out / src["run_dir"] / RESULT_NAME
+            if src_result.is_file():
+                row = make_row(cell, cfg, key, json.loads(src_result.read_text()), user_sets, src["run_dir"],
+                               shared_from=src["cell"])
+            else:  # the rows came without the run folders (results copied from elsewhere): the row's own numbers
+                row = {**src, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "cell": cell.name, "effect": cell.effect, "label": cell.label, "swept_key": cell.key,
+                       "swept_value": cell.value, "overrides": list(cell.overrides), "note": cell.note,
+                       "shared_from": src["cell"]}
             store.append(row)
             log(f"{tag}: the same run as {src['cell']}")
             continue
