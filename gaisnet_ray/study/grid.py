@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # ---------------------------------------------------------------------------------- the grid
-# Applied to every cell, before the user's --set: sized so the whole default grid (17 runs on
-# SmolLM2-135M) finishes in 45-50 minutes on 2 CPU cores (README "Case study"). Evaluation only
+# Applied to every cell, before the user's --set: sized so the whole default grid (20 runs on
+# SmolLM2-135M) finishes in 40-50 minutes on 2 CPU cores (README "Case study"). Evaluation only
 # after the last round; round 0 (the base alone) is evaluated by the cell runner, once per base.
 STUDY_BASE: tuple[str, ...] = (
     "training.rounds=2",           # two aggregations: what one device learned reaches the others
@@ -65,13 +65,16 @@ _NOT_PRIVATE = "NOT private: centralized pools every device's private data in on
 
 
 def default_grid() -> list[Cell]:
-    """The default grid: 7 effects, 23 cells, 17 distinct runs (the reference is shared by 7 cells;
-    without `peft.method: prefix` in the config: 22 cells, 16 runs)."""
+    """The default grid: 7 effects, 26 cells, 20 distinct runs (the reference is shared by 7 cells)."""
     cells = [
         # ---- schemes: the baselines and HFSL, same model, data, steps, seeds, relay none
         _scheme("centralized", _NOT_PRIVATE), _scheme("hfsl"), _scheme("fl"), _scheme("sl"), _scheme("local"),
         Cell("schemes", "hfsl server_lr 2", "training.server_lr", 2, ("training.scheme=hfsl", "training.server_lr=2"),
              "HFSL with FedOpt's global step 2: the cloud moves twice along the edges' average update"),
+        Cell("schemes", "centralized, hfsl's sequential steps", "training.local_steps", 2,
+             ("training.scheme=centralized", "training.local_steps=2"),
+             _NOT_PRIVATE + "; half the steps: as many as one HFSL cluster takes in turn in a round (its two "
+             "clusters train in parallel and are averaged), to tell the averaging from the step count"),
         # ---- pre-training: the cloud's public pre-training off / on; the foundation's own pre-training off
         Cell("pretraining", "public off", "training.pretrain_steps", 0, ("training.pretrain_steps=0",)),
         Cell("pretraining", "public on", "training.pretrain_steps", 16, PRETRAIN_ON),
@@ -99,6 +102,8 @@ def default_grid() -> list[Cell]:
         # ---- deep prompts vs LoRA (prefix only once the config knows it)
         Cell("knowledge", "lora", "peft.method", "lora", ("peft.method=lora",)),
         Cell("knowledge", "prefix", "peft.method", "prefix", ("peft.method=prefix",), optional=True),
+        Cell("knowledge", "prefix lr 0.05", "training.lr", 0.05, ("peft.method=prefix", "training.lr=0.05"),
+             "prefix tuning at 10x LoRA's learning rate (prefixes are known to need a larger one)", optional=True),
     ]
     return cells
 
