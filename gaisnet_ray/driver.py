@@ -117,6 +117,10 @@ class GaisNetDriver:
         _import_model_libraries()
         self.cfg, self.run_plan = planned or prepare_run(cfg, sample_counts=planned_sample_counts(cfg),
                                                          run_dir=run_dir)
+        # the pool size once, here: `auto` reads this process's CPUs, which a caller may pin later
+        if self.cfg.topology.end_workers == "auto":
+            self.cfg = self.cfg.model_copy(update={"topology": self.cfg.topology.model_copy(
+                update={"end_workers": self.cfg.topology.end_pool})})
         cfg = self.cfg
         check_secure_aggregation(cfg)  # a clear ConfigError where the edge could not unmask
         self._secagg_rosters: dict[str, dict[str, int]] = {}  # edge -> this round's members (device -> index)

@@ -226,39 +226,52 @@ def test_a_ray_fl_round_with_secure_aggregation_matches_the_in_process_one(ray_l
     print(f"\nRay fl round with secure aggregation, 2 edges x 2 devices on 2 workers: {ray_s:.2f}s")
 
 
-def _ray_round_with_a_death(ray_local, run_dir, secure: bool, victim: str = "end-0-2") -> tuple[dict, dict]:
-    """One Ray round of the fl job (1 edge, 3 devices) where ``victim`` dies: after the key
-    exchange under secure aggregation (so the survivors unmask its masks), before the round
-    otherwise. Returns (the round's knowledge, its metrics row)."""
+def _ray_round_with_a_loss(ray_local, run_dir, sets: tuple, secure: bool, victim: str,
+                           after_exchange: bool) -> tuple[dict, dict]:
+    """One Ray round of the fl job (``FL_JOB`` + ``sets``) that loses ``victim`` (a device or an edge
+    of the driver), killed under secure aggregation in its edge's key exchange — just after it
+    (``after_exchange``: a device whose masks the survivors must then remove) or as it begins (an
+    edge, which relays that exchange) — and otherwise just before the round. Returns (the round's
+    knowledge, its metrics row)."""
     from gaisnet_ray.driver import GaisNetDriver
 
-    cfg = tiny_config(*FL_JOB, "topology.edges=1", "run.actor_timeout_s=120", *([SECURE] if secure else []))
-    driver = GaisNetDriver(cfg, run_dir)  # one edge of 3 EndNodes: within the test cluster's 4 end slots
+    cfg = tiny_config(*FL_JOB, *sets, *([SECURE] if secure else []))
+    driver = GaisNetDriver(cfg, run_dir)
     try:
         driver.start()
-        assert victim in driver.devices
+        actor = driver.devices.get(victim) or driver.edges[victim]
+        at_edge = victim if victim in driver.edges else next(e for e, ds in driver.members.items() if victim in ds)
         if secure:
             exchange = driver._exchange_keys
 
-            def exchange_then_die(edge, round_idx, clusters):
+            def exchange_with_a_death(edge, round_idx, clusters):
+                if edge == at_edge and not after_exchange:
+                    ray_local.kill(actor)
                 roster = exchange(edge, round_idx, clusters)
-                if victim in roster:
-                    ray_local.kill(driver.devices[victim])
+                if edge == at_edge and after_exchange:
+                    ray_local.kill(actor)
                 return roster
 
-            driver._exchange_keys = exchange_then_die
+            driver._exchange_keys = exchange_with_a_death
         else:
-            ray_local.kill(driver.devices[victim])
+            ray_local.kill(actor)
         row = driver.run_round(1)
         return ray_local.get(driver.knowledge_ref, timeout=120), row
     finally:
         driver.close()
 
 
+# one edge of 3 EndNodes (within the test cluster's 4 end slots); end-0-2 dies after the exchange
+_DEVICE_DIES = dict(sets=("topology.edges=1", "run.actor_timeout_s=120"), victim="end-0-2", after_exchange=True)
+# 2 edges x 2 devices on a pool of 2 workers; edge-1 dies as its exchange begins
+_EDGE_DIES = dict(sets=("topology.devices_per_edge=2", "topology.end_workers=2", "run.actor_timeout_s=300"),
+                  victim="edge-1", after_exchange=False)
+
+
 @pytest.mark.ray
 def test_on_ray_a_device_killed_after_the_key_exchange_leaves_the_survivors_mean(ray_local, tmp_path):
-    knowledge, row = _ray_round_with_a_death(ray_local, tmp_path / "secure", secure=True)
-    plain, plain_row = _ray_round_with_a_death(ray_local, tmp_path / "plain", secure=False)
+    knowledge, row = _ray_round_with_a_loss(ray_local, tmp_path / "secure", secure=True, **_DEVICE_DIES)
+    plain, plain_row = _ray_round_with_a_loss(ray_local, tmp_path / "plain", secure=False, **_DEVICE_DIES)
     assert "end-0-2" in row["faults"]["dropped"] and "end-0-2" in plain_row["faults"]["dropped"]
     info = row["privacy"]["secure_aggregation_edges"]["edge-0"]
     assert info["members"] == 3 and info["survivors"] == 2
@@ -292,41 +305,13 @@ def test_on_ray_a_survivor_killed_before_its_reveal_still_gives_the_whole_mean(r
     _close(knowledge, net.knowledge)
 
 
-def _ray_round_losing_an_edge(ray_local, run_dir, secure: bool) -> tuple[dict, dict]:
-    """One Ray round of the fl job (2 edges x 2 devices on a pool of 2 workers) where edge-1 dies:
-    as its secure-aggregation key exchange begins (it relays that exchange), or, without secure
-    aggregation, just before the round. Returns (the round's knowledge, its metrics row)."""
-    from gaisnet_ray.driver import GaisNetDriver
-
-    cfg = tiny_config(*FL_JOB, "topology.devices_per_edge=2", "topology.end_workers=2", "run.actor_timeout_s=300",
-                      *([SECURE] if secure else []))
-    driver = GaisNetDriver(cfg, run_dir)
-    try:
-        driver.start()
-        if secure:
-            exchange = driver._exchange_keys
-
-            def die_then_exchange(edge, round_idx, clusters):
-                if edge == "edge-1":
-                    ray_local.kill(driver.edges[edge])
-                return exchange(edge, round_idx, clusters)
-
-            driver._exchange_keys = die_then_exchange
-        else:
-            ray_local.kill(driver.edges["edge-1"])
-        row = driver.run_round(1)
-        return ray_local.get(driver.knowledge_ref, timeout=120), row
-    finally:
-        driver.close()
-
-
 @pytest.mark.ray
 def test_on_ray_an_edge_lost_during_the_key_exchange_leaves_the_other_edges_round(ray_local, tmp_path):
     """The edge relaying the key exchange dies in it: the round is not lost. That edge is reported
     lost (its devices move per faults.edge_failure), the other edge's secure sum goes to the cloud,
     and the knowledge equals a plain round that lost the same edge."""
-    knowledge, row = _ray_round_losing_an_edge(ray_local, tmp_path / "secure", secure=True)
-    plain, plain_row = _ray_round_losing_an_edge(ray_local, tmp_path / "plain", secure=False)
+    knowledge, row = _ray_round_with_a_loss(ray_local, tmp_path / "secure", secure=True, **_EDGE_DIES)
+    plain, plain_row = _ray_round_with_a_loss(ray_local, tmp_path / "plain", secure=False, **_EDGE_DIES)
     assert row["faults"]["lost_edges"] == ["edge-1"] == plain_row["faults"]["lost_edges"]
     assert list(row["privacy"]["secure_aggregation_edges"]) == ["edge-0"]
     assert row["privacy"]["secure_aggregation_edges"]["edge-0"]["survivors"] == 2
