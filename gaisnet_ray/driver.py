@@ -28,6 +28,7 @@ from .layout import RunLayout
 from .planner.command import sample_counts as planned_sample_counts
 from .planner.runtime import prepare_run
 from .privacy.secagg_check import check_secure_aggregation
+from .tiers import resolve_end_pool
 from .rounds import (
     BeginEdge,
     DropTurn,
@@ -118,9 +119,7 @@ class GaisNetDriver:
         self.cfg, self.run_plan = planned or prepare_run(cfg, sample_counts=planned_sample_counts(cfg),
                                                          run_dir=run_dir)
         # the pool size once, here: `auto` reads this process's CPUs, which a caller may pin later
-        if self.cfg.topology.end_workers == "auto":
-            self.cfg = self.cfg.model_copy(update={"topology": self.cfg.topology.model_copy(
-                update={"end_workers": self.cfg.topology.end_pool})})
+        self.cfg = resolve_end_pool(self.cfg)
         cfg = self.cfg
         check_secure_aggregation(cfg)  # a clear ConfigError where the edge could not unmask
         self._secagg_rosters: dict[str, dict[str, int]] = {}  # edge -> this round's members (device -> index)
@@ -142,7 +141,7 @@ class GaisNetDriver:
         self.scheduler: RoundScheduler | None = None
         self._actor_ids: dict[str, str] = {}  # node name -> actor id (hex), reported by each actor at start
         self._t0: float | None = None  # when start() began (epoch s)
-        self.startup: dict = {}  # start()'s timeline, seconds after _t0: each actor's process start and ready
+        self.startup: dict = {}  # start()'s timeline: began_at (epoch s), then seconds after it
         self._events: dict = {}  # ref -> ("turn", Turn) | ("finish", edge) | ("host", name)
         self._turn_refs: dict[Turn, object] = {}
         self._results: dict[Turn, object] = {}  # a finished turn's result ref, until the edge absorbs it
@@ -160,7 +159,7 @@ class GaisNetDriver:
         ``resume_round``: the last round a resumed run has on disk (the cloud starts from it)."""
         t = self.cfg.topology
         self._t0 = time.time()
-        self.startup = {"actors": {}}
+        self.startup = {"began_at": self._t0, "actors": {}}
         self.cloud = CloudNode.options(**tier_options("cloud", t.cloud)).remote(self.cfg, str(self.run_dir),
                                                                                resume_round)
         # the block count from the model's config, so the edges and end actors start (spawn, import

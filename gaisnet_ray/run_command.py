@@ -167,10 +167,10 @@ def _run_job(cfg: Config, out: str | Path | None, progress: bool | None, serve: 
 
 def _startup_timeline(driver: GaisNetDriver, t_job: float, ray_up_s: float) -> dict:
     """Where the time before round 1 went, in seconds after the job began (``job_began_at``, epoch
-    s: the command's imports before it; config, model and memory checks after): Ray up, the driver placing the actors, each actor's worker process
-    started and ready (its boot, imports and constructor between), everyone ready, the initial
-    evaluation done (= round 1 may begin)."""
-    shift = (driver._t0 or t_job) - t_job
+    s: the command's imports before it; config, model and memory checks after): Ray up, the driver
+    placing the actors, each actor's worker process started and ready (its boot, imports and
+    constructor between), everyone ready, the initial evaluation done (= round 1 may begin)."""
+    shift = driver.startup.get("began_at", t_job) - t_job
     at = lambda x: None if x is None else round(x + shift, 3)  # noqa: E731
     actors = {name: {k: at(v) for k, v in a.items()} for name, a in driver.startup.get("actors", {}).items()}
     return {"job_began_at": t_job, "ray_up_s": round(ray_up_s, 3), "placing_s": round(shift, 3),

@@ -108,13 +108,20 @@ def placements(cfg: "Config", training: bool = True, serving: bool = False) -> l
     return out
 
 
-def on_cluster(cfg: "Config") -> "Config":
-    """``cfg`` as a run that joins a cluster places it: there each end device is a machine placed by
-    the ``gaisnet_end`` resource, so ``topology.end_workers: auto`` means one actor per device (in
-    local dev mode it sizes a pool to this host: ``TopologyConfig.end_pool``)."""
+def resolve_end_pool(cfg: "Config", cluster: bool = False) -> "Config":
+    """``cfg`` with ``topology.end_workers: auto`` replaced by what it means where the run places
+    its actors: on a cluster (``cluster``) each end device is a machine placed by the ``gaisnet_end``
+    resource, so one actor per device; in local dev mode a pool sized to this host's CPUs
+    (``TopologyConfig.end_pool``), read now, once. Any other value is kept."""
     if cfg.topology.end_workers != "auto":
         return cfg
-    return cfg.model_copy(update={"topology": cfg.topology.model_copy(update={"end_workers": None})})
+    pool = None if cluster else cfg.topology.end_pool
+    return cfg.model_copy(update={"topology": cfg.topology.model_copy(update={"end_workers": pool})})
+
+
+def on_cluster(cfg: "Config") -> "Config":
+    """``cfg`` as a run that joins a cluster places it (``resolve_end_pool`` with ``cluster``)."""
+    return resolve_end_pool(cfg, cluster=True)
 
 
 def total_demand(placed: list[Placement]) -> dict[str, float]:

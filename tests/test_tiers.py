@@ -102,11 +102,12 @@ def test_end_workers_auto_pools_the_devices_on_a_small_host_and_not_on_a_cluster
     device (``tiers.on_cluster``), the resource check counting them so."""
     import os
 
-    from gaisnet_ray.tiers import on_cluster
+    from gaisnet_ray.tiers import on_cluster, resolve_end_pool
 
     cfg = load_config(TINY_YAML, ["topology.end_workers=auto"])  # 2 edges x 3 devices
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert cfg.topology.end_pool == 2
+    assert resolve_end_pool(cfg).topology.end_workers == 2  # read once: later pinning does not change it
     assert {p.what: p.count for p in placements(cfg)}["end actor"] == 2
     assert on_cluster(cfg).topology.end_pool is None
     assert {p.what: p.count for p in placements(on_cluster(cfg))}["end actor"] == 6
