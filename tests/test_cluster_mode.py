@@ -4,7 +4,7 @@ deploy/ templates: ``test_cluster_templates.py``).
 - The pre-check names what a cluster lacks (pure, no Ray); bad addresses fail in seconds (exit 2).
 - A multi-node ``ray.cluster_utils.Cluster`` (head without tier resources + one node per tier, two
   edge nodes), in a subprocess of its own: ``GaisNetDriver.start()`` puts each actor on its tier's
-  node, and with ``topology.<tier>.node_labels`` on the node those labels pick.
+  node, and with ``topology.<tier>.node_labels`` on the node those labels pick (the edge: one of two).
 - A ``ray start --head`` cluster (token auth on): ``gaisnet submit`` runs a tiny job to the end and
   the run folder appears; ``gaisnet run --address`` with more edges than the cluster declares exits 2
   at once, naming ``gaisnet_edge``.
@@ -170,14 +170,14 @@ def test_unusable_addresses_exit_2_in_seconds(tmp_path):
 # ------------------------------------------------------------------- multi-node ray.cluster_utils
 PLACEMENT_SCRIPT = textwrap.dedent('''
     """Start a multi-node Ray (head + a node per tier), place GaisNet's actors, print where they landed."""
-    import json, sys, threading
+    import json, sys
     import ray
     from ray.cluster_utils import Cluster
 
     tiny, out = json.loads(sys.argv[1]), sys.argv[2]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     nodes = {"head": cluster.head_node}
-    for name, res, labels in [  # two units per node: the two drivers below may share a node
+    for name, res, labels in [
         ("cloud", {"gaisnet_cloud": 2}, {"gaisnet/tier": "cloud"}),
         ("edge-a", {"gaisnet_edge": 2}, {"gaisnet/tier": "edge", "zone": "a"}),
         ("edge-b", {"gaisnet_edge": 2}, {"gaisnet/tier": "edge", "zone": "b"}),
@@ -194,31 +194,22 @@ PLACEMENT_SCRIPT = textwrap.dedent('''
         return where.get(ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())))
 
     result, errors = {}, []
-
-    def place(case, overrides):
+    try:
+        ray.init(address=cluster.address, namespace="gaisnet", configure_logging=False, log_to_driver=False)
+        # one driver: the cloud placed by its tier resource alone (the head has none), the end by its
+        # node labels too, the edge pinned by labels to zone a of the two edge nodes (by its resource
+        # alone it could land on either)
+        overrides = ["topology.edge.node_labels={zone: a}", "topology.end.node_labels={gaisnet/tier: end}"]
         try:
-            driver = GaisNetDriver(load_config(sys.argv[3], tiny + overrides), f"{out}/{case}")
+            driver = GaisNetDriver(load_config(sys.argv[3], tiny + overrides), f"{out}/run")
             try:
                 driver.start()
-                result[case] = {"cloud": [node_of(driver.cloud)], "edge": [node_of(a) for a in driver.edges.values()],
-                                "end": [node_of(a) for a in driver.devices.values()]}
+                result = {"cloud": [node_of(driver.cloud)], "edge": [node_of(a) for a in driver.edges.values()],
+                          "end": [node_of(a) for a in driver.devices.values()]}
             finally:
                 driver.close()
         except BaseException as e:
-            errors.append(f"{case}: {e!r}")
-
-    try:
-        ray.init(address=cluster.address, namespace="gaisnet", configure_logging=False, log_to_driver=False)
-        # two runs side by side: by tier resources alone, and with every tier pinned by node labels
-        # (the edge to zone a of the two edge nodes)
-        cases = {"by_resources": [], "by_labels": ["topology.edge.node_labels={zone: a}",
-                                                   "topology.cloud.node_labels={gaisnet/tier: cloud}",
-                                                   "topology.end.node_labels={gaisnet/tier: end}"]}
-        threads = [threading.Thread(target=place, args=item) for item in cases.items()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+            errors.append(repr(e))
         print("RESULT " + json.dumps({"placed": result, "errors": errors}), flush=True)
     finally:
         ray.shutdown()
@@ -242,12 +233,10 @@ def test_actors_land_on_their_tier_nodes_of_a_multi_node_cluster(tmp_path):
     assert proc.returncode == 0 and lines, out[-4000:]
     result = json.loads(lines[-1][len("RESULT "):])
     assert not result["errors"], result["errors"]
-    # each actor on the node of its tier; the head (no tier resource) holds none
-    first = result["placed"]["by_resources"]
-    assert first["cloud"] == ["cloud"] and first["end"] == ["end"], first
-    assert first["edge"] in (["edge-a"], ["edge-b"]), first
-    pinned = result["placed"]["by_labels"]
-    assert pinned == {"cloud": ["cloud"], "edge": ["edge-a"], "end": ["end"]}, pinned
+    # each actor on the node of its tier, the edge on the one its labels pick; the head (no tier
+    # resource) holds none
+    placed = result["placed"]
+    assert placed == {"cloud": ["cloud"], "edge": ["edge-a"], "end": ["end"]}, placed
 
 
 # --------------------------------------------------------------------------- `ray start` + Jobs API

@@ -62,7 +62,9 @@ def test_ctrl_c_exits_130_keeps_finished_rounds_and_the_console_showed_only_even
     pgid = proc.pid
     try:
         deadline = time.monotonic() + 300
-        while len(_complete_rounds(run)) < 2:  # two rounds, each with its relay, are on disk
+        # two rounds, each with its relay, are on disk and on the console (the console's lines follow the
+        # metrics line, so waiting for the file alone can interrupt between the two)
+        while len(_complete_rounds(run)) < 2 or "round 2: relay" not in err_path.read_text():
             assert proc.poll() is None, err_path.read_text()[-3000:]
             assert time.monotonic() < deadline, err_path.read_text()[-3000:]
             time.sleep(0.5)

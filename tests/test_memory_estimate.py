@@ -120,7 +120,7 @@ def test_ray_tiers_receive_their_parts_and_rounds_report_peak_rss(ray_local, tmp
     from gaisnet_ray.driver import GaisNetDriver
 
     cfg = tiny_config("training.pretrain_steps=0", "training.rounds=1", "training.local_steps=1",
-                      "topology.devices_per_edge=2", "data.samples_per_device=16", "data.eval_samples_per_domain=4",
+                      "topology.devices_per_edge=1", "topology.cluster_size=1", "data.samples_per_device=16", "data.eval_samples_per_domain=4",
                       "data.public_samples=16", "run.actor_timeout_s=300")
     driver = GaisNetDriver(cfg, tmp_path / "run")
     try:
@@ -137,7 +137,7 @@ def test_ray_tiers_receive_their_parts_and_rounds_report_peak_rss(ray_local, tmp
         assert dev[0] == [0, 3] and edge[0] == [1, 2]
         m = driver.run_round(1)
         rss = m["peak_rss_mb"]
-        assert {k: rss[k]["actors"] for k in ("cloud", "edge", "end")} == {"cloud": 1, "edge": 2, "end": 4}
+        assert {k: rss[k]["actors"] for k in ("cloud", "edge", "end")} == {"cloud": 1, "edge": 2, "end": 2}
         assert all(100 < rss[k]["max"] <= rss[k]["sum"] for k in ("cloud", "edge", "end"))
         assert rss["all_actors"] == pytest.approx(sum(rss[k]["sum"] for k in ("cloud", "edge", "end")), abs=0.2)
         assert m["relay"]["bytes_down"]["end_edge_down"] > 0

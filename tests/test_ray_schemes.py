@@ -1,5 +1,6 @@
-"""Tier actors on a shared session Ray: placement by tier resources, the FL scheme on actors,
-and a clear error (not a hang) when the cluster lacks what a tier asks for."""
+"""Tier actors on a shared session Ray: placement by tier resources and the FL scheme on actors (one
+driver for both), and a clear error (not a hang) when the cluster lacks what a tier asks for. The
+whole job through ``run_job`` on actors: ``test_baselines.py``, ``test_ray_run.py``."""
 
 from __future__ import annotations
 
@@ -16,25 +17,6 @@ TINY = small_job("topology.edges=1", "topology.devices_per_edge=2", "topology.cl
                  "data.eval_samples_per_domain=8", "training.pretrain_steps=10", "training.rounds=2")
 
 
-def test_fl_scheme_on_actors_moves_only_adapters(ray_local, tmp_path):
-    from gaisnet_ray.run_command import run_job
-    from gaisnet_ray.knowledge import KnowledgeStore, payload_nbytes
-    from gaisnet_ray.runfolder import read_metrics
-
-    cfg = load_config(TINY_YAML, TINY + ["training.scheme=fl"])
-    run_dir = run_job(cfg, tmp_path / "fl")
-    rows = read_metrics(run_dir)
-    assert [r["round"] for r in rows] == [1, 2]
-    store = KnowledgeStore(run_dir / "knowledge")
-    adapter_bytes = payload_nbytes(store.load(2))
-    for r in rows:
-        # FL: each of the 2 devices pulls the whole adapter and pushes it back, nothing else
-        assert r["bytes"]["end_edge_down"] == 2 * adapter_bytes
-        assert r["bytes"]["end_edge_up"] == 2 * adapter_bytes
-        assert r["clusters"] == {"edge-0": [["end-0-0"], ["end-0-1"]]}
-    assert store.lineage(2)["scheme"] == "fl"
-
-
 def _wait_until_tier_resources_free(ray, timeout_s: float = 60.0) -> None:
     """Actors killed by an earlier test release their resources asynchronously."""
     import time
@@ -49,22 +31,32 @@ def _wait_until_tier_resources_free(ray, timeout_s: float = 60.0) -> None:
     raise AssertionError(f"tier resources still held: {ray.available_resources()}")
 
 
-def test_actors_are_placed_by_tier_resources(ray_local, tmp_path):
+def test_fl_actors_are_placed_by_tier_resources_and_move_only_adapters(ray_local, tmp_path):
     import ray
 
     from gaisnet_ray.driver import GaisNetDriver
+    from gaisnet_ray.knowledge import KnowledgeStore, payload_nbytes
 
     _wait_until_tier_resources_free(ray)
-    cfg = load_config(TINY_YAML, TINY)
-    driver = GaisNetDriver(cfg, tmp_path / "placed")
+    cfg = load_config(TINY_YAML, TINY + ["training.scheme=fl"])
+    driver = GaisNetDriver(cfg, tmp_path / "fl")
     driver.start()
     try:
         used = ray.cluster_resources()["gaisnet_end"] - ray.available_resources().get("gaisnet_end", 0)
         assert used == 2  # one per device actor
         assert ray.cluster_resources()["gaisnet_edge"] - ray.available_resources().get("gaisnet_edge", 0) == 1
         assert ray.cluster_resources()["gaisnet_cloud"] - ray.available_resources().get("gaisnet_cloud", 0) == 1
+        rows = [driver.run_round(r) for r in (1, 2)]
     finally:
         driver.close()
+    store = KnowledgeStore(tmp_path / "fl" / "knowledge")
+    adapter_bytes = payload_nbytes(store.load(2))
+    for r in rows:
+        # FL: each of the 2 devices pulls the whole adapter and pushes it back, nothing else
+        assert r["bytes"]["end_edge_down"] == 2 * adapter_bytes
+        assert r["bytes"]["end_edge_up"] == 2 * adapter_bytes
+        assert r["clusters"] == {"edge-0": [["end-0-0"], ["end-0-1"]]}
+    assert store.lineage(2)["scheme"] == "fl"
 
 
 def test_missing_tier_resource_fails_with_a_clear_error(ray_local, tmp_path):

@@ -226,39 +226,52 @@ def test_a_ray_fl_round_with_secure_aggregation_matches_the_in_process_one(ray_l
     print(f"\nRay fl round with secure aggregation, 2 edges x 2 devices on 2 workers: {ray_s:.2f}s")
 
 
-def _ray_round_with_a_loss(ray_local, run_dir, sets: tuple, secure: bool, victim: str,
-                           after_exchange: bool) -> tuple[dict, dict]:
-    """One Ray round of the fl job (``FL_JOB`` + ``sets``) that loses ``victim`` (a device or an edge
-    of the driver), killed under secure aggregation in its edge's key exchange — just after it
+def _ray_secure_round_with_a_loss(ray_local, run_dir, sets: tuple, victim: str,
+                                  after_exchange: bool) -> tuple[dict, dict]:
+    """One Ray round of the fl job (``FL_JOB`` + ``sets``) under secure aggregation that loses
+    ``victim`` (a device or an edge of the driver), killed in its edge's key exchange: just after it
     (``after_exchange``: a device whose masks the survivors must then remove) or as it begins (an
-    edge, which relays that exchange) — and otherwise just before the round. Returns (the round's
-    knowledge, its metrics row)."""
+    edge, which relays that exchange). Returns (the round's knowledge, its metrics row)."""
     from gaisnet_ray.driver import GaisNetDriver
 
-    cfg = tiny_config(*FL_JOB, *sets, *([SECURE] if secure else []))
+    cfg = tiny_config(*FL_JOB, *sets, SECURE)
     driver = GaisNetDriver(cfg, run_dir)
     try:
         driver.start()
         actor = driver.devices.get(victim) or driver.edges[victim]
         at_edge = victim if victim in driver.edges else next(e for e, ds in driver.members.items() if victim in ds)
-        if secure:
-            exchange = driver._exchange_keys
+        exchange = driver._exchange_keys
 
-            def exchange_with_a_death(edge, round_idx, clusters):
-                if edge == at_edge and not after_exchange:
-                    ray_local.kill(actor)
-                roster = exchange(edge, round_idx, clusters)
-                if edge == at_edge and after_exchange:
-                    ray_local.kill(actor)
-                return roster
+        def exchange_with_a_death(edge, round_idx, clusters):
+            if edge == at_edge and not after_exchange:
+                ray_local.kill(actor)
+            roster = exchange(edge, round_idx, clusters)
+            if edge == at_edge and after_exchange:
+                ray_local.kill(actor)
+            return roster
 
-            driver._exchange_keys = exchange_with_a_death
-        else:
-            ray_local.kill(actor)
+        driver._exchange_keys = exchange_with_a_death
         row = driver.run_round(1)
         return ray_local.get(driver.knowledge_ref, timeout=120), row
     finally:
         driver.close()
+
+
+def _plain_mean_of(run_dir, sets: tuple, survivors: list[str]) -> dict:
+    """What a plain round that lost everyone but ``survivors`` gives, worked out in one process: the
+    fl job's round (``FL_JOB`` + ``sets``, every device training from the same knowledge, as on Ray),
+    then the sample-weighted mean of the survivors' trained adapters. With one edge delivering, the
+    cloud's FedAvg of its one update is that update."""
+    net = InProcessGaisNet(tiny_config(*FL_JOB, *sets), run_dir)
+    held = _capture_plain(net)
+    net.run_round(1)
+    w = {d: net.devices[d].num_samples for d in survivors}
+    total = sum(w.values())
+    return {k: sum(held[d][k].double() * w[d] for d in survivors) / total for k in net.knowledge}
+
+
+def _close_double(a: dict, b: dict, tol: float = 1e-6) -> None:
+    _close({k: v.double() for k, v in a.items()}, {k: v.double() for k, v in b.items()}, tol)
 
 
 # one edge of 3 EndNodes (within the test cluster's 4 end slots); end-0-2 dies after the exchange
@@ -270,12 +283,12 @@ _EDGE_DIES = dict(sets=("topology.devices_per_edge=2", "topology.end_workers=2",
 
 @pytest.mark.ray
 def test_on_ray_a_device_killed_after_the_key_exchange_leaves_the_survivors_mean(ray_local, tmp_path):
-    knowledge, row = _ray_round_with_a_loss(ray_local, tmp_path / "secure", secure=True, **_DEVICE_DIES)
-    plain, plain_row = _ray_round_with_a_loss(ray_local, tmp_path / "plain", secure=False, **_DEVICE_DIES)
-    assert "end-0-2" in row["faults"]["dropped"] and "end-0-2" in plain_row["faults"]["dropped"]
+    knowledge, row = _ray_secure_round_with_a_loss(ray_local, tmp_path / "secure", **_DEVICE_DIES)
+    assert "end-0-2" in row["faults"]["dropped"]
     info = row["privacy"]["secure_aggregation_edges"]["edge-0"]
     assert info["members"] == 3 and info["survivors"] == 2
-    _close(knowledge, plain)  # the survivors' weighted mean, as the plain round without the victim
+    # the survivors' weighted mean, as a plain round without the victim
+    _close_double(knowledge, _plain_mean_of(tmp_path / "plain", ("topology.edges=1",), ["end-0-0", "end-0-1"]))
 
 
 @pytest.mark.ray
@@ -309,10 +322,10 @@ def test_on_ray_a_survivor_killed_before_its_reveal_still_gives_the_whole_mean(r
 def test_on_ray_an_edge_lost_during_the_key_exchange_leaves_the_other_edges_round(ray_local, tmp_path):
     """The edge relaying the key exchange dies in it: the round is not lost. That edge is reported
     lost (its devices move per faults.edge_failure), the other edge's secure sum goes to the cloud,
-    and the knowledge equals a plain round that lost the same edge."""
-    knowledge, row = _ray_round_with_a_loss(ray_local, tmp_path / "secure", secure=True, **_EDGE_DIES)
-    plain, plain_row = _ray_round_with_a_loss(ray_local, tmp_path / "plain", secure=False, **_EDGE_DIES)
-    assert row["faults"]["lost_edges"] == ["edge-1"] == plain_row["faults"]["lost_edges"]
+    and the knowledge equals a plain round that lost the same edge: the other edge's FedAvg."""
+    knowledge, row = _ray_secure_round_with_a_loss(ray_local, tmp_path / "secure", **_EDGE_DIES)
+    assert row["faults"]["lost_edges"] == ["edge-1"]
     assert list(row["privacy"]["secure_aggregation_edges"]) == ["edge-0"]
     assert row["privacy"]["secure_aggregation_edges"]["edge-0"]["survivors"] == 2
-    _close(knowledge, plain)
+    _close_double(knowledge, _plain_mean_of(tmp_path / "plain", ("topology.devices_per_edge=2",),
+                                            ["end-0-0", "end-0-1"]))

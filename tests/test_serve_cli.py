@@ -3,14 +3,16 @@
 - ``gaisnet run --serve``: the app comes up after the first knowledge version, a stream of requests
   during training loses none and sees each new version (hot swap), and after the last round the final
   version is served until SIGTERM, which ends the command cleanly (exit 0).
-- ``gaisnet serve RUN_DIR``: serves that finished run folder; a taken port or a folder that is not a
-  run exits 2 at once, naming the problem.
+- ``gaisnet serve RUN_DIR``: serves that finished run folder (its newest version damaged: the one
+  before it, naming the one skipped); a taken port or a folder that is not a run exits 2 at once,
+  naming the problem.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +25,7 @@ import httpx
 import pytest
 
 from conftest import small_job
+from servecheck import damage
 from tinycfg import TINY_YAML
 
 pytestmark = pytest.mark.ray
@@ -111,13 +114,25 @@ def test_run_serve_hot_swaps_every_version_while_training_and_loses_no_request(s
     assert "stopping" in log.read_text()
 
 
-def test_serve_a_finished_run_folder(served_run, tmp_path):
-    run_dir = served_run[0]
+def test_serve_a_finished_run_folder_whose_newest_version_is_damaged(served_run, tmp_path):
+    """`gaisnet serve` on a copy of the finished run whose newest global version is cut in half (as an
+    interrupted copy leaves it): it serves the previous version, says which one it skipped, and the
+    --set override reaches the deployments."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(served_run[0], run_dir)
+    damage(run_dir / "knowledge" / f"v{ROUNDS:04d}" / "adapter_model.safetensors")
     port, log = _free_port(), tmp_path / "serve.log"
     proc = _cli("serve", str(run_dir), "--port", str(port), "--set", "serve.default_new_tokens=3", log=log)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(lambda: f"at {url}" in log.read_text(), 300, "the serving announcement", proc, log)
+        text = log.read_text()
+        assert f"(knowledge v{ROUNDS - 1:04d}) at" in text, text[-3000:]
+        assert (f"skipped knowledge v{ROUNDS:04d}, which fails verification "
+                f"(v{ROUNDS:04d}: adapter_model.safetensors") in text, text[-3000:]
+        assert "Traceback" not in text
+        health = httpx.get(f"{url}/health", timeout=60).json()
+        assert health["served_version"] == ROUNDS - 1 and str(ROUNDS) in health["skipped_versions"]["global"], health
         ids = [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=60).json()["data"]]
         assert {"gaisnet", "base", "global", "edge-0", "edge-1"} <= set(ids)
         bodies = []
@@ -130,7 +145,7 @@ def test_serve_a_finished_run_folder(served_run, tmp_path):
         tokens = [(b["usage"]["completion_tokens"], b["choices"][0]["finish_reason"]) for b in bodies]
         assert all(n <= 3 for n, _ in tokens) and any(f == "length" for _, f in tokens), tokens
         assert all(n == 3 for n, f in tokens if f == "length"), tokens
-        assert all(b["gaisnet"]["version"] == ROUNDS for b in bodies)
+        assert all(b["gaisnet"]["version"] == ROUNDS - 1 for b in bodies)  # the intact one before the damaged
     finally:
         rc = _stop(proc, log) if proc.poll() is None else proc.returncode
     assert rc == 0, log.read_text()[-3000:]

@@ -1,24 +1,21 @@
 """A run folder whose newest knowledge version is damaged (cut in half, as an interrupted copy
 leaves it): the served run loads the newest intact version and names paths relative to the run;
-``gaisnet serve`` serves the previous version and says which one it skipped; a run with no intact
-version at all is refused before Ray starts. The live app's side (health, hot swap never taking a
-damaged version) is in ``test_serve_hostile.py``.
+a run with no intact version at all is refused before Ray starts. ``gaisnet serve`` serving the
+previous version and saying which one it skipped is in ``test_serve_cli.py`` (on a copy of the run it
+trains there); the live app's side (health, hot swap never taking a damaged version) is in
+``test_serve_hostile.py``.
 """
 
 from __future__ import annotations
 
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from conftest import free_port
-from servecheck import PROMPT, damage, make_damaged_run
+from servecheck import damage, make_damaged_run
 
 
 @pytest.fixture(scope="module")
@@ -57,45 +54,3 @@ def test_serving_a_run_without_an_intact_version_fails_before_ray(hostile_run, t
         handle = serve_run_dir(run, cfg, blocking=False)
         handle.shutdown()  # only if the check failed to refuse
     assert time.monotonic() - started < 10
-
-
-@pytest.mark.ray
-def test_gaisnet_serve_serves_the_previous_version_of_a_damaged_run(hostile_run, tmp_path):
-    """The CLI as a user runs it, on a copy of the run folder whose v0002 is cut in half."""
-    run = tmp_path / "run"
-    shutil.copytree(hostile_run, run, ignore=shutil.ignore_patterns("v0003", "v0004"))
-    for v in ("v0003", "v0004"):  # what the swap test may have added to the shared folder
-        assert not (run / "knowledge" / v).exists()
-    port, log = free_port(), tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gaisnet_ray", "serve", str(run), "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-
-        def health():
-            try:
-                return httpx.get(f"{url}/health", timeout=5).json()
-            except (httpx.HTTPError, ValueError):
-                return None
-
-        deadline = time.monotonic() + 240
-        while (h := health()) is None or h.get("served_version") is None:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
-        assert h["served_version"] == 1 and "2" in h["skipped_versions"]["global"], h
-        r = httpx.post(f"{url}/v1/generate", json={"prompt": PROMPT, "tier": "cloud"}, timeout=60)
-        assert r.status_code == 200 and r.json()["version"] == 1
-        while "OpenAI-compatible API under" not in (text := log.read_text()):  # announced once the app is up
-            assert proc.poll() is None and time.monotonic() < deadline, text[-3000:]
-            time.sleep(0.5)
-        assert "(knowledge v0001) at" in text, text[-3000:]
-        assert "skipped knowledge v0002, which fails verification (v0002: adapter_model.safetensors" in text, text
-        assert "Traceback" not in text
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
