@@ -72,7 +72,7 @@ def _lineage(run_dir: Path, version: int) -> dict:
 
 
 def test_a_device_killed_mid_round_sits_out_and_the_weights_renormalize(ray_local, tmp_path):
-    cfg, driver = _driver(tmp_path)
+    cfg, driver = _driver(tmp_path, ["topology.edges=1"])  # one edge's cluster of two is all it needs
     try:
         victim = _first_members(cfg, driver, "edge-0")[0][0]  # its turn starts first
         total = sum(driver.sample_counts.values())
@@ -94,10 +94,10 @@ def test_a_device_killed_mid_round_sits_out_and_the_weights_renormalize(ray_loca
 
 
 def test_a_device_past_the_turn_timeout_is_dropped_and_its_cluster_goes_on(ray_local, tmp_path):
-    cfg, driver = _driver(tmp_path, ["faults.turn_timeout_s=4", "training.local_steps=4"])
+    cfg, driver = _driver(tmp_path, ["topology.edges=1", "faults.turn_timeout_s=4", "training.local_steps=4"])
     pid = None
     try:
-        first, second = _first_members(cfg, driver, "edge-1")[0]
+        first, second = _first_members(cfg, driver, "edge-0")[0]
         pid = ray_local.get(driver.devices[second].__ray_call__.remote(lambda self: os.getpid()), timeout=60)
         os.kill(pid, signal.SIGSTOP)  # the device hangs: it neither answers nor dies
         metrics = driver.run_round(1)
@@ -106,13 +106,13 @@ def test_a_device_past_the_turn_timeout_is_dropped_and_its_cluster_goes_on(ray_l
             os.kill(pid, signal.SIGCONT)
         driver.close()
     assert metrics["faults"]["dropped"] == {second: "timed out after 4s"}
-    edge = _lineage(tmp_path, 1)["edges"]["edge-1"]
+    edge = _lineage(tmp_path, 1)["edges"]["edge-0"]
     assert edge["clusters"] == [[first]] and set(edge["device_samples"]) == {first}
     assert metrics["faults"]["dead_devices"] == []  # slow is not dead: it may take part next round
 
 
 def test_an_edge_killed_mid_round_loses_its_round_and_its_devices_move(ray_local, tmp_path):
-    cfg, driver = _driver(tmp_path)
+    cfg, driver = _driver(tmp_path, ["topology.end_workers=2"])  # the devices on a pool: only edges are killed
     try:
         t, box = _round_in_thread(driver, 1)
         time.sleep(1.0)
