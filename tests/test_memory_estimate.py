@@ -120,8 +120,8 @@ def test_ray_tiers_receive_their_parts_and_rounds_report_peak_rss(ray_local, tmp
     from gaisnet_ray.driver import GaisNetDriver
 
     cfg = tiny_config("training.pretrain_steps=0", "training.rounds=1", "training.local_steps=1",
-                      "topology.devices_per_edge=1", "topology.cluster_size=1", "data.samples_per_device=16", "data.eval_samples_per_domain=4",
-                      "data.public_samples=16", "run.actor_timeout_s=300")
+                      "topology.devices_per_edge=1", "topology.cluster_size=1", "data.samples_per_device=16",
+                      "data.eval_samples_per_domain=4", "data.public_samples=16", "run.actor_timeout_s=300")
     driver = GaisNetDriver(cfg, tmp_path / "run")
     try:
         driver.start()

@@ -211,8 +211,8 @@ def test_privacy_no_private_ids_labels_or_text_cross_an_actor_boundary(cli_run):
     forwards = [r for r in records if r["method"] == "forward" and r["direction"] == "in"]
     # every split step of every device reached an edge and was recorded: the audit is live
     assert len(forwards) == cfg.topology.num_devices * cfg.training.local_steps * ROUNDS
-    allowed_methods = {"__init__", "profile", "profiles", "train_turn", "begin_round", "begin_turn", "forward", "backward",
-                       "finish_round", "foundation", "initial_knowledge", "aggregate_round", "evaluate",
+    allowed_methods = {"__init__", "profile", "profiles", "train_turn", "begin_round", "begin_turn", "forward",
+                       "backward", "finish_round", "foundation", "initial_knowledge", "aggregate_round", "evaluate",
                        "update_base", "drop_turn", "add_devices"}
     assert {r["method"] for r in records} <= allowed_methods
 

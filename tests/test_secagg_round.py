@@ -34,6 +34,17 @@ def _close(a: dict, b: dict, tol: float = 1e-6) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=tol, msg=k)
 
 
+def _weighted_mean(pairs) -> dict:
+    """The sample-weighted mean, in float64, of (adapter, num_samples) pairs: what FedAvg of them gives."""
+    pairs = list(pairs)
+    w = sum(n for _, n in pairs)
+    return {k: sum(a[k].double() * n for a, n in pairs) / w for k in pairs[0][0]}
+
+
+def _close_double(a: dict, b: dict, tol: float = 1e-6) -> None:
+    _close({k: v.double() for k, v in a.items()}, {k: v.double() for k, v in b.items()}, tol)
+
+
 def _capture_edges(net: InProcessGaisNet) -> dict[str, list]:
     """Record every TurnResult each edge is handed at finish_round (what the edge receives)."""
     seen: dict[str, list] = {}
@@ -121,10 +132,8 @@ def test_a_device_dropping_after_the_key_exchange_leaves_the_survivors_weighted_
     last = {cid: masked.get(cid) for cid in clusters}
     update = edge.finish_round(last, replies)
 
-    w = sum(n for _, n in plain.values())
-    expected = {k: sum(a[k].double() * n for a, n in plain.values()) / w for k in update.adapter}
-    _close({k: v.double() for k, v in update.adapter.items()}, expected)
-    assert update.num_samples == w
+    _close_double(update.adapter, _weighted_mean(plain.values()))
+    assert update.num_samples == sum(n for _, n in plain.values())
     info = update.secure_aggregation
     assert info["members"] == 3 and info["survivors"] == 2 and info["threshold"] == 2
     print(f"\nsecure aggregation, 3 members, 1 dropped: {info}")
@@ -142,9 +151,8 @@ def test_a_survivor_lost_before_its_reveal_still_counts_when_threshold_others_re
     assert dropped == []
     replies = [net.devices[d].secagg.reveal(alive, dropped) for d in members[:2]]  # ... one is lost before revealing
     update = edge.finish_round(masked, replies)
-    w = sum(n for _, n in plain.values())  # its update is in the sum, and the others' shares remove its self-mask
-    expected = {k: sum(a[k].double() * n for a, n in plain.values()) / w for k in update.adapter}
-    _close({k: v.double() for k, v in update.adapter.items()}, expected)
+    # its update is in the sum, and the others' shares remove its self-mask
+    _close_double(update.adapter, _weighted_mean(plain.values()))
     assert update.secure_aggregation["survivors"] == 3
 
 
@@ -265,13 +273,7 @@ def _plain_mean_of(run_dir, sets: tuple, survivors: list[str]) -> dict:
     net = InProcessGaisNet(tiny_config(*FL_JOB, *sets), run_dir)
     held = _capture_plain(net)
     net.run_round(1)
-    w = {d: net.devices[d].num_samples for d in survivors}
-    total = sum(w.values())
-    return {k: sum(held[d][k].double() * w[d] for d in survivors) / total for k in net.knowledge}
-
-
-def _close_double(a: dict, b: dict, tol: float = 1e-6) -> None:
-    _close({k: v.double() for k, v in a.items()}, {k: v.double() for k, v in b.items()}, tol)
+    return _weighted_mean((held[d], net.devices[d].num_samples) for d in survivors)
 
 
 # one edge of 3 EndNodes (within the test cluster's 4 end slots); end-0-2 dies after the exchange
