@@ -58,6 +58,11 @@ def _wait(cond, timeout_s: float, what: str, proc: subprocess.Popen, log: Path) 
         time.sleep(0.1)
 
 
+def _announced(log: Path, url: str) -> bool:
+    """Our CLI's own announcement line; Ray Serve's "Application ... is ready at URL" comes earlier and must not count."""
+    return f") at {url} (OpenAI-compatible" in log.read_text()
+
+
 def _stop(proc: subprocess.Popen, log: Path) -> int:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -85,7 +90,7 @@ def served_run(tmp_path_factory):
                 seen.append((r.status_code, r.json().get("version") if r.status_code == 200 else r.text))
 
     try:
-        _wait(lambda: f"at {url}" in log.read_text(), 600, "the serving announcement", proc, log)
+        _wait(lambda: _announced(log, url), 600, "the serving announcement", proc, log)
         thread = threading.Thread(target=client, daemon=True)
         thread.start()
         _wait(lambda: (run_dir / "run.json").is_file(), 600, "the end of training", proc, log)
@@ -125,7 +130,9 @@ def test_serve_a_finished_run_folder_whose_newest_version_is_damaged(served_run,
     proc = _cli("serve", str(run_dir), "--port", str(port), "--set", "serve.default_new_tokens=3", log=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(lambda: f"at {url}" in log.read_text(), 300, "the serving announcement", proc, log)
+        # the skip line is printed right after the announcement: wait for both, not only the first
+        _wait(lambda: _announced(log, url) and "skipped knowledge" in log.read_text(), 300,
+              "the serving announcement", proc, log)
         text = log.read_text()
         assert f"(knowledge v{ROUNDS - 1:04d}) at" in text, text[-3000:]
         assert (f"skipped knowledge v{ROUNDS:04d}, which fails verification "
