@@ -8,9 +8,9 @@ without training a run per point); ``--secagg`` times secure aggregation of adap
 size.
 
     python benchmarks/privacy_bench.py RUN_DIR [RUN_DIR ...] [--examples 48] [--noise 1 2 4] [--secagg]
-        [--dp-epsilon 1 8] [--reuse]
+        [--dp-epsilon 1 8] [--reuse] [--name privacy_bench]
 
-Writes benchmarks/results/privacy_bench.{json,md}.
+Writes benchmarks/results/NAME.{json,md} (default privacy_bench).
 """
 
 from __future__ import annotations
@@ -40,8 +40,11 @@ def _row(label: str, audit: dict, metrics: list[dict]) -> list:
 def _label(audit: dict) -> str:
     p = audit["privacy"]
     parts = []
+    if audit.get("front_layers", 1) != 1:
+        parts.append(f"cut {audit['front_layers']}")
     if p["activation_noise"] or p["activation_clip"]:
-        parts.append(f"clip {p['activation_clip']:g}, noise {p['activation_noise']:g}")
+        parts.append(f"clip {p['activation_clip']:g}, noise {p['activation_noise']:g}"
+                     + (", denoised" if p.get("activation_denoise") else ""))
     if p["nopeek_weight"]:
         parts.append(f"NoPeek {p['nopeek_weight']:g}")
     if p["dp"]:
@@ -60,6 +63,7 @@ def main() -> None:
     ap.add_argument("--dp-epsilon", type=float, nargs="*", default=[],
                     help="re-aggregate the FIRST run's round-1 edge updates under DP at these epsilons (over the "
                          "run's rounds) and evaluate the result on the public base")
+    ap.add_argument("--name", default=NAME, help="results file stem under benchmarks/results (default: %(default)s)")
     args = ap.parse_args()
     quiet()
     from gaisnet_ray.privacy.command import audit_path, audit_run
@@ -74,7 +78,7 @@ def main() -> None:
         return audit_run(run, examples=args.examples, overrides=overrides)
 
     started = time.perf_counter()
-    data = envelope(NAME, vars(args))
+    data = envelope(NAME, vars(args))  # its command line names this script, whatever --name is
     data["runs"], rows = [], []
     for run in args.run_dirs:
         audit = get_audit(run)
@@ -113,7 +117,7 @@ def main() -> None:
                         [[r["label"], f"{r['z']:.3g}", f"{r['std']:.3g}", *[f"{r['exact_match'][x]:.2f}" for x in dom]]
                          for r in [d["plain"], *d["dp"]]])]
     data["wall_s"] = time.perf_counter() - started
-    write_results(NAME, data, "\n".join(md) + "\n\n" + footer(data))
+    write_results(args.name, data, "\n".join(md) + "\n\n" + footer(data))
 
 
 def _secagg_timing(run_dir: Path) -> dict:

@@ -95,6 +95,8 @@ def test_distance_correlation_is_one_for_similar_rows_and_small_for_independent(
 def test_privacy_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="activation_clip"):
         tiny_config("privacy.activation_noise=1.0")
+    with pytest.raises(ConfigError, match="activation_denoise needs privacy.activation_clip"):
+        tiny_config("privacy.activation_denoise=true")
     with pytest.raises(ConfigError, match="dp_epsilon"):
         tiny_config("privacy.dp_clip=1.0")
     with pytest.raises(ConfigError, match="privacy.nopeek_weight"):
@@ -196,14 +198,14 @@ def test_a_round_under_every_defense_records_them_and_the_audit_reads_the_run(tm
     cfg = tiny_config("training.pretrain_steps=0", "training.rounds=1", "training.local_steps=2",
                       "topology.edges=1", "topology.devices_per_edge=2", "data.samples_per_device=16",
                       "data.eval_samples_per_domain=4", "privacy.activation_clip=0.1", "privacy.activation_noise=0.5",
-                      "privacy.nopeek_weight=0.1", "privacy.dp_clip=1.0", "privacy.dp_noise_multiplier=0.05")
+                      "privacy.activation_denoise=true", "privacy.nopeek_weight=0.1", "privacy.dp_clip=1.0", "privacy.dp_noise_multiplier=0.05")
     net = InProcessGaisNet(cfg, tmp_path)
     seen = []
     forward = net.edges["edge-0"].forward
     net.edges["edge-0"].forward = lambda cid, d, h: (seen.append(h.clone()), forward(cid, d, h))[1]
     metrics = net.run_round(1)
     p = metrics["privacy"]
-    assert p["activation_noise"] == 0.5 and p["nopeek_weight"] == 0.1
+    assert p["activation_noise"] == 0.5 and p["activation_denoise"] is True and p["nopeek_weight"] == 0.1
     assert p["dp_epsilon"] == pytest.approx(epsilon_after(1, 0.05, 1e-5)) and p["dp_noise_std"] == 0.05
     # what reached the edge is clipped (tiny rows are ~0.24 long) + noised: norms near sqrt(1 + 0.5^2) * clip
     assert 0.09 < float(torch.cat(seen).norm(dim=-1).median()) < 0.14
@@ -213,7 +215,8 @@ def test_a_round_under_every_defense_records_them_and_the_audit_reads_the_run(tm
     assert json.loads((tmp_path / AUDIT_FILE).read_text())["privacy"]["activation_noise"] == 0.5
     assert set(out["inversion"]) == {"search_exact_weights", "search_public_base", "learned_public_base"}
     assert 0.0 <= out["membership"]["auc"] <= 1.0
-    undefended = audit_run(tmp_path, **small, overrides=["privacy.activation_noise=0", "privacy.activation_clip=null"])
+    undefended = audit_run(tmp_path, **small, overrides=["privacy.activation_noise=0", "privacy.activation_clip=null",
+                                                        "privacy.activation_denoise=false"])
     assert undefended["inversion"]["search_exact_weights"]["tokens"] > 0.9
     # privacy_audit.png: both audits, leakage next to exact match (the undefended row leaks the most)
     from gaisnet_ray.layout import RunLayout
@@ -222,7 +225,8 @@ def test_a_round_under_every_defense_records_them_and_the_audit_reads_the_run(tm
     run = RunLayout(tmp_path)
     assert run.privacy_plot.stat().st_size > 10_000 and len(run.privacy_audits()) == 2
     own, what_if = leakage_rows([json.loads(p.read_text()) for p in run.privacy_audits()])
-    assert own["label"] == "run's own settings" and what_if["label"] == "activation_noise=0, activation_clip=null"
+    assert own["label"] == "run's own settings" and what_if["label"] == ("activation_noise=0, activation_clip=null, "
+                                                                     "activation_denoise=false")
     assert what_if["recovery"]["search_exact_weights"]["tokens"] == undefended["inversion"]["search_exact_weights"]["tokens"]
     with pytest.raises(AuditInputError, match="no config.yaml"):
         audit_run(tmp_path / "nowhere")

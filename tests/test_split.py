@@ -293,6 +293,45 @@ def test_trainers_split_turn_equals_plain_adamw_steps(family):
     assert update.clusters == [["end-0-0"]]
 
 
+def test_activation_denoise_takes_the_devices_own_noise_out_of_the_returned_residual():
+    """privacy.activation_denoise: the edge gets the same clipped + noised rows, and the device's back
+    runs on h_k + (h_m - h_link) (its own hidden state plus the middle's change on the noisy one) instead
+    of h_m: worked out here from what crossed the link and a twin device's clean front."""
+    noisy = ("privacy.activation_clip=2.0", "privacy.activation_noise=4.0", "training.local_steps=1")
+    far = {}
+    for denoise in (False, True):
+        cfg = _tiny_cfg("gpt2", *noisy, f"privacy.activation_denoise={str(denoise).lower()}")
+        model, tok = build_foundation(cfg.model)
+        pkg = FoundationPackage.from_model(model, tok)
+        edge = edge_trainer(cfg, "edge-0", ["end-0-0"], pkg)
+        dev, twin = device_trainer(cfg, "end-0-0", pkg), device_trainer(cfg, "end-0-0", pkg)  # twin: same batches
+        cid = "edge-0/c0"
+        whole = build_tier_model(pkg, cfg.peft, ModelPart.of(None, True, True))  # the knowledge: LoRA as built
+        edge.begin_round(adapter_state(whole.peft), {cid: ["end-0-0"]})
+        adapter = edge.begin_turn(cid, "end-0-0", None)
+        sent = []
+
+        class Recording(DirectEdgeLink):
+            def forward(self, hidden):
+                out = super().forward(hidden)
+                sent.append((hidden.clone(), out.clone()))
+                return out
+
+        turn = dev.train_split_turn(adapter, Recording(edge, cid, "end-0-0"), cid, 1)
+        (h_link, h_m), = sent
+        load_adapter_state(twin.split.peft, adapter)
+        ids, labels = twin._next_batch()
+        with torch.no_grad():
+            h_k = twin.split.front(ids, dev.cut.front_end)
+            assert (h_link - h_k).norm(dim=-1).mean() > 4.0  # the noise is there on the wire
+            back_in = h_k + (h_m - h_link) if denoise else h_m
+            expected = float(twin.split.back_loss(back_in, dev.cut.back_start, labels))
+            clean = edge.forward(cid, "end-0-0", h_k)  # the middle's output had nothing been added
+        assert turn.losses == pytest.approx([expected], rel=1e-5)
+        far[denoise] = float((back_in - clean).norm(dim=-1).mean())
+    assert far[True] < 0.25 * far[False]  # the back's input is far nearer the clean one than h_m is
+
+
 def test_cluster_relay_with_mixed_cuts_equals_reference():
     """Three members in turn with different cuts (end-0-0 and end-0-2: k=1, m=3; end-0-1: k=2, m=3).
     The second member gets the first member's device blocks and the edge's block 1 via the edge; the

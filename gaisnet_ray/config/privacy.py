@@ -18,6 +18,12 @@ class PrivacyConfig(Section):
         "noise-to-signal ratio (noise L2 norm / activation_clip); 0: none. Defends the device's tokens against "
         "inversion by the edge (see README, Privacy)."
     )
+    activation_denoise: bool = Field(
+        False, description="The device removes what it added (clip and noise) from the residual stream the edge "
+        "returns before its back runs: the back sees its own hidden state plus the middle's change computed on "
+        "the noisy one. The edge receives the same noisy rows; with few middle blocks (a deep cut) training "
+        "keeps most of its quality. Needs activation_clip."
+    )
     nopeek_weight: float = Field(
         0.0, ge=0, description="Weight of the NoPeek penalty (distance correlation between each token's input "
         "embedding and the hidden state sent to the edge) added to the device's loss; 0: none."
@@ -45,6 +51,8 @@ class PrivacyConfig(Section):
     def _check(self) -> "PrivacyConfig":
         if self.activation_noise > 0 and self.activation_clip is None:
             raise ValueError("privacy.activation_noise needs privacy.activation_clip (the noise is relative to it)")
+        if self.activation_denoise and self.activation_clip is None:
+            raise ValueError("privacy.activation_denoise needs privacy.activation_clip (it removes the clip and noise)")
         if self.dp_clip is not None and (self.dp_epsilon is None) == (self.dp_noise_multiplier is None):
             raise ValueError("privacy.dp_clip needs exactly one of privacy.dp_epsilon and privacy.dp_noise_multiplier")
         if self.dp_clip is None and (self.dp_epsilon is not None or self.dp_noise_multiplier is not None):

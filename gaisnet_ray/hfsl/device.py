@@ -142,7 +142,12 @@ class DeviceTrainer:
             sent = codec.encode(h_link.detach().cpu(), lengths)
             got = link.forward(sent)
             h_m = codec.decode(got).to(self.torch_device).requires_grad_()  # (B, T, H) from edge
-            loss = self.split.back_loss(h_m, cut.back_start, labels)  # logits only where labels are supervised
+            back_in = h_m
+            if self.privacy is not None and self.privacy.activation_denoise:
+                # the residual stream carries the noise through the middle unchanged: take out what this
+                # device added (it alone knows it), so the back sees h_k + the middle's change on h_link
+                back_in = h_m - (h_link - h_k).detach()
+            loss = self.split.back_loss(back_in, cut.back_start, labels)  # logits only where labels are supervised
             loss.backward()
             grad_m = codec.encode(h_m.grad.detach().cpu(), lengths)
             grad_back = link.backward(grad_m)

@@ -18,6 +18,7 @@ def active_defenses(privacy) -> dict:
     return {
         "activation_clip": privacy.activation_clip,
         "activation_noise": privacy.activation_noise,
+        "activation_denoise": privacy.activation_denoise,
         "nopeek_weight": privacy.nopeek_weight,
         "dp": privacy.dp_clip is not None,
         "secure_aggregation": privacy.secure_aggregation,
