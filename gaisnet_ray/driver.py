@@ -106,6 +106,16 @@ def _config_num_layers(cfg: Config) -> int | None:
         return None
 
 
+def get_within(refs, timeout: float, what: str):
+    """``ray.get`` under ``run.actor_timeout_s``. Ray's own timeout says only "some object(s) not
+    ready"; this one names what was awaited and the key that bounds it (a busy or slow host needs more)."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except GetTimeoutError:
+        raise TimeoutError(f"{what} did not finish within run.actor_timeout_s={timeout:g}s (a busy or slow "
+                           f"host: raise it, e.g. --set run.actor_timeout_s={max(3600, 4 * timeout):g})") from None
+
+
 def _last_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
 
@@ -167,7 +177,7 @@ class GaisNetDriver:
         num_layers = _config_num_layers(self.cfg)
         if num_layers is None:
             self._wait_ready({"cloud": self.cloud})
-            num_layers = ray.get(self.cloud.num_layers.remote(), timeout=self.timeout)
+            num_layers = get_within(self.cloud.num_layers.remote(), self.timeout, "the cloud's foundation")
         # each node gets only its part of the base: one object per distinct part, pulled by the nodes
         # that hold it (devices: embeddings, front and back blocks, head; edges: middle blocks)
         from .hfsl.factory import tier_parts  # torch: here, after Ray is up, not at the driver's import
@@ -191,7 +201,7 @@ class GaisNetDriver:
             self._place_end_actor(name, packages)
         if "cloud" not in self._actor_ids:
             self._wait_ready({"cloud": self.cloud})
-            built = ray.get(self.cloud.num_layers.remote(), timeout=self.timeout)
+            built = get_within(self.cloud.num_layers.remote(), self.timeout, "the cloud's foundation")
             if built != num_layers:
                 raise RuntimeError(f"the foundation has {built} blocks, its config says {num_layers}")
         # version 0 and the evaluation before round 1 need only the cloud: they run while the others start
@@ -199,14 +209,15 @@ class GaisNetDriver:
         initial_eval = self.cloud.evaluate.remote()
         self._wait_ready({**self.edges, **self.end_actors})
         if pool:
-            profiles = [p for ps in ray.get([a.profiles.remote() for a in self.end_actors.values()],
-                                            timeout=self.timeout) for p in ps]
+            profiles = [p for ps in get_within([a.profiles.remote() for a in self.end_actors.values()],
+                                               self.timeout, "the end workers' profiles") for p in ps]
         else:
-            profiles = ray.get([a.profile.remote() for a in self.end_actors.values()], timeout=self.timeout)
+            profiles = get_within([a.profile.remote() for a in self.end_actors.values()], self.timeout,
+                                  "the end devices' profiles")
         self.sample_counts = {p["device_id"]: p["num_samples"] for p in profiles}
         self.scheduler = RoundScheduler(self.cfg, self.by_edge, self.hosts, self.sample_counts, self.run_plan)
         self.startup["all_ready_s"] = time.time() - self._t0
-        self.initial_eval = ray.get(initial_eval, timeout=self.timeout)
+        self.initial_eval = get_within(initial_eval, self.timeout, "the cloud's evaluation before round 1")
         self.startup["initial_eval_done_s"] = time.time() - self._t0
 
     def _place_end_actor(self, name: str, packages: dict) -> None:
@@ -275,11 +286,7 @@ class GaisNetDriver:
         train_s = time.perf_counter() - started  # devices' turns and the edges' updates: what the cost model models
         knowledge_ref, metrics_ref = self.cloud.aggregate_round.options(num_returns=2).remote(
             round_idx, *[self._updates[e] for e in edges])
-        try:
-            cloud_metrics = ray.get(metrics_ref, timeout=self.timeout)
-        except GetTimeoutError:
-            raise TimeoutError(f"round {round_idx} did not finish within run.actor_timeout_s="
-                               f"{self.timeout:.0f}s") from None
+        cloud_metrics = get_within(metrics_ref, self.timeout, f"round {round_idx}'s aggregation and evaluation")
         self.knowledge_ref = knowledge_ref
         self._results, self._updates = {}, {}
         for move in sched.reassignments():

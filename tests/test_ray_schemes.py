@@ -68,3 +68,19 @@ def test_missing_tier_resource_fails_with_a_clear_error(ray_local, tmp_path):
     with pytest.raises(PlacementError, match=r"not placed after 5s: \['cloud'\]"):
         driver.start()
     driver.close()
+
+
+def test_a_call_past_the_actor_timeout_names_what_it_waited_for_and_the_key(ray_local):
+    """Ray's GetTimeoutError says only "some object(s) not ready"; a run that times out says what it
+    waited for and which key to raise."""
+    import time
+
+    from gaisnet_ray.driver import get_within
+
+    ref = ray_local.remote(lambda: time.sleep(30)).remote()
+    try:
+        with pytest.raises(TimeoutError, match=r"the cloud's evaluation before round 1 did not finish within "
+                                               r"run\.actor_timeout_s=0\.5s .*--set run\.actor_timeout_s=3600"):
+            get_within(ref, 0.5, "the cloud's evaluation before round 1")
+    finally:
+        ray_local.cancel(ref, force=True)
