@@ -198,7 +198,8 @@ def test_a_round_under_every_defense_records_them_and_the_audit_reads_the_run(tm
     cfg = tiny_config("training.pretrain_steps=0", "training.rounds=1", "training.local_steps=2",
                       "topology.edges=1", "topology.devices_per_edge=2", "data.samples_per_device=16",
                       "data.eval_samples_per_domain=4", "privacy.activation_clip=0.1", "privacy.activation_noise=0.5",
-                      "privacy.activation_denoise=true", "privacy.nopeek_weight=0.1", "privacy.dp_clip=1.0", "privacy.dp_noise_multiplier=0.05")
+                      "privacy.activation_denoise=true", "privacy.nopeek_weight=0.1", "privacy.dp_clip=1.0",
+                      "privacy.dp_noise_multiplier=0.05")
     net = InProcessGaisNet(cfg, tmp_path)
     seen = []
     forward = net.edges["edge-0"].forward

@@ -22,7 +22,7 @@ class PrivacyConfig(Section):
         False, description="The device removes what it added (clip and noise) from the residual stream the edge "
         "returns before its back runs: the back sees its own hidden state plus the middle's change computed on "
         "the noisy one. The edge receives the same noisy rows; with few middle blocks (a deep cut) training "
-        "keeps most of its quality. Needs activation_clip."
+        "keeps part of its quality (README, Privacy). Needs activation_clip."
     )
     nopeek_weight: float = Field(
         0.0, ge=0, description="Weight of the NoPeek penalty (distance correlation between each token's input "
