@@ -265,7 +265,7 @@ def _run(args, cfg, out, resume_round: int | None = None) -> int:
     from .cluster import ClusterError
     from .hfsl.memory import InsufficientMemoryError
     from .run_command import run_job  # imported here: Ray and torch load only when a run starts
-    from .models.build import UnknownModelFamilyError
+    from .models.cuts import UnknownModelFamilyError
     from .models.sources import ModelSourceError
     from .runfolder import RunFolderError
     from .serve.errors import PortInUseError

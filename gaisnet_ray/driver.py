@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from .config import TIER_RESOURCES, Config
 from .schemes import scheme_of
 from .schemes.topology import devices_by_edge
 from .layout import RunLayout
+from .models.cuts import NoWeights
 from .planner.command import sample_counts as planned_sample_counts
 from .planner.runtime import prepare_run
 from .privacy.secagg_check import check_secure_aggregation
@@ -83,18 +83,6 @@ def _dead_actor_id(err: BaseException) -> str | None:
     return None
 
 
-_IMPORTS = threading.Lock()
-
-
-def _import_model_libraries() -> None:
-    """Finish importing transformers before planning reads model configs. Its lazy module is not safe
-    to import from two threads at once (two drivers in one process, as tests/test_cluster_mode.py
-    places them, raised ``ImportError: cannot import name 'AutoConfig'``); the driver imports it lazily
-    so that ``import gaisnet_ray.driver`` stays light, so the first import happens under one lock."""
-    with _IMPORTS:
-        from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
-
-
 def _config_num_layers(cfg: Config) -> int | None:
     """The foundation's block count from the model's config alone (no weights), or None if that
     cannot be read here (then the driver asks the cloud once it is up)."""
@@ -125,7 +113,6 @@ class GaisNetDriver:
         # the planner (topology.planner, planner.*): the plan's cuts go into the config every tier builds
         # from; ``planned``: what planner.runtime.prepare_run already returned for ``cfg`` (run_job plans
         # before its memory check)
-        _import_model_libraries()
         self.cfg, self.run_plan = planned or prepare_run(cfg, sample_counts=planned_sample_counts(cfg),
                                                          run_dir=run_dir)
         # the pool size once, here: `auto` reads this process's CPUs, which a caller may pin later
@@ -147,6 +134,7 @@ class GaisNetDriver:
         self.knowledge_ref = None
         self.sample_counts: dict[str, int] = {}
         self.initial_eval: dict | None = None
+        self.num_layers: int | None = None  # the foundation's blocks, once start() knows them
         self.node_parts: dict[str, list] = {}  # edge / end actor -> the parts of the base it holds (ModelPart)
         self.scheduler: RoundScheduler | None = None
         self._actor_ids: dict[str, str] = {}  # node name -> actor id (hex), reported by each actor at start
@@ -183,6 +171,7 @@ class GaisNetDriver:
         from .hfsl.factory import tier_parts  # torch: here, after Ray is up, not at the driver's import
 
         parts = tier_parts(self.cfg, num_layers)
+        self.num_layers = num_layers
         all_devices = [d for ds in self.by_edge.values() for d in ds]
         self.node_parts = {e: [parts[e]] for e in self.by_edge}
         pool = t.end_pool
@@ -233,9 +222,10 @@ class GaisNetDriver:
         self.devices.update({d: actor for d in devices})
 
     def _part_refs(self, node_parts: dict[str, list]) -> dict:
-        """One object per distinct part the nodes hold: the cloud cuts it out of its current base."""
+        """One object per distinct part the nodes hold: the cloud cuts it out of its current base. An
+        empty part (an edge under FL) gets ``NoWeights``: nothing to pull, no model library to load."""
         wanted = dict.fromkeys(p for ps in node_parts.values() for p in ps)
-        return {p: self.cloud.foundation.remote(p) for p in wanted}
+        return {p: NoWeights(self.num_layers) if p.is_empty else self.cloud.foundation.remote(p) for p in wanted}
 
     def _wait_ready(self, actors: dict) -> None:
         """Wait until the actors are constructed; each reports its actor id (kept, to tell which

@@ -14,7 +14,7 @@ import torch
 from gaisnet_ray.config import ConfigError, load_config
 from gaisnet_ray.data import device_examples
 from gaisnet_ray.hfsl.factory import tier_parts
-from gaisnet_ray.models.parts import ModelPart
+from gaisnet_ray.models.cuts import ModelPart
 from gaisnet_ray.schemes import SCHEMES, Centralized, Local, scheme_of
 from gaisnet_ray.schemes.plan import participants, plan_clusters
 

@@ -15,7 +15,8 @@ import torch
 from gaisnet_ray.config import ModelConfig, PeftConfig, TierResources
 from gaisnet_ray.models.adapters import attach_lora, trainable_parameters
 from gaisnet_ray.models.build import build_foundation
-from gaisnet_ray.models.split import Cut, SplitModel
+from gaisnet_ray.models.split import SplitModel
+from gaisnet_ray.models.cuts import Cut
 
 CUDA = torch.cuda.is_available()
 pytestmark = [

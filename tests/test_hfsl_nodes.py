@@ -20,9 +20,9 @@ from gaisnet_ray.cloudengine import CloudTrainer
 from gaisnet_ray.knowledge import KeyMismatchError, NonFiniteUpdateError
 from gaisnet_ray.models.adapters import adapter_state
 from gaisnet_ray.models.build import FoundationPackage, build_foundation
-from gaisnet_ray.models.split import build_tier_model, layer_of_key
+from gaisnet_ray.models.split import build_tier_model
+from gaisnet_ray.models.cuts import ModelPart, layer_of_key
 
-from gaisnet_ray.models.parts import ModelPart
 from conftest import ACT, DEVICE_ADAPTER, FULL_ADAPTER, HFSL_JOB
 from tinycfg import TINY_YAML
 

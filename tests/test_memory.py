@@ -21,8 +21,9 @@ from gaisnet_ray.models.adapters import (
     trainable_parameters,
 )
 from gaisnet_ray.models.build import FoundationPackage
-from gaisnet_ray.models.parts import ModelPart, Pruned, layer_of_key
-from gaisnet_ray.models.split import Cut, SplitModel, build_tier_model
+from gaisnet_ray.models.parts import Pruned
+from gaisnet_ray.models.cuts import Cut, ModelPart, layer_of_key
+from gaisnet_ray.models.split import SplitModel, build_tier_model
 from loracheck import lora_grads, randomize_lora
 from tinycfg import tiny_config, tiny_package
 

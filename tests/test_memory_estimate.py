@@ -14,8 +14,7 @@ import torch
 
 from gaisnet_ray.config import PeftConfig
 from gaisnet_ray.models.adapters import attach_lora, trainable_parameters
-from gaisnet_ray.models.parts import ModelPart
-from gaisnet_ray.models.split import Cut
+from gaisnet_ray.models.cuts import Cut, ModelPart
 from tinycfg import tiny_config, tiny_package, write_tiny_yaml
 
 torch.set_num_threads(1)

@@ -18,7 +18,8 @@ from gaisnet_ray.knowledge import KnowledgeStore
 from gaisnet_ray.models.adapters import adapter_state, attach_lora, load_adapter_state, merged_base_state
 from gaisnet_ray.models.prefix import (PEFT_PREFIX_KEY, PrefixServingError, from_peft_layout, refuse_prefix_serving,
                                        to_peft_layout)
-from gaisnet_ray.models.split import Cut, build_tier_model, edge_part
+from gaisnet_ray.models.split import build_tier_model
+from gaisnet_ray.models.cuts import Cut, edge_part
 
 from conftest import HFSL_JOB
 from tinycfg import TINY_YAML, tiny_package

@@ -25,7 +25,7 @@ import torch
 
 from gaisnet_ray.config import PeftConfig
 from gaisnet_ray.data import IGNORE_INDEX, encode_examples, encode_prompt, sample_examples
-from gaisnet_ray.models.parts import ModelPart
+from gaisnet_ray.models.cuts import ModelPart
 
 from conftest import free_port
 from loracheck import lora_grads, randomize_lora
@@ -132,7 +132,8 @@ def test_split_step_on_the_real_weights_matches_the_unsplit_model(split_case, mo
     chat-template rows: the loss, the logits and every LoRA gradient equal the unsplit model's
     under the same loss (rtol 1e-5), each gradient computed on the tier that holds it."""
     from gaisnet_ray.models.adapters import adapter_state, load_adapter_state
-    from gaisnet_ray.models.split import Cut, build_tier_model, layer_of_key
+    from gaisnet_ray.models.split import build_tier_model
+    from gaisnet_ray.models.cuts import Cut, layer_of_key
 
     c = split_case
     cut = Cut.from_layers(SLICE_BLOCKS, 1, 1)

@@ -11,7 +11,7 @@ import torch
 
 from gaisnet_ray.config import load_config
 
-from gaisnet_ray.models.parts import ModelPart
+from gaisnet_ray.models.cuts import ModelPart
 from conftest import small_job
 from tinycfg import TINY_YAML
 

@@ -26,7 +26,7 @@ from gaisnet_ray.knowledge.aggregate import (
     aggregator_of,
     rule_named,
 )
-from gaisnet_ray.models.parts import ModelPart
+from gaisnet_ray.models.cuts import ModelPart
 from gaisnet_ray.schemes import FL, HFSL, SCHEMES, SL, Scheme, scheme_named, scheme_of
 
 sys.path.insert(0, str(Path(__file__).parent))

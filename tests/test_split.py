@@ -21,10 +21,10 @@ from gaisnet_ray.models.adapters import (
     trainable_parameters,
 )
 from gaisnet_ray.models.build import FoundationPackage, build_foundation
-from gaisnet_ray.models.split import Cut, SplitModel, build_tier_model, layer_of_key, select_keys
+from gaisnet_ray.models.split import SplitModel, build_tier_model, select_keys
+from gaisnet_ray.models.cuts import Cut, ModelPart, layer_of_key
 
 from loracheck import lora_grads, randomize_lora
-from gaisnet_ray.models.parts import ModelPart
 from tinycfg import TINY_YAML
 
 torch.set_num_threads(1)

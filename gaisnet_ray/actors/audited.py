@@ -18,8 +18,9 @@ from ..worker_setup import peak_rss_mb
 def deferred(ref) -> list:
     """Hand an actor an object ref to fetch itself (``fetch_deferred``): a ref nested in a list is
     not resolved by Ray before the actor starts, so the actor's process spawns and imports torch
-    while the cloud is still building the foundation the ref will hold."""
-    return [ref]
+    while the cloud is still building the foundation the ref will hold. A value that is not a ref
+    (``models.cuts.NoWeights``) is handed as it is."""
+    return [ref] if isinstance(ref, ray.ObjectRef) else ref
 
 
 def fetch_deferred(value):

@@ -13,7 +13,7 @@ from .audited import AuditedNode, crosses_boundary
 if TYPE_CHECKING:  # torch-free at import: the driver imports this module, only the actor needs torch
     from ..hfsl.messages import EdgeUpdate, StateDict
     from ..models.build import FoundationPackage
-    from ..models.parts import ModelPart
+    from ..models.cuts import ModelPart
 
 
 @ray.remote

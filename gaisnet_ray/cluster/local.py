@@ -111,6 +111,8 @@ def check_local_gpus(cfg: Config, training: bool = True, serving: bool = False, 
     """Raise ``ClusterResourceError`` if the tiers ask for more GPUs than this host has for torch
     (``gpus``, default ``host_gpus()``), instead of actors pending until the placement timeout."""
     need = required_resources(cfg, training, serving)["GPU"]
+    if need <= 0:
+        return
     have = host_gpus() if gpus is None else gpus
     if need <= have + 1e-9:
         return
@@ -131,14 +133,16 @@ def local_init_kwargs(cfg: Config, training: bool = True, serving: bool = False)
 
     Logical CPUs are declared as max(host CPUs, what the tiers ask for): in dev mode several tier
     actors share the host's cores (each bounds its torch threads), which is the point of the mode.
-    GPUs are declared as the host has them for torch (``host_gpus``), never more.
+    GPUs are declared as the host has them for torch (``host_gpus``), never more; none when nothing
+    asks for one (this private instance runs only ``cfg``'s actors and replicas, and the driver then
+    does not import torch just to count GPUs).
     """
     need = required_resources(cfg, training, serving)
     num_cpus = cfg.run.local_num_cpus or max(os.cpu_count() or 1, math.ceil(need["CPU"]))
     return {
         "address": "local",  # never join a leftover cluster (see ../shared/environment.md)
         "num_cpus": num_cpus,
-        "num_gpus": host_gpus(),
+        "num_gpus": host_gpus() if need["GPU"] > 0 else 0,
         "resources": {k: v for k, v in need.items() if k not in ("CPU", "GPU") and v > 0},
         # Ray's own HTTP ports on loopback: no dashboard, and its host pinned to loopback should one be
         # turned on. Ray 2.60 binds its gRPC ports (GCS, raylet, workers) on all interfaces with no

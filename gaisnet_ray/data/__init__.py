@@ -15,7 +15,6 @@ from gaisnet_ray.data.domains import (
     get_domain,
     sample_examples,
 )
-from gaisnet_ray.data.encode import IGNORE_INDEX, Tokenizer, encode_examples, encode_prompt, left_padded_batches
 from gaisnet_ray.data.jsonl import DatasetError, load_jsonl
 from gaisnet_ray.data.partition import partition_dirichlet, partition_iid
 from gaisnet_ray.data.records import RecordFact, record_facts
@@ -46,3 +45,17 @@ __all__ = [
     "record_facts",
     "sample_examples",
 ]
+
+
+# The encoding helpers need torch; they load on first use, so that the driver can count each device's
+# examples (``planner.command.sample_counts``) without importing torch.
+_ENCODE = ("IGNORE_INDEX", "Tokenizer", "encode_examples", "encode_prompt", "left_padded_batches")
+
+
+def __getattr__(name: str):
+    if name in _ENCODE:
+        from gaisnet_ray.data import encode
+
+        return getattr(encode, name)
+    raise AttributeError(f"module 'gaisnet_ray.data' has no attribute '{name}'")
+

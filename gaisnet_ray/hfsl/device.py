@@ -15,8 +15,8 @@ from ..data import Example, encode_examples
 from ..data.encode import lengths_of
 from ..knowledge.accounting import payload_nbytes
 from ..models.adapters import adapter_state, load_adapter_state, load_base_state, trainable_parameters
-from ..models.parts import ModelPart
-from ..models.split import Cut, build_tier_model
+from ..models.cuts import Cut, ModelPart
+from ..models.split import build_tier_model
 from ..privacy.noise import nopeek_penalty, privatize_hidden
 from ..privacy.secround import DeviceSecAgg
 from .linkcodec import LinkCodec

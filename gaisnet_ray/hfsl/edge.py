@@ -11,19 +11,22 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import LinkConfig, PeftConfig, TrainingConfig
-from ..inference.learn import escalation_weight, fold_delta, load_learned
 from ..knowledge.aggregate import aggregator_of
-from ..models.adapters import adapter_state, load_adapter_state, load_base_state, trainable_parameters
-from ..models.parts import ModelPart
-from ..models.split import Cut, SplitModel, build_tier_model, select_keys
+from ..models.cuts import Cut, ModelPart
 from ..privacy.secround import EdgeSecAgg, KeyOffer
 from .linkcodec import LinkCodec
 from .linkmodel import clusters_comm_s
 from .messages import EdgeUpdate, LinkUsage, StateDict, TurnResult
+
+# The model code (peft, transformers) loads only in an edge that runs blocks (none under FL, where the
+# edge only averages its devices' adapters), and escalation learning's only where it is on.
+if TYPE_CHECKING:
+    from ..models.split import SplitModel
 
 
 @dataclass
@@ -65,6 +68,8 @@ class EdgeTrainer:
         self.aggregator = aggregator_of(training)
         self.split = None
         if self.part.layers:  # ``package`` holds at least this part; only the part is built
+            from ..models.split import build_tier_model
+
             self.split = build_tier_model(package, peft_cfg, self.part, torch_device=torch_device)
         self._global: StateDict = {}
         self._clusters: dict[str, _ClusterState] = {}
@@ -76,7 +81,11 @@ class EdgeTrainer:
         """Relay down: the new foundation weights of the middle blocks this edge runs, as its part
         (a ``FoundationPackage`` holding exactly ``self.part``) or a whole state dict (none under
         FL, where devices hold the whole model). Returns the bytes written."""
-        return load_base_state(self.split.peft, base) if self.split is not None else 0
+        if self.split is None:
+            return 0
+        from ..models.adapters import load_base_state
+
+        return load_base_state(self.split.peft, base)
 
     # -------------------------------------------------------------------------------- round
     def begin_round(self, global_knowledge: StateDict, clusters: dict[str, list[str]]) -> None:
@@ -92,6 +101,9 @@ class EdgeTrainer:
                 raise ValueError(f"{self.edge_id}: cluster {cid} names devices it does not serve: {unknown}")
             split, opt = None, None
             if self.split is not None:
+                from ..models.adapters import load_adapter_state, trainable_parameters
+                from ..models.split import SplitModel
+
                 frozen = {id(p): p for p in self.split.peft.parameters() if not p.requires_grad}
                 split = SplitModel(copy.deepcopy(self.split.peft, memo=frozen))
                 load_adapter_state(split.peft, global_knowledge)
@@ -103,6 +115,8 @@ class EdgeTrainer:
         """Fold a finished member's device-side keys into the cluster's knowledge (and middle)."""
         adapter = self.codec.decode_adapter(turn.adapter)  # bf16 on the wire when a codec is on
         if st.split is not None:
+            from ..models.adapters import adapter_state, load_adapter_state
+
             st.knowledge.update(adapter_state(st.split.peft))
             load_adapter_state(st.split.peft, adapter)
         st.knowledge.update(adapter)
@@ -126,10 +140,14 @@ class EdgeTrainer:
             self._absorb(st, previous)
         st.active = device_id
         if st.split is not None:
+            from ..models.adapters import adapter_state
+
             st.snapshot = adapter_state(st.split.peft)
             st.knowledge.update(st.snapshot)
         if self.split is None:  # FL: the device holds and trains the whole adapter
             return self.codec.encode_adapter(dict(st.knowledge))
+        from ..models.split import select_keys
+
         layers = self.device_cuts[device_id].device_layers(self.num_layers)
         return self.codec.encode_adapter(select_keys(st.knowledge, layers, include_unlayered=True))
 
@@ -143,6 +161,8 @@ class EdgeTrainer:
         st.pending.pop(device_id, None)
         if st.active == device_id:
             if st.split is not None and st.snapshot is not None:
+                from ..models.adapters import load_adapter_state, trainable_parameters
+
                 load_adapter_state(st.split.peft, st.snapshot, strict=True)
                 st.optimizer = torch.optim.AdamW(trainable_parameters(st.split.peft), lr=self.training.lr,
                                                  weight_decay=self.training.weight_decay)
@@ -204,7 +224,11 @@ class EdgeTrainer:
         this round's starting knowledge plus the learned delta (LoRA B), weighted one per escalation
         and at most ``learned_share`` of the round; None when there is nothing (off, none yet). The
         prompts themselves never reach here: only the delta the replica wrote on this node."""
-        found = load_learned(self.learned_dir) if self.learned_share > 0 else None
+        if self.learned_share <= 0:
+            return None
+        from ..inference.learn import escalation_weight, fold_delta, load_learned
+
+        found = load_learned(self.learned_dir)
         if found is None:
             return None
         delta, meta = found

@@ -17,8 +17,7 @@ from ..schemes.topology import devices_by_edge
 # Importing this module is torch-free (the Ray driver does, before Ray starts); the parts import
 # torch when computed (models.split), the trainers their data, devices and codecs where built.
 if TYPE_CHECKING:
-    from ..models.parts import ModelPart
-    from ..models.split import Cut
+    from ..models.cuts import Cut, ModelPart
     from .device import DeviceTrainer
     from .edge import EdgeTrainer
 
@@ -69,12 +68,13 @@ def edge_trainer(cfg: Config, edge: str, devices: list[str], package, torch_devi
     """``package``: the edge's part (``edge_part_of``) or any package holding it, e.g. the whole.
     ``run_dir``: with ``serve.learn_from_escalations``, where the edge's private area is (what its
     serving replica learned from escalations joins the edge's aggregation)."""
-    from ..inference.learn import edge_area
     from .edge import EdgeTrainer
     from .linkcodec import LinkCodec
 
     n = package.num_layers
     learn = cfg.serve.learn_from_escalations and run_dir is not None
+    if learn:
+        from ..inference.learn import edge_area
     return EdgeTrainer(edge, package, edge_part_of(cfg, devices, n), cfg.peft, cfg.training,
                        edge_cuts(cfg, devices, n), cfg.links.end_edge, torch_device,
                        report_devices=scheme_of(cfg).keeps_adapters, codec=LinkCodec(cfg.links.codec),

@@ -142,8 +142,7 @@ class JobEstimate:
 def estimate_job(cfg: Config, model_config: dict, local: bool = True) -> JobEstimate:
     """Each actor kind's estimated peak memory for ``cfg`` on the model ``model_config`` (its
     ``PretrainedConfig.to_dict()``); ``local`` adds Ray's own processes and the driver."""
-    from ..models.parts import ModelPart
-    from ..models.split import Cut, edge_part
+    from ..models.cuts import Cut, ModelPart, edge_part
 
     g = ModelGeometry.from_config(model_config)
     topo, t = cfg.topology, cfg.training

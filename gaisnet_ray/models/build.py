@@ -15,28 +15,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..config import ModelConfig
+from .cuts import SUPPORTED_FAMILIES, UnknownModelFamilyError  # noqa: F401 - re-exported
 from .presets import preset_config
 from .sources import quiet_transformers, resolve_model_dir
 from .tokenizer import build_byte_tokenizer
 
 if TYPE_CHECKING:
     from .parts import ModelPart
-
-SUPPORTED_FAMILIES = ("gpt2", "llama")
-
-
-class UnknownModelFamilyError(ValueError):
-    """The model's architecture family has no splitter (see gaisnet_ray.models.split)."""
-
-    def __init__(self, family: str):
-        super().__init__(
-            f"unknown model family '{family}': supported families are {list(SUPPORTED_FAMILIES)}"
-        )
-        self.family = family
-
-    def __reduce__(self):
-        return (type(self), (self.family,))
-
 
 def family_of(model: PreTrainedModel) -> str:
     family = getattr(model.config, "model_type", None)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .parts import ModelPart
+    from .cuts import ModelPart
 
 # Autograd keeps per token and block about ACT_H x hidden + ACT_I x intermediate fp32 values under
 # LoRA training (the inputs of every projection, norms, attention and MLP intermediates; measured on

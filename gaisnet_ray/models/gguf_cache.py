@@ -33,7 +33,7 @@ _STALE_TEMP_S = 3600.0  # a temp conversion folder older than this was left by a
 
 def _converted(gguf: Path, cache_dir: str | Path | None) -> Path:
     """The cache folder holding ``gguf`` converted to a Hugging Face folder; converts it if needed."""
-    from .build import UnknownModelFamilyError
+    from .cuts import UnknownModelFamilyError
 
     models = cache_root(cache_dir) / "models"
     folder, sha = _lookup(models, gguf)
@@ -61,7 +61,7 @@ def _converted(gguf: Path, cache_dir: str | Path | None) -> Path:
             stamp = _stamp(gguf)
             record = {"format": CACHE_FORMAT, "source": stamp["path"], "sha256": sha, "size": stamp["size"],
                       "mtime_ns": stamp["mtime_ns"], "converted_s": round(time.perf_counter() - t0, 1),
-                      "seen": [stamp]}
+                      "seen": [stamp], "config": _folder_config(tmp)}
             (tmp / SOURCE_JSON).write_text(json.dumps(record, indent=2) + "\n")
             _fsync_tree(tmp)
             _publish(tmp, final)
@@ -107,6 +107,28 @@ def _lookup(models: Path, gguf: Path) -> tuple[Path | None, str]:
     return folder, sha
 
 
+def _folder_config(folder: Path) -> dict:
+    """The converted folder's whole config (``PretrainedConfig.to_dict()``, defaults included)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder).to_dict()
+
+
+def recorded_config(folder: Path) -> dict | None:
+    """The config kept in a cache folder's record at conversion (None if the record has none): what
+    ``sources.model_config_dict`` returns without importing transformers in the driver."""
+    try:
+        config = json.loads((folder / SOURCE_JSON).read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return dict(config) if isinstance(config, dict) and config.get("model_type") else None
+
+
+def record_config(folder: Path, config: dict) -> None:
+    """Keep ``config`` in the folder's record (a cache converted before records held it)."""
+    _update_record(folder, lambda record: record.setdefault("config", config))
+
+
 def _cached_folder(gguf: Path, cache_dir: str | Path | None) -> Path | None:
     """The complete cache folder converted from ``gguf``, or None (never converts)."""
     models = cache_root(cache_dir) / "models"
@@ -120,11 +142,20 @@ def _stamp(gguf: Path) -> dict:
 
 def _remember(folder: Path, stamp: dict, keep: int = 8) -> None:
     """Add ``stamp`` to the folder's record (atomic replace) so the next lookup needs no hash."""
+
+    def add(record: dict) -> None:
+        seen = [s for s in record.get("seen", []) if s.get("path") != stamp["path"]]
+        record["seen"] = [stamp, *seen][:keep]
+
+    _update_record(folder, add)
+
+
+def _update_record(folder: Path, change) -> None:
+    """Apply ``change`` to the folder's record in place (atomic replace); a failure is logged only."""
     record_path = folder / SOURCE_JSON
     try:
         record = json.loads(record_path.read_text())
-        seen = [s for s in record.get("seen", []) if s.get("path") != stamp["path"]]
-        record["seen"] = [stamp, *seen][:keep]
+        change(record)
         tmp = folder / f".{SOURCE_JSON}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, record_path)

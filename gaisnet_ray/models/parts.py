@@ -16,100 +16,10 @@ the rest is allocated on the CPU and loaded, and non-persistent buffers (Llama's
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-_LAYER_KEY = re.compile(r"\.(?:h|layers)\.(\d+)\.")
-
-# Foundation state-dict prefixes outside the blocks, per family: which part each belongs to.
-_NON_BLOCK_KEYS: dict[str, dict[str, str]] = {
-    "gpt2": {"transformer.wte.": "embeddings", "transformer.wpe.": "embeddings",
-             "transformer.ln_f.": "head", "lm_head.": "head"},
-    "llama": {"model.embed_tokens.": "embeddings", "model.norm.": "head", "lm_head.": "head"},
-}
-
-
-def layer_of_key(key: str) -> int | None:
-    """Block index an adapter/state key belongs to, or None for embeddings/norm/head keys."""
-    m = _LAYER_KEY.search(key)
-    return int(m.group(1)) if m else None
-
-
-@dataclass(frozen=True)
-class ModelPart:
-    """The modules of the foundation a package or tier model holds (hashable: one object per part)."""
-
-    layers: frozenset[int] | None = None  # blocks held; None: every block
-    embeddings: bool = True  # token (GPT-2: and position) embeddings
-    head: bool = True  # final norm + LM head
-
-    @classmethod
-    def whole(cls) -> "ModelPart":
-        return cls()
-
-    @classmethod
-    def of(cls, layers: Iterable[int] | None, embeddings: bool, head: bool) -> "ModelPart":
-        return cls(None if layers is None else frozenset(int(i) for i in layers), bool(embeddings), bool(head))
-
-    @property
-    def is_whole(self) -> bool:
-        return self.layers is None and self.embeddings and self.head
-
-    def held_layers(self, num_layers: int) -> set[int]:
-        return set(range(num_layers)) if self.layers is None else set(self.layers)
-
-    def covers(self, other: "ModelPart", num_layers: int) -> bool:
-        """Whether everything ``other`` holds is held here too."""
-        return (other.held_layers(num_layers) <= self.held_layers(num_layers)
-                and (self.embeddings or not other.embeddings) and (self.head or not other.head))
-
-    def holds_key(self, family: str, key: str) -> bool:
-        """Whether a foundation state-dict key belongs to this part."""
-        layer = layer_of_key(key)
-        if layer is not None:
-            return self.layers is None or layer in self.layers
-        kind = non_block_kind(family, key)
-        return self.embeddings if kind == "embeddings" else self.head
-
-    def __str__(self) -> str:
-        if self.is_whole:
-            return "the whole model"
-        blocks = "all blocks" if self.layers is None else (
-            f"blocks {_ranges(self.layers)}" if self.layers else "no blocks")
-        return " + ".join([blocks] + (["embeddings"] if self.embeddings else [])
-                          + (["final norm and head"] if self.head else []))
-
-
-def _ranges(layers: Iterable[int]) -> str:
-    """{0, 1, 2, 29} -> '0-2, 29'."""
-    out, run = [], []
-    for i in sorted(layers):
-        if run and i != run[-1] + 1:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-            run = []
-        run.append(i)
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ", ".join(out)
-
-
-def non_block_kind(family: str, key: str) -> str:
-    """'embeddings' or 'head' for a foundation key outside the blocks; a key of no known part raises."""
-    from .build import UnknownModelFamilyError
-
-    prefixes = _NON_BLOCK_KEYS.get(family)
-    if prefixes is None:
-        raise UnknownModelFamilyError(family)
-    for prefix, kind in prefixes.items():
-        if key.startswith(prefix):
-            return kind
-    raise ValueError(f"foundation key '{key}' of a {family} model belongs to no block, embedding or head: "
-                     f"gaisnet_ray.models.parts._NON_BLOCK_KEYS must name its prefix before it can be split")
-
+from .cuts import ModelPart
 
 def select_state(family: str, state: dict[str, torch.Tensor], part: ModelPart) -> dict[str, torch.Tensor]:
     """The tensors of ``state`` that ``part`` holds (the same tensor objects: nothing is copied)."""

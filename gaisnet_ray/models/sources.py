@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -100,6 +101,11 @@ def resolve_model_dir(cfg: ModelConfig, cache_dir: str | Path | None = None) -> 
     return None
 
 
+# transformers' lazy module is not safe to import from two threads at once (two drivers in one process,
+# as tests/test_cluster_mode.py places them, raised ``ImportError: cannot import name 'AutoConfig'``)
+_TRANSFORMERS_IMPORT = threading.Lock()
+
+
 def model_config_dict(cfg: ModelConfig, cache_dir: str | Path | None = None) -> dict:
     """The model's config (``PretrainedConfig.to_dict()``) without loading any weights.
 
@@ -108,38 +114,43 @@ def model_config_dict(cfg: ModelConfig, cache_dir: str | Path | None = None) -> 
     ``float32``, as the runtime loads every source. Raises
     ``UnknownModelFamilyError`` for a family without a splitter, ``ModelSourceError`` for a source
     that cannot be found.
-    """
-    from transformers import AutoConfig
 
-    from .gguf_cache import _cached_folder, _gguf_error
-    from .hub import _hub_config
+    Without importing transformers (which loads torch: ~3 s and ~300 MB in the driver) for a built-in
+    preset (the keys its config class is given: ``presets.preset_config_dict``) and for a converted
+    GGUF whose cache record holds the config (written at conversion).
+    """
+    from .gguf_cache import _cached_folder, _gguf_error, record_config, recorded_config
 
     if cfg.path is None and cfg.preset not in REAL_PRESETS:
-        from .presets import preset_config
-        from .tokenizer import build_byte_tokenizer
+        from .presets import preset_config_dict
 
-        tokenizer = build_byte_tokenizer()
-        return preset_config(cfg.family, cfg.preset, len(tokenizer), max(cfg.max_seq_len, 64), tokenizer).to_dict()
-
+        return preset_config_dict(cfg.family, cfg.preset, max(cfg.max_seq_len, 64))
     if cfg.path is not None:
         kind, where = _classify_path(cfg.path)
     else:
         kind, where = "gguf", preset_gguf(cfg.preset)
-    if kind == "folder":
-        config = AutoConfig.from_pretrained(where).to_dict()
-    elif kind == "gguf":
-        cached = _cached_folder(where, cache_dir)
-        if cached is not None:
+    cached = _cached_folder(where, cache_dir) if kind == "gguf" else None
+    config = recorded_config(cached) if cached is not None else None
+    if config is None:
+        with _TRANSFORMERS_IMPORT:
+            from transformers import AutoConfig
+
+        from .hub import _hub_config
+
+        if kind == "folder":
+            config = AutoConfig.from_pretrained(where).to_dict()
+        elif cached is not None:  # converted before the cache record kept the config: keep it now
             config = AutoConfig.from_pretrained(cached).to_dict()
-        else:
+            record_config(cached, config)
+        elif kind == "gguf":
             try:
                 with quiet_transformers():
                     config = AutoConfig.from_pretrained(where.parent, gguf_file=where.name).to_dict()
             except Exception as e:  # noqa: BLE001 - a corrupt or unsupported file: one clear line
                 raise _gguf_error(where, e) from e
             config.pop("quantization_config", None)
-    else:
-        config = _hub_config(cfg.path)
+        else:
+            config = _hub_config(cfg.path)
     _check_family(config.get("model_type"))
     config["dtype"] = "float32"  # what load_foundation loads, whatever the source stores
     return config
@@ -217,7 +228,7 @@ def _classify_path(value: str) -> tuple[str, Path | str]:
 
 
 def _check_family(model_type) -> None:
-    from .build import SUPPORTED_FAMILIES, UnknownModelFamilyError
+    from .cuts import SUPPORTED_FAMILIES, UnknownModelFamilyError
 
     if model_type not in SUPPORTED_FAMILIES:
         raise UnknownModelFamilyError(str(model_type))

@@ -19,49 +19,15 @@ the prefixes of its own blocks into a fresh KV cache first and the real tokens t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from peft import PeftModel
 from transformers.masking_utils import create_causal_mask
 
-from .build import UnknownModelFamilyError
-from .parts import ModelPart, Pruned, layer_of_key, prune_modules
+from .cuts import ModelPart, UnknownModelFamilyError, layer_of_key
+from .parts import Pruned, prune_modules
 from .prefix import PrefixModel, PrefixServingError, attach_prefix
-
-
-@dataclass(frozen=True)
-class Cut:
-    """Cut points of one device: front = blocks[0:front_end], back = blocks[back_start:L]."""
-
-    front_end: int  # k
-    back_start: int  # m
-
-    @classmethod
-    def from_layers(cls, num_layers: int, front_layers: int, back_layers: int) -> "Cut":
-        if front_layers + back_layers >= num_layers:
-            raise ValueError(
-                f"cut front_layers={front_layers} + back_layers={back_layers} leaves no block for the "
-                f"edge: the model has {num_layers} blocks"
-            )
-        return cls(front_layers, num_layers - back_layers)
-
-    def device_layers(self, num_layers: int) -> set[int]:
-        return set(range(self.front_end)) | set(range(self.back_start, num_layers))
-
-    def edge_layers(self) -> set[int]:
-        return set(range(self.front_end, self.back_start))
-
-    def device_part(self, num_layers: int) -> ModelPart:
-        """What a device with this cut holds: embeddings, front and back blocks, final norm, head."""
-        return ModelPart.of(self.device_layers(num_layers), embeddings=True, head=True)
-
-
-def edge_part(cuts) -> ModelPart:
-    """What an edge serving devices with these cuts holds: the union of their middle blocks."""
-    return ModelPart.of(set().union(*(c.edge_layers() for c in cuts)), embeddings=False, head=False)
 
 
 def select_keys(state: dict[str, torch.Tensor], layers: set[int], *, include_unlayered: bool) -> dict[str, torch.Tensor]:

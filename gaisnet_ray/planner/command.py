@@ -78,7 +78,7 @@ def _devices(plan: RoundPlan, fleet: Fleet, limit: int = 24) -> str:
 
 def plan_command(cfg: Config, out: str | None) -> int:
     from ..hfsl.memory import model_config_of
-    from ..models.build import UnknownModelFamilyError
+    from ..models.cuts import UnknownModelFamilyError
     from ..models.sources import ModelSourceError
 
     if not scheme_of(cfg).splits:  # before anything loads

@@ -24,8 +24,7 @@ from .topology import device_cut
 
 if TYPE_CHECKING:
     from ..config import Config, TopologyConfig
-    from ..models.parts import ModelPart
-    from ..models.split import Cut
+    from ..models.cuts import Cut, ModelPart
 
 
 class Scheme(ABC):
@@ -82,7 +81,7 @@ class Scheme(ABC):
     def device_part(self, topo: TopologyConfig, device: str, num_layers: int) -> ModelPart:
         """The part of the foundation ``device`` holds: embeddings, its front and back blocks, final
         norm and head under a split scheme; the whole model otherwise."""
-        from ..models.parts import ModelPart
+        from ..models.cuts import ModelPart
 
         cut = self.device_cut(topo, device, num_layers)
         return ModelPart.whole() if cut is None else cut.device_part(num_layers)
@@ -90,8 +89,7 @@ class Scheme(ABC):
     def edge_part(self, topo: TopologyConfig, devices: list[str], num_layers: int) -> ModelPart:
         """The part an edge serving ``devices`` holds: the union of their middle blocks (none when
         devices train the whole model)."""
-        from ..models.parts import ModelPart
-        from ..models.split import edge_part
+        from ..models.cuts import ModelPart, edge_part
 
         if not self.splits:
             return ModelPart.of((), embeddings=False, head=False)

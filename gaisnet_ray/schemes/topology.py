@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ..config import TopologyConfig, device_id, edge_id
 
 if TYPE_CHECKING:  # imported where used
-    from ..models.split import Cut
+    from ..models.cuts import Cut
 
 
 def devices_by_edge(topo: TopologyConfig) -> dict[str, list[str]]:
@@ -27,7 +27,7 @@ def device_compute(topo: TopologyConfig, device: str) -> float:
 def device_cut(topo: TopologyConfig, device: str, num_layers: int) -> "Cut":
     """The configured cut of ``device`` (``topology.device_cuts``, else ``topology.cut``) on a
     model of ``num_layers`` blocks; a cut leaving the edge no block is a ValueError naming it."""
-    from ..models.split import Cut
+    from ..models.cuts import Cut
 
     c = topo.cut_for(device)
     try:
