@@ -35,8 +35,8 @@ def test_the_driver_checks_plans_and_sizes_a_preset_run_without_torch():
     """Everything `gaisnet run` does before and while placing the actors of the tiny job (model and cut
     checks, the memory check, the plan, each device's data count, Ray's init arguments, each node's
     part) loads no model library in the driver: that is ~300 MB and ~3 s of CPU it does not spend.
-    (A split scheme's plan calibrates the host's speed with one measured training step, which needs
-    torch, unless ``planner.host_gflops`` gives it.)"""
+    A split scheme's plan calibrates the host's speed with a measured training step: in a child
+    process, which takes torch with it when it exits."""
     code = """
 from gaisnet_ray.config import load_config
 from gaisnet_ray.run_command import check_model, _plan
@@ -44,7 +44,7 @@ from gaisnet_ray.hfsl.memory import check_fits
 from gaisnet_ray.cluster.local import check_local_gpus, local_init_kwargs
 from gaisnet_ray.hfsl.factory import tier_parts
 from gaisnet_ray.models.sources import num_blocks
-for scheme, given in (('fl', []), ('hfsl', ['planner.host_gflops=20'])):
+for scheme, given in (('fl', []), ('hfsl', []), ('hfsl', ['planner.host_gflops=20'])):
     cfg = load_config('examples/tiny.yaml', ['training.scheme=' + scheme, *given])
     model_config = check_model(cfg)
     check_fits(cfg, model_config=model_config)
@@ -53,6 +53,8 @@ for scheme, given in (('fl', []), ('hfsl', ['planner.host_gflops=20'])):
     assert local_init_kwargs(planned)['num_gpus'] == 0  # nothing asks for a GPU: torch is not asked either
     parts = tier_parts(planned, num_blocks(model_config))
     assert parts['edge-0'].is_empty == (scheme == 'fl')
+    if scheme == 'hfsl':  # measured in a child process, or as given
+        assert plan.host_gflops > 0 and (plan.host_gflops == 20) == bool(given)
 """
     assert _loaded_after(code) == []
 

@@ -8,12 +8,28 @@ model's FLOPs of that step over its measured time.
 
 from __future__ import annotations
 
+import sys
 import time
 
 from ..config import Config
 from .cost import RoundShape
 
 WARMUP_STEPS = 1
+
+
+def measure_apart(cfg: Config, model_config: dict) -> float:
+    """``measure_host_gflops``, in a fresh child process when this one has not loaded torch (the
+    ``gaisnet run`` driver): the step needs torch and transformers (~3 s of imports, ~400 MB), which
+    then leave with the child instead of staying in the driver for the whole run. The child measures
+    on the same torch threads, so the speed is the same."""
+    if "torch" in sys.modules:
+        return measure_host_gflops(cfg, model_config)
+    import multiprocessing
+
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        return child.submit(measure_host_gflops, cfg, model_config).result()
 
 
 def measure_host_gflops(cfg: Config, model_config: dict, steps: int = 2) -> float:

@@ -19,9 +19,9 @@ def host_gflops(cfg: Config, model_config: dict) -> tuple[float, str]:
     """``planner.host_gflops``, or calibrated now from a measured step: (GFLOP/s, how)."""
     if cfg.planner.host_gflops:
         return cfg.planner.host_gflops, "planner.host_gflops"
-    from .calibrate import measure_host_gflops
+    from .calibrate import measure_apart
 
-    return measure_host_gflops(cfg, model_config), "calibrated from a measured training step on this host"
+    return measure_apart(cfg, model_config), "calibrated from a measured training step on this host"
 
 
 def sample_counts(cfg: Config) -> dict[str, int] | None:
