@@ -36,8 +36,11 @@ from _common import TINY_YAML, descendants, envelope, footer, make_config, md_ta
 NAME = "overhead"
 BASE_OVERRIDES = ["training.pretrain_steps=0", "run.progress=false"]
 # the real model (--model smollm2): the embedded default job without the relay into the base (a
-# relay would add the base's download to every node to each round, on both sides alike)
-SMOLLM2_OVERRIDES = ["relay.policy=none"]
+# relay would add the base's download to every node to each round, on both sides alike), and the
+# cloud on one torch thread like every other actor and the in-process side (the default job gives it
+# 2: pinned to one core, its two OpenMP threads spin against each other, and the first measurement,
+# 988 s a Ray round against 107 s in process, was that, not Ray)
+SMOLLM2_OVERRIDES = ["relay.policy=none", "topology.cloud.torch_threads=1"]
 
 
 def _round_record(m: dict, wall: float) -> dict:

@@ -37,14 +37,19 @@ def _ready(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def build_foundation(cfg: ModelConfig) -> tuple[PreTrainedModel, object]:
-    """The foundation model and tokenizer named by ``cfg`` (a preset, or ``cfg.path``)."""
+    """The foundation model and tokenizer named by ``cfg`` (a preset, or ``cfg.path``).
+
+    Seeds torch with ``cfg.seed`` first, also for loaded weights: what draws random numbers next (a
+    preset's initialisation, then the LoRA matrices ``attach_lora`` initialises) must not depend on
+    what the process did before (a Ray actor starts fresh, an in-process run may have calibrated the
+    host first: on SmolLM2 their LoRA A differed, so the two runs' knowledge did too)."""
+    torch.manual_seed(cfg.seed)
     folder = resolve_model_dir(cfg)
     if folder is not None:
         return load_foundation(folder, cfg.attn_implementation)
     tokenizer = build_byte_tokenizer()
     config = preset_config(cfg.family, cfg.preset, len(tokenizer), max(cfg.max_seq_len, 64), tokenizer)
     config._attn_implementation = cfg.attn_implementation
-    torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
     return _ready(model), tokenizer
 
