@@ -43,6 +43,14 @@ BASE_OVERRIDES = ["training.pretrain_steps=0", "run.progress=false"]
 SMOLLM2_OVERRIDES = ["relay.policy=none", "topology.cloud.torch_threads=1"]
 
 
+def _model_label(model: dict) -> str:
+    """``gpt2 `tiny```; a real preset by its name alone (its family comes from its weights)."""
+    from gaisnet_ray.models.sources import REAL_PRESETS
+
+    return f"`{model['preset']}`" if model.get("path") is None and model["preset"] in REAL_PRESETS \
+        else f"{model['family']} `{model['preset']}`"
+
+
 def _round_record(m: dict, wall: float) -> dict:
     return {"wall_s": wall, "train_loss": m["train_loss"], "bytes": m["bytes"], "version": m["version"],
             "edge_wall_s": m.get("edge_wall_s"), "evaluated": bool(m.get("eval"))}
@@ -238,7 +246,7 @@ def render(data: dict) -> str:
         evals = f"evaluation every {tr['eval_every']} round(s), inside the round on both sides"
     out = ["# Ray overhead: HFSL rounds on Ray vs one plain process", ""]
     out.append(
-        f"Default config with training.pretrain_steps=0: {cfg['model']['family']} `{cfg['model']['preset']}`, "
+        f"Default config with training.pretrain_steps=0: {_model_label(cfg['model'])}, "
         f"{topo['edges']} edges x {topo['devices_per_edge']} devices, cluster_size {topo['cluster_size']}, "
         f"local_steps {tr['local_steps']}, batch {tr['batch_size']}, {evals}. Median of {a['rounds']} rounds per side after {a['warmup']} warm-up "
         f"round(s), rounds alternating between the sides. In-process: `InProcessGaisNet.run_round` with "
