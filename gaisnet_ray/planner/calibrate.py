@@ -29,7 +29,17 @@ def measure_apart(cfg: Config, model_config: dict) -> float:
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-        return child.submit(measure_host_gflops, cfg, model_config).result()
+        return child.submit(_measure_quietly, cfg, model_config).result()
+
+
+def _measure_quietly(cfg: Config, model_config: dict) -> float:
+    """The child's measurement. It has no run log to route transformers' advisories into (the
+    driver's ``RunLog`` does that in process), so they are silenced here rather than printed on the
+    user's console; errors still print."""
+    from ..logs import quiet_libraries
+
+    quiet_libraries("cpu")
+    return measure_host_gflops(cfg, model_config)
 
 
 def measure_host_gflops(cfg: Config, model_config: dict, steps: int = 2) -> float:
@@ -47,6 +57,7 @@ def measure_host_gflops(cfg: Config, model_config: dict, steps: int = 2) -> floa
     try:
         with quiet_transformers():
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_config["model_type"], **one))
+        model.loss_type = "ForCausalLM"  # as models.build does: transformers need not guess (and say so)
         model.float().train()
         for p in model.parameters():
             p.requires_grad_(False)
