@@ -58,4 +58,3 @@ def __getattr__(name: str):
 
         return getattr(encode, name)
     raise AttributeError(f"module 'gaisnet_ray.data' has no attribute '{name}'")
-

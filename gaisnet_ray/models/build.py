@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..config import ModelConfig
-from .cuts import SUPPORTED_FAMILIES, UnknownModelFamilyError  # noqa: F401 - re-exported
+from .cuts import SUPPORTED_FAMILIES, UnknownModelFamilyError
 from .presets import preset_config
 from .sources import quiet_transformers, resolve_model_dir
 from .tokenizer import build_byte_tokenizer

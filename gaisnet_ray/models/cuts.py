@@ -2,8 +2,8 @@
 embeddings, the head) and ``Cut`` (a device's cut points), and the families a model can be split in.
 
 No torch, transformers or peft here: the driver plans, checks memory and hands each actor its part
-before any model library is loaded in its process (``models.parts`` and ``models.split`` re-export
-these next to the code that builds and runs the parts).
+before any model library is loaded in its process. The code that builds and runs the parts is in
+``models.parts`` and ``models.split``.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def non_block_kind(family: str, key: str) -> str:
         if key.startswith(prefix):
             return kind
     raise ValueError(f"foundation key '{key}' of a {family} model belongs to no block, embedding or head: "
-                     f"gaisnet_ray.models.parts._NON_BLOCK_KEYS must name its prefix before it can be split")
+                     f"gaisnet_ray.models.cuts._NON_BLOCK_KEYS must name its prefix before it can be split")
 
 
 @dataclass(frozen=True)
@@ -162,4 +162,3 @@ class NoWeights:
     @property
     def part_spec(self) -> ModelPart:
         return ModelPart.of((), embeddings=False, head=False)
-

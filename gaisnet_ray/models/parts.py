@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cuts import ModelPart
+from .cuts import ModelPart, UnknownModelFamilyError
 
 def select_state(family: str, state: dict[str, torch.Tensor], part: ModelPart) -> dict[str, torch.Tensor]:
     """The tensors of ``state`` that ``part`` holds (the same tensor objects: nothing is copied)."""
@@ -84,8 +84,6 @@ class Pruned(nn.Module):
 
 def _family_modules(lm) -> tuple[str, nn.ModuleList, list[tuple[nn.Module, str]], tuple[nn.Module, str]]:
     """(family, blocks, embedding (owner, name) pairs, final norm (owner, name)) of a causal LM."""
-    from .build import UnknownModelFamilyError
-
     family = getattr(lm.config, "model_type", None)
     if family == "gpt2":
         t = lm.transformer
