@@ -293,6 +293,52 @@ def test_trainers_split_turn_equals_plain_adamw_steps(family):
     assert update.clusters == [["end-0-0"]]
 
 
+def test_edge_lr_zero_freezes_the_middle_and_still_passes_gradients_back():
+    """training.edge_lr 0: the edge's blocks run the knowledge's middle adapter unchanged and pass
+    gradients back; the device's blocks train exactly as the whole model does with the middle's LoRA
+    frozen (AdamW on the rest, same batches)."""
+    cfg = _tiny_cfg("gpt2", "training.edge_lr=0")
+    model, tok = build_foundation(cfg.model)
+    pkg = FoundationPackage.from_model(model, tok)
+    whole = build_tier_model(pkg, cfg.peft, ModelPart.of(None, True, True))
+    randomize_lora(whole.peft, seed=7)
+    knowledge = adapter_state(whole.peft)
+
+    edge = edge_trainer(cfg, "edge-0", ["end-0-0"], pkg)
+    dev, twin = device_trainer(cfg, "end-0-0", pkg), device_trainer(cfg, "end-0-0", pkg)
+    cid = "edge-0/c0"
+    edge.begin_round(knowledge, {cid: ["end-0-0"]})
+    adapter = edge.begin_turn(cid, "end-0-0", None)
+    turn = dev.train_split_turn(adapter, DirectEdgeLink(edge, cid, "end-0-0"), cid, 2)
+    update = edge.finish_round({cid: turn})
+
+    middle = {1, 2}
+    for name, param in whole.peft.named_parameters():
+        if "lora_" in name and layer_of_key(name) in middle:
+            param.requires_grad_(False)
+    opt = torch.optim.AdamW(trainable_parameters(whole.peft), lr=cfg.training.lr,
+                            weight_decay=cfg.training.weight_decay)
+    whole.peft.train()
+    losses = []
+    for _ in range(2):
+        ids, labels = twin._next_batch()
+        loss = whole.peft(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    expected = adapter_state(whole.peft)
+
+    assert turn.losses == pytest.approx(losses, rel=1e-5)
+    assert set(update.adapter) == set(expected)
+    for key, value in expected.items():
+        if layer_of_key(key) in middle:
+            assert torch.equal(update.adapter[key], knowledge[key]), f"{key} trained on the edge"
+        else:
+            assert not torch.equal(value, knowledge[key]), f"{key} did not train"
+            torch.testing.assert_close(update.adapter[key], value, rtol=1e-5, atol=1e-7)
+
+
 def test_activation_denoise_takes_the_devices_own_noise_out_of_the_returned_residual():
     """privacy.activation_denoise: the edge gets the same clipped + noised rows, and the device's back
     runs on h_k + (h_m - h_link) (its own hidden state plus the middle's change on the noisy one) instead

@@ -30,6 +30,12 @@ class TrainingConfig(Section):
     local_steps: int = Field(6, ge=1, description="Optimizer steps per device turn.")
     batch_size: int = Field(16, ge=1, description="Device batch size per step.")
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate of the adapters (device and edge).")
+    edge_lr: float | None = Field(
+        None, ge=0, description="AdamW learning rate of the edges' middle adapter under a split scheme; None: lr. "
+        "0: the edges train nothing, their blocks run the base and only pass gradients back (for "
+        "privacy.activation_noise at a deep cut: the middle computes on noise-dominated rows, and what it would "
+        "learn from them is merged into the base; README, Privacy)."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     aggregation: Literal["fedavg", "median", "trimmed_mean"] = Field(
         "fedavg", description="Rule at the edge (over clusters) and the cloud (over edges)."

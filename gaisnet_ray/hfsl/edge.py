@@ -101,15 +101,27 @@ class EdgeTrainer:
                 raise ValueError(f"{self.edge_id}: cluster {cid} names devices it does not serve: {unknown}")
             split, opt = None, None
             if self.split is not None:
-                from ..models.adapters import load_adapter_state, trainable_parameters
+                from ..models.adapters import load_adapter_state
                 from ..models.split import SplitModel
 
                 frozen = {id(p): p for p in self.split.peft.parameters() if not p.requires_grad}
                 split = SplitModel(copy.deepcopy(self.split.peft, memo=frozen))
                 load_adapter_state(split.peft, global_knowledge)
-                opt = torch.optim.AdamW(trainable_parameters(split.peft), lr=self.training.lr,
-                                        weight_decay=self.training.weight_decay)
+                opt = self._middle_optimizer(split)
             self._clusters[cid] = _ClusterState(list(members), split, opt, dict(global_knowledge))
+
+    def _middle_optimizer(self, split) -> torch.optim.Optimizer | None:
+        """The optimizer of a cluster's middle adapter; None under ``training.edge_lr: 0``, where the
+        adapter is frozen (no gradients kept for it) and the blocks only pass gradients back."""
+        from ..models.adapters import trainable_parameters
+
+        params = trainable_parameters(split.peft)
+        lr = self.training.lr if self.training.edge_lr is None else self.training.edge_lr
+        if lr == 0:
+            for p in params:
+                p.requires_grad_(False)
+            return None
+        return torch.optim.AdamW(params, lr=lr, weight_decay=self.training.weight_decay)
 
     def _absorb(self, st: _ClusterState, turn: TurnResult) -> None:
         """Fold a finished member's device-side keys into the cluster's knowledge (and middle)."""
@@ -161,11 +173,10 @@ class EdgeTrainer:
         st.pending.pop(device_id, None)
         if st.active == device_id:
             if st.split is not None and st.snapshot is not None:
-                from ..models.adapters import load_adapter_state, trainable_parameters
+                from ..models.adapters import load_adapter_state
 
                 load_adapter_state(st.split.peft, st.snapshot, strict=True)
-                st.optimizer = torch.optim.AdamW(trainable_parameters(st.split.peft), lr=self.training.lr,
-                                                 weight_decay=self.training.weight_decay)
+                st.optimizer = self._middle_optimizer(st.split)
             st.active = None
 
     def _cluster_for(self, cluster_id: str, device_id: str) -> _ClusterState:
@@ -213,8 +224,9 @@ class EdgeTrainer:
             raise RuntimeError(f"{self.edge_id}: backward from {device_id} without a forward")
         x, y, lengths = st.pending.pop(device_id)
         y.backward(self.codec.decode(grad).to(self.torch_device))
-        st.optimizer.step()
-        st.optimizer.zero_grad(set_to_none=True)
+        if st.optimizer is not None:  # None: training.edge_lr 0, the middle is frozen
+            st.optimizer.step()
+            st.optimizer.zero_grad(set_to_none=True)
         self._compute_s += time.perf_counter() - t0
         return self._reply(x.grad, lengths)
 

@@ -192,6 +192,11 @@ def _gguf_error(gguf: Path, error: Exception) -> ModelSourceError:
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize ``gguf`` to float32 and save model + tokenizer (with chat template) into ``out``."""
     import torch
+
+    if not torch.cuda.is_available():
+        # loading pulls in DeepSpeed (through accelerate), whose accelerator guess prints a warning
+        # straight to the console; on a host without CUDA it would pick the CPU anyway
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with quiet_transformers():
