@@ -22,7 +22,7 @@ from .actors import CloudNode, EdgeNode, EndNode, EndWorker, tier_options
 from .actors.audited import deferred
 from .config import TIER_RESOURCES, Config
 from .schemes import scheme_of
-from .schemes.topology import devices_by_edge
+from .schemes.topology import deal_to_workers, devices_by_edge
 from .layout import RunLayout
 from .models.cuts import NoWeights
 from .planner.command import sample_counts as planned_sample_counts
@@ -175,8 +175,8 @@ class GaisNetDriver:
         all_devices = [d for ds in self.by_edge.values() for d in ds]
         self.node_parts = {e: [parts[e]] for e in self.by_edge}
         pool = t.end_pool
-        if pool:  # logical devices on a bounded pool, dealt round-robin
-            hosted = {f"end-worker-{w}": all_devices[w::pool] for w in range(min(pool, len(all_devices)))}
+        if pool:  # logical devices on a bounded pool, an edge's devices together
+            hosted = deal_to_workers(self.by_edge, pool)
             self.node_parts.update({name: list(dict.fromkeys(parts[d] for d in ds)) for name, ds in hosted.items()})
         else:
             hosted = {d: [d] for d in all_devices}

@@ -14,12 +14,25 @@ from gaisnet_ray.hfsl.factory import device_seed
 from gaisnet_ray.hfsl.linkmodel import clusters_comm_s, transfer_s, turn_comm_s
 from gaisnet_ray.hfsl.messages import LinkUsage
 from gaisnet_ray.schemes.plan import plan_clusters
-from gaisnet_ray.schemes.topology import device_compute, devices_by_edge
+from gaisnet_ray.schemes.topology import deal_to_workers, device_compute, devices_by_edge
 
 from tinycfg import TINY_YAML
 
 torch.set_num_threads(1)
 
+
+
+# ------------------------------------------------------------------------------ the worker pool
+def test_deal_to_workers_keeps_an_edges_devices_together():
+    """topology.end_workers: an edge's devices share a worker, so two edges' chains never queue on one
+    (round-robin put end-0-0 and end-1-1 on the same worker)."""
+    by_edge = {"edge-0": ["end-0-0", "end-0-1", "end-0-2"], "edge-1": ["end-1-0", "end-1-1", "end-1-2"]}
+    assert deal_to_workers(by_edge, 2) == {"end-worker-0": ["end-0-0", "end-0-1", "end-0-2"],
+                                           "end-worker-1": ["end-1-0", "end-1-1", "end-1-2"]}
+    four = deal_to_workers(by_edge, 4)  # sizes 2, 2, 1, 1; every device exactly once, in order
+    assert [len(v) for v in four.values()] == [2, 2, 1, 1]
+    assert [d for v in four.values() for d in v] == [d for v in by_edge.values() for d in v]
+    assert deal_to_workers({"edge-0": ["end-0-0"]}, 3) == {"end-worker-0": ["end-0-0"]}  # no empty worker
 
 
 # ----------------------------------------------------------------------------------- clustering

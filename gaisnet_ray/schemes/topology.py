@@ -19,6 +19,22 @@ def devices_by_edge(topo: TopologyConfig) -> dict[str, list[str]]:
     return {edge_id(e): [device_id(e, d) for d in range(topo.devices_per_edge)] for e in range(topo.edges)}
 
 
+def deal_to_workers(by_edge: dict[str, list[str]], workers: int) -> dict[str, list[str]]:
+    """The logical devices on a pool of ``workers`` EndWorker actors (``topology.end_workers``):
+    contiguous runs of the devices in edge order, sizes differing by at most one. A worker runs one
+    turn at a time and a cluster's members train in turn, so keeping an edge's devices on one worker
+    lets the edges' chains run side by side (dealt round-robin, two edges' concurrent turns met on
+    one worker and waited for each other)."""
+    devices = [d for ds in by_edge.values() for d in ds]
+    n = min(workers, len(devices))
+    out, start = {}, 0
+    for w in range(n):
+        size = len(devices) // n + (w < len(devices) % n)
+        out[f"end-worker-{w}"] = devices[start:start + size]
+        start += size
+    return out
+
+
 def device_compute(topo: TopologyConfig, device: str) -> float:
     e, d = (int(x) for x in device.split("-")[1:])
     return topo.device_compute[(e * topo.devices_per_edge + d) % len(topo.device_compute)]
