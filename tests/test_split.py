@@ -23,6 +23,7 @@ from gaisnet_ray.models.adapters import (
 from gaisnet_ray.models.build import FoundationPackage, build_foundation
 from gaisnet_ray.models.split import SplitModel, build_tier_model, select_keys
 from gaisnet_ray.models.cuts import Cut, ModelPart, layer_of_key
+from gaisnet_ray.privacy.noise import clip_rows
 
 from loracheck import lora_grads, randomize_lora
 from tinycfg import TINY_YAML
@@ -376,6 +377,60 @@ def test_activation_denoise_takes_the_devices_own_noise_out_of_the_returned_resi
         assert turn.losses == pytest.approx([expected], rel=1e-5)
         far[denoise] = float((back_in - clean).norm(dim=-1).mean())
     assert far[True] < 0.25 * far[False]  # the back's input is far nearer the clean one than h_m is
+
+
+def test_activation_denoise_gradient_is_that_of_the_function_the_back_sees():
+    """With denoise the back runs on h_k + (middle(h_link) - h_link), h_link = clip(h_k) + noise: the
+    front's gradient is that function's (the residual path straight to h_k, only the middle's own part
+    through the clip), worked out here in one autograd graph of the whole model. One SGD step of lr 1,
+    so the adapter's change is minus the gradient (AdamW's first step would only show its sign)."""
+    probe = _tiny_cfg("gpt2")
+    model, tok = build_foundation(probe.model)
+    pkg = FoundationPackage.from_model(model, tok)
+    whole = build_tier_model(pkg, probe.peft, ModelPart.of(None, True, True))
+    randomize_lora(whole.peft, seed=7)
+    knowledge = adapter_state(whole.peft)
+    twin = device_trainer(probe, "end-0-0", pkg)
+    ids, labels = twin._next_batch()
+    cut = device_cut(probe.topology, "end-0-0", pkg.num_layers)
+    ref = SplitModel(whole.peft)
+    with torch.no_grad():
+        clip = float(ref.front(ids, cut.front_end).norm(dim=-1).median())  # half the rows get clipped
+
+    cfg = _tiny_cfg("gpt2", f"privacy.activation_clip={clip}", "privacy.activation_noise=2.0",
+                    "privacy.activation_denoise=true", "training.local_steps=1")
+    edge = edge_trainer(cfg, "edge-0", ["end-0-0"], pkg)
+    dev = device_trainer(cfg, "end-0-0", pkg)
+    dev._optimizer = lambda: torch.optim.SGD(trainable_parameters(dev.split.peft), lr=1.0)
+    cid = "edge-0/c0"
+    edge.begin_round(knowledge, {cid: ["end-0-0"]})
+    sent = []
+
+    class Recording(DirectEdgeLink):
+        def forward(self, hidden):
+            sent.append(hidden.clone())
+            return super().forward(hidden)
+
+    turn = dev.train_split_turn(edge.begin_turn(cid, "end-0-0", None), Recording(edge, cid, "end-0-0"), cid, 1)
+    (wire,) = sent
+
+    def gradient(exact: bool) -> dict[str, torch.Tensor]:
+        whole.peft.zero_grad(set_to_none=True)
+        h_k = ref.front(ids, cut.front_end)
+        clipped = clip_rows(h_k, clip)
+        h_link = clipped + (wire - clipped.detach())  # the same noise as was sent
+        h_m = ref.blocks(h_link, cut.front_end, cut.back_start)
+        back_in = h_m - h_link + h_k if exact else h_m - (h_link - h_k).detach()
+        ref.back_loss(back_in, cut.back_start, labels).backward()
+        return lora_grads(whole.peft)
+
+    exact, through_clip = gradient(True), gradient(False)
+    assert set(turn.adapter) and all(layer_of_key(k) in (0, 3) for k in turn.adapter)  # the device's blocks
+    for key, value in turn.adapter.items():
+        torch.testing.assert_close(knowledge[key] - value, exact[key], rtol=1e-4, atol=1e-6)
+    front = [k for k in turn.adapter if layer_of_key(k) == 0]
+    gap = max(float((exact[k] - through_clip[k]).abs().max()) for k in front)
+    assert gap > 100 * 1e-6  # the clip's Jacobian on the residual path would give another gradient
 
 
 def test_cluster_relay_with_mixed_cuts_equals_reference():

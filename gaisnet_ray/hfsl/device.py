@@ -143,7 +143,8 @@ class DeviceTrainer:
             got = link.forward(sent)
             h_m = codec.decode(got).to(self.torch_device).requires_grad_()  # (B, T, H) from edge
             back_in = h_m
-            if self.privacy is not None and self.privacy.activation_denoise:
+            denoise = self.privacy is not None and self.privacy.activation_denoise
+            if denoise:
                 # the residual stream carries the noise through the middle unchanged: take out what this
                 # device added (it alone knows it), so the back sees h_k + the middle's change on h_link
                 back_in = h_m - (h_link - h_k).detach()
@@ -154,6 +155,12 @@ class DeviceTrainer:
             grad_k = codec.decode(grad_back).to(self.torch_device)  # dL/dh_k from edge
             if h_k.requires_grad:
                 roots, grads = [h_link], [grad_k]
+                if denoise:
+                    # back_in = h_k + (h_m - h_link): its residual path reaches h_k directly, not through
+                    # the clip (whose Jacobian would shrink and project a clipped row's gradient); only
+                    # the middle's own part of dL/dh_link (grad_k - dL/dh_m) goes back through the clip
+                    g_m = h_m.grad.detach()
+                    roots, grads = [h_link, h_k], [grad_k - g_m, g_m]
                 if self.privacy is not None and self.privacy.nopeek_weight > 0:
                     mask = torch.arange(input_ids.shape[1]) < lengths_of(labels.cpu())[:, None]
                     with torch.no_grad():
