@@ -248,12 +248,10 @@ def _tiny_cfg(family: str, *extra: str):
     ])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_trainers_split_turn_equals_plain_adamw_steps(family):
-    """One device, 2 split steps through DirectEdgeLink == 2 AdamW steps of the whole peft model on
-    the same batches (AdamW is per parameter, so the device's and the edge's optimizers together
-    act like one)."""
-    cfg = _tiny_cfg(family)
+def _one_split_turn(cfg):
+    """One device (end-0-0) trains a 2-step split turn with its edge from a random adapter: (the whole
+    model holding that adapter, the adapter, a twin device that reproduces the batches, the turn,
+    the edge's update)."""
     model, tok = build_foundation(cfg.model)
     pkg = FoundationPackage.from_model(model, tok)
     whole = build_tier_model(pkg, cfg.peft, ModelPart.of(None, True, True))
@@ -268,22 +266,35 @@ def test_trainers_split_turn_equals_plain_adamw_steps(family):
     adapter = edge.begin_turn(cid, "end-0-0", None)
     assert {layer_of_key(k) for k in adapter} == {0, 3}  # only the device's blocks travel down
     turn = dev.train_split_turn(adapter, DirectEdgeLink(edge, cid, "end-0-0"), cid, 2)
-    update = edge.finish_round({cid: turn})
+    return whole, knowledge, twin, turn, edge.finish_round({cid: turn})
 
+
+def _whole_adamw_steps(whole, twin, cfg, steps: int) -> tuple[list[float], dict]:
+    """``steps`` AdamW steps of the whole peft model (its trainable adapter weights) on the twin's
+    batches: (losses, the adapter after them)."""
     opt = torch.optim.AdamW(trainable_parameters(whole.peft), lr=cfg.training.lr,
                             weight_decay=cfg.training.weight_decay)
     whole.peft.train()
     losses = []
-    for _ in range(2):
+    for _ in range(steps):
         ids, labels = twin._next_batch()
         assert ids.shape == (4, 48)
         loss = whole.peft(input_ids=ids, labels=labels).loss
         loss.backward()
-        loss = loss.detach()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    expected = adapter_state(whole.peft)
+    return losses, adapter_state(whole.peft)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trainers_split_turn_equals_plain_adamw_steps(family):
+    """One device, 2 split steps through DirectEdgeLink == 2 AdamW steps of the whole peft model on
+    the same batches (AdamW is per parameter, so the device's and the edge's optimizers together
+    act like one)."""
+    cfg = _tiny_cfg(family)
+    whole, knowledge, twin, turn, update = _one_split_turn(cfg)
+    losses, expected = _whole_adamw_steps(whole, twin, cfg, 2)
 
     assert turn.losses == pytest.approx(losses, rel=1e-5)
     assert set(update.adapter) == set(expected)
@@ -299,36 +310,12 @@ def test_edge_lr_zero_freezes_the_middle_and_still_passes_gradients_back():
     gradients back; the device's blocks train exactly as the whole model does with the middle's LoRA
     frozen (AdamW on the rest, same batches)."""
     cfg = _tiny_cfg("gpt2", "training.edge_lr=0")
-    model, tok = build_foundation(cfg.model)
-    pkg = FoundationPackage.from_model(model, tok)
-    whole = build_tier_model(pkg, cfg.peft, ModelPart.of(None, True, True))
-    randomize_lora(whole.peft, seed=7)
-    knowledge = adapter_state(whole.peft)
-
-    edge = edge_trainer(cfg, "edge-0", ["end-0-0"], pkg)
-    dev, twin = device_trainer(cfg, "end-0-0", pkg), device_trainer(cfg, "end-0-0", pkg)
-    cid = "edge-0/c0"
-    edge.begin_round(knowledge, {cid: ["end-0-0"]})
-    adapter = edge.begin_turn(cid, "end-0-0", None)
-    turn = dev.train_split_turn(adapter, DirectEdgeLink(edge, cid, "end-0-0"), cid, 2)
-    update = edge.finish_round({cid: turn})
-
+    whole, knowledge, twin, turn, update = _one_split_turn(cfg)
     middle = {1, 2}
     for name, param in whole.peft.named_parameters():
         if "lora_" in name and layer_of_key(name) in middle:
             param.requires_grad_(False)
-    opt = torch.optim.AdamW(trainable_parameters(whole.peft), lr=cfg.training.lr,
-                            weight_decay=cfg.training.weight_decay)
-    whole.peft.train()
-    losses = []
-    for _ in range(2):
-        ids, labels = twin._next_batch()
-        loss = whole.peft(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    expected = adapter_state(whole.peft)
+    losses, expected = _whole_adamw_steps(whole, twin, cfg, 2)
 
     assert turn.losses == pytest.approx(losses, rel=1e-5)
     assert set(update.adapter) == set(expected)
