@@ -109,7 +109,7 @@ def _last_line(err: BaseException) -> str:
 
 
 class GaisNetDriver:
-    def __init__(self, cfg: Config, run_dir: str | Path, planned: tuple | None = None):
+    def __init__(self, cfg: Config, run_dir: str | Path, planned: tuple | None = None, serving: bool = True):
         # the planner (topology.planner, planner.*): the plan's cuts go into the config every tier builds
         # from; ``planned``: what planner.runtime.prepare_run already returned for ``cfg`` (run_job plans
         # before its memory check)
@@ -117,6 +117,8 @@ class GaisNetDriver:
                                                          run_dir=run_dir)
         # the pool size once, here: `auto` reads this process's CPUs, which a caller may pin later
         self.cfg = resolve_end_pool(self.cfg)
+        # False (`gaisnet run` without --serve): the cloud calibrates routing for the last round only
+        self.serving = serving
         cfg = self.cfg
         check_secure_aggregation(cfg)  # a clear ConfigError where the edge could not unmask
         self._secagg_rosters: dict[str, dict[str, int]] = {}  # edge -> this round's members (device -> index)
@@ -159,7 +161,7 @@ class GaisNetDriver:
         self._t0 = time.time()
         self.startup = {"began_at": self._t0, "actors": {}}
         self.cloud = CloudNode.options(**tier_options("cloud", t.cloud)).remote(self.cfg, str(self.run_dir),
-                                                                               resume_round)
+                                                                               resume_round, self.serving)
         # the block count from the model's config, so the edges and end actors start (spawn, import
         # torch) while the cloud builds and pre-trains the foundation; else after the cloud is up
         num_layers = _config_num_layers(self.cfg)

@@ -117,7 +117,7 @@ def _run_job(cfg: Config, out: str | Path | None, progress: bool | None, serve: 
             prepare_run_dir(user_cfg, run_dir)
         log_file = run_log.attach(run_dir)
         events.info(f"run folder: {run_dir} (library and actor output: {RunLayout(run_dir).rel(log_file)})")
-        driver = GaisNetDriver(cfg, run_dir, planned=planned)
+        driver = GaisNetDriver(cfg, run_dir, planned=planned, serving=serve)
         serving = None
         try:
             try:

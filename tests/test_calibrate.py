@@ -6,7 +6,6 @@ decides with the answering version's calibrated rule, the fixed ``serve.routing.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -98,6 +97,26 @@ def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("calibrate") / "run"
     make_run(out, calibrate=True)
     return out
+
+
+def test_without_serving_only_the_last_rounds_versions_are_calibrated(tmp_path):
+    """`gaisnet run` without --serve (the cloud's calibrate_every_round False): nothing serves a
+    version while the run goes on, so only the last round's edge versions get a routing.json."""
+    from conftest import small_job
+    from gaisnet_ray.config import load_config
+    from gaisnet_ray.inprocess import InProcessGaisNet
+    from gaisnet_ray.knowledge.store import KnowledgeStore
+    from tinycfg import TINY_YAML
+
+    cfg = load_config(TINY_YAML, small_job("serve.routing.calibrate=true", "training.rounds=2"))
+    net = InProcessGaisNet(cfg, tmp_path)
+    net.cloud.calibrate_every_round = False
+    for r in (1, 2):
+        net.run_round(r)
+    for edge in ("edge-0", "edge-1"):
+        store = KnowledgeStore(tmp_path / "knowledge" / "edges" / edge)
+        assert not (store.folder(1) / ROUTING_NAME).exists() and store.verify(1) is None
+        assert (store.folder(2) / ROUTING_NAME).is_file() and store.verify(2) is None
 
 
 def test_published_edge_version_carries_its_routing(run_dir):

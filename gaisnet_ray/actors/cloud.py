@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # torch-free at import: the driver imports this module, only 
 
 @ray.remote
 class CloudNode(AuditedNode):
-    def __init__(self, cfg: Config, run_dir: str, resume_round: int | None = None):
+    def __init__(self, cfg: Config, run_dir: str, resume_round: int | None = None, serving: bool = True):
         from ..hfsl.audit import MessageAudit
         from ..hfsl.cloud import CloudCore
 
@@ -29,7 +29,8 @@ class CloudNode(AuditedNode):
             from .cloudworld import RayCloudPeers
 
             peers = RayCloudPeers(cfg, run_dir)  # ranks 1.. of the cloud's DeepSpeed world
-        self.core = CloudCore(cfg, run_dir, torch_device, peers, resume_round)
+        # routing is calibrated every round only when something serves every round's versions
+        self.core = CloudCore(cfg, run_dir, torch_device, peers, resume_round, calibrate_every_round=serving)
 
     @crosses_boundary
     def foundation(self, part: ModelPart | None = None) -> FoundationPackage:

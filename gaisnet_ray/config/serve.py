@@ -33,7 +33,9 @@ class RoutingSettings(Section):
         True, description="When the cloud publishes an edge adapter, calibrate per domain on the held-out eval sets "
                           "the confidence threshold that keeps tiered exact match >= the cloud's while escalating the "
                           "fewest, and store it with the version (routing.json); the two limits above are the fallback "
-                          "for versions and domains without one."
+                          "for versions and domains without one. `gaisnet run --serve` calibrates every round's versions; "
+                          "without --serve only the last round's (the ones a later `gaisnet serve` serves; "
+                          "calibrate others after the run with `python -m gaisnet_ray.inference.calibrate`)."
     )
 
 

@@ -32,10 +32,14 @@ class CloudCore:
     """Builds the foundation model, writes it to ``run_dir/model``, and owns the global knowledge."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, torch_device: str = "cpu", peers: CloudPeers | None = None,
-                 resume_round: int | None = None):
+                 resume_round: int | None = None, calibrate_every_round: bool = True):
         """``resume_round``: continue a run whose rounds 1..resume_round are on disk (see
-        ``runfolder.resume_run_dir``): no pre-training, the base and knowledge as that round left them."""
+        ``runfolder.resume_run_dir``): no pre-training, the base and knowledge as that round left them.
+        ``calibrate_every_round`` (with ``serve.routing.calibrate``): calibrate the routing of every
+        round's edge versions; False: only the last round's, the versions a later ``gaisnet serve``
+        serves (``gaisnet run`` without ``--serve``: nothing serves the others while the run goes on)."""
         self.cfg = cfg
+        self.calibrate_every_round = calibrate_every_round
         self.peers = peers  # ranks 1.. of the cloud world when cloud.workers > 1 (hfsl.cloud_spmd)
         self.peer_reports: list = []
         self.resume_round = resume_round
@@ -297,7 +301,8 @@ class CloudCore:
         with ``serve.routing.calibrate``, also its calibrated routing (``inference.calibrate``:
         per domain, the confidence above which its answers are kept rather than escalated to the
         global version served by the cloud), published in the version as ``routing.json``."""
-        calibrating = self.cfg.serve.routing.calibrate and self.eval_sets
+        calibrating = self.cfg.serve.routing.calibrate and self.eval_sets and (
+            self.calibrate_every_round or round_idx >= self.cfg.training.rounds)
         if calibrating:
             budget, k = answer_budget(self.tokenizer, self.eval_sets), self.cfg.serve.routing.probe_tokens
             cloud = measure_domains(self.peft, self.tokenizer, self.eval_sets, self.cfg.data.system_prompt, budget, k)
