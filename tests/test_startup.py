@@ -137,6 +137,22 @@ def test_deferred_values_are_fetched_and_plain_values_pass_through():
     assert fetch_deferred(deferred(NoWeights(4))) == NoWeights(4)  # not a ref: handed as it is
 
 
+def test_a_deferred_part_loads_the_model_code_before_waiting_for_it():
+    """An actor handed a deferred part of the foundation imports transformers' model code and peft
+    before it blocks on the ref (they then load while the cloud pre-trains, not after it: 2.5 s of
+    the tiny FL job's start); a part handed as it is (``NoWeights``) loads neither."""
+    code = """
+import sys, ray
+from gaisnet_ray.actors.audited import deferred, fetch_deferred
+from gaisnet_ray.models.cuts import NoWeights
+loaded = lambda: [m for m in ('transformers.modeling_utils', 'peft') if m in sys.modules]
+assert fetch_deferred(deferred(NoWeights(4))) == NoWeights(4) and loaded() == []
+ray.get = lambda ref: loaded()  # what is loaded at the moment the actor would wait
+assert fetch_deferred(deferred(ray.ObjectRef.nil())) == ['transformers.modeling_utils', 'peft']
+"""
+    _loaded_after(code)
+
+
 def test_vs_flower_loss_match_and_summary():
     sys.path.insert(0, str(REPO / "benchmarks"))
     from vs_flower import loss_match, summarize

@@ -24,8 +24,15 @@ def deferred(ref) -> list:
 
 
 def fetch_deferred(value):
-    """The value behind ``deferred(ref)`` (waits for it); anything else as given."""
+    """The value behind ``deferred(ref)`` (waits for it); anything else as given.
+
+    A deferred value is a part of the foundation: unpickling it imports the model code (transformers
+    through ``models.build``, 2.5 s on 2 cores) and building it peft. Those imports run here, before
+    the wait, so they overlap the cloud's pre-training instead of following it on the way to round 1.
+    A value given as it is (``NoWeights``: an edge under FL) loads neither."""
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], ray.ObjectRef):
+        from ..models import build, split  # noqa: F401  (imported for their import time, see above)
+
         return ray.get(value[0])
     return value
 
