@@ -8,7 +8,7 @@ without training a run per point); ``--secagg`` times secure aggregation of adap
 size.
 
     python benchmarks/privacy_bench.py RUN_DIR [RUN_DIR ...] [--examples 48] [--noise 1 2 4] [--secagg]
-        [--dp-epsilon 1 8] [--reuse] [--name privacy_bench]
+        [--dp-epsilon 1 8] [--reuse] [--no-search] [--name privacy_bench]
 
 Writes benchmarks/results/NAME.{json,md} (default privacy_bench).
 """
@@ -33,7 +33,9 @@ def _row(label: str, audit: dict, metrics: list[dict]) -> list:
     fmt = lambda r: "-" if r is None else f"{r['tokens']:.2f} / {r['content']:.2f} / {r['answers']:.2f}"  # noqa: E731
     return [label, f"{sum(private) / len(private):.2f}" if private else "-", f"{em['capitals']:.2f}" if "capitals" in em else "-",
             fmt(inv.get("search_exact_weights")), fmt(inv.get("search_public_base")),
-            fmt(inv.get("learned_public_base")), f"{audit['membership']['auc']:.2f}",
+            fmt(inv.get("learned_public_base")),
+            "-" if (g := audit.get("labels_from_gradients")) is None else f"{g['labels']:.2f} / {g['answers']:.2f}",
+            f"{audit['membership']['auc']:.2f}",
             "-" if eps is None else f"{eps:.2f}"]
 
 
@@ -59,6 +61,8 @@ def main() -> None:
     ap.add_argument("--noise", type=float, nargs="*", default=[], help="extra audits of the first run at these ratios")
     ap.add_argument("--clip", type=float, default=120.0, help="privacy.activation_clip of the --noise audits")
     ap.add_argument("--reuse", action="store_true", help="take an audit a run folder already holds (same --examples)")
+    ap.add_argument("--no-search", dest="search", action="store_false",
+                    help="leave out the search inversions (hours at a deep cut without noise)")
     ap.add_argument("--secagg", action="store_true", help="time secure aggregation at the run's adapter size")
     ap.add_argument("--dp-epsilon", type=float, nargs="*", default=[],
                     help="re-aggregate the FIRST run's round-1 edge updates under DP at these epsilons (over the "
@@ -75,7 +79,7 @@ def main() -> None:
             done = json.loads(path.read_text())
             if done.get("examples") == args.examples:
                 return done
-        return audit_run(run, examples=args.examples, overrides=overrides)
+        return audit_run(run, examples=args.examples, overrides=overrides, search=args.search)
 
     started = time.perf_counter()
     data = envelope(NAME, vars(args))  # its command line names this script, whatever --name is
@@ -100,9 +104,11 @@ def main() -> None:
             cached.write_text(json.dumps(done, indent=1) + "\n")
         data["dp_round1"] = done
     headers = ["run: defense", "exact match (private)", "capitals", "search, exact weights",
-               "search, public base", "learned, public base", "membership AUC", "DP epsilon"]
+               "search, public base", "learned, public base", "labels from gradients", "membership AUC",
+               "DP epsilon"]
     md = ["# Privacy trade-off", "", "Recovery = tokens / content tokens (past the shared chat template) / "
-          "answers fully recovered, on the run's private training examples"
+          "answers fully recovered, on the run's private training examples; labels from gradients = "
+          "label tokens / answers fully recovered from the gradients the devices send up"
           + (" (audits reused from the run folders: `--reuse`)." if args.reuse else "."), "", md_table(headers, rows)]
     if args.secagg:
         s = data["secagg"]

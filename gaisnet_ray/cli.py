@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     pa.add_argument("--examples", type=int, default=48, help="private training examples attacked (default 48)")
     pa.add_argument("--set", dest="overrides", action="append", default=[], metavar="privacy.KEY=VALUE",
                     help="audit as if the run had sent its hidden states under these privacy settings")
+    pa.add_argument("--no-search", dest="search", action="store_false",
+                    help="leave out the two search inversions (the slow attacks: hours at a deep cut without "
+                         "noise); the learned inversions and membership still run")
     return p
 
 

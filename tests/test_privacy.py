@@ -45,6 +45,30 @@ def test_search_inversion_recovers_undefended_tokens_at_cut_1(tiny):
     assert torch.equal(cached, rec)
 
 
+def test_labels_are_read_back_from_the_gradients_a_device_sends_up(tiny):
+    """The gradient at the middle's output (dL/dh_m, never noised) points along the embedding of the
+    token each position predicts: a decoder fitted on public examples' gradients reads most answer
+    tokens of private examples back from it, through a deep cut and its noise + denoising too. With
+    the labels of the public examples shuffled the same decoder learns only their prior (the end
+    token is a third of the labels here): it is the gradient that carries them."""
+    cfg, tok, split, batch, _ = tiny
+    emb = split.lm.transformer.wte.weight
+    pub = encode_examples(public_examples(cfg.data)[:192], tok, cfg.model.max_seq_len)
+    n = len(split.lm.transformer.h)
+    noisy = lambda h: privatize_hidden(h, 0.5, 4.0, torch.Generator().manual_seed(0))  # noqa: E731
+    for front_end, link in ((1, None), (n - 2, noisy)):  # cut 1 + 1, undefended; a deep cut, noised, denoised
+        grads = lambda b: A.sent_gradients(split, b["input_ids"], b["labels"], front_end, n - 1,  # noqa: E731
+                                           link, denoise=link is not None)
+        g_pub, g_priv = grads(pub), grads(batch)
+        assert g_priv.shape == (*batch["input_ids"].shape, emb.shape[1])
+        r = A.label_recovery(A.fit_label_decoder(g_pub, pub["labels"], emb), g_priv, batch["labels"])
+        assert r["num_labels"] == int((batch["labels"][:, 1:] != -100).sum())
+        assert r["labels"] > 0.9 and r["answers"] > 0.8, (front_end, r)
+        rows, toks = A.supervised_rows(g_pub, pub["labels"])
+        shuffled = A.fit_decoder(rows, toks[torch.randperm(len(toks), generator=torch.Generator().manual_seed(1))], emb)
+        assert A.label_recovery(shuffled, g_priv, batch["labels"])["labels"] < 0.5  # the prior: ~1/3 are eos
+
+
 def test_activation_noise_brings_search_and_learned_inversion_down(tiny):
     cfg, tok, split, batch, hidden = tiny
     emb = split.lm.transformer.wte.weight
@@ -215,6 +239,7 @@ def test_a_round_under_every_defense_records_them_and_the_audit_reads_the_run(tm
     out = audit_run(tmp_path, **small)
     assert json.loads((tmp_path / AUDIT_FILE).read_text())["privacy"]["activation_noise"] == 0.5
     assert set(out["inversion"]) == {"search_exact_weights", "search_public_base", "learned_public_base"}
+    assert out["labels_from_gradients"]["num_labels"] > 0 and 0.0 <= out["labels_from_gradients"]["labels"] <= 1.0
     assert 0.0 <= out["membership"]["auc"] <= 1.0
     undefended = audit_run(tmp_path, **small, overrides=["privacy.activation_noise=0", "privacy.activation_clip=null",
                                                         "privacy.activation_denoise=false"])

@@ -9,6 +9,11 @@
   front adapter: a decoder from one hidden-state row to its token, fitted on public text run
   through the public front (optionally with the same clip and noise the devices apply). It is
   also the search's candidate order on a real model, where the cosine to the embeddings is not.
+- ``sent_gradients`` / ``fit_label_decoder`` / ``decode_labels``: labels from gradients. The
+  device sends its edge dL/dh at the middle's output every step; at position t that gradient is
+  dominated by the loss of predicting token t+1, so it points along that token's (transformed)
+  embedding. A decoder fitted on public examples' gradients (the attacker runs the public model as a
+  device would, with the run's clip, noise and denoising) reads the label back from each row.
 - ``membership_scores`` / ``auc``: what the relayed knowledge reveals: the likelihood gap (loss
   under the public base minus loss under base + knowledge) of a device's training examples vs
   held-out examples of the same domains.
@@ -185,13 +190,22 @@ def train_decoder(front: Front, public_ids: torch.Tensor, public_lengths: torch.
     layer-normed rows to the unit embeddings of their tokens, in closed form; ``steps`` > 0 then
     refines it by cross-entropy over the whole vocabulary. ``transform`` (e.g. the devices' clip +
     noise) is applied to the hidden states first, so the decoder learns to read what the link carries."""
-    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         hidden = torch.cat([front(public_ids[i:i + 64]) for i in range(0, public_ids.shape[0], 64)]).float()
         real = torch.arange(public_ids.shape[1]).expand_as(public_ids) < public_lengths[:, None]
         rows, toks = hidden[real], public_ids[real]  # (M, H), (M,)
         if transform is not None:
             rows = transform(rows)
+    return fit_decoder(rows, toks, embedding, ridge=ridge, steps=steps, lr=lr, batch_rows=batch_rows, seed=seed)
+
+
+def fit_decoder(rows: torch.Tensor, toks: torch.Tensor, embedding: torch.Tensor, *, ridge: float = 1.0,
+                steps: int = 0, lr: float = 1e-3, batch_rows: int = 128, seed: int = 0) -> HiddenDecoder:
+    """A ``HiddenDecoder`` from rows (M, H) to their tokens (M,): the closed-form ridge regression
+    to the tokens' unit embeddings, then ``steps`` of cross-entropy refinement."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        rows = rows.float()
         dec = HiddenDecoder(embedding)
         x = F.layer_norm(rows, rows.shape[-1:])
         y = dec.embedding[toks]
@@ -217,6 +231,59 @@ def decode(decoder: HiddenDecoder, hidden: torch.Tensor) -> torch.Tensor:
 def decoder_ranker(decoder: HiddenDecoder) -> Ranker:
     """Search candidates in the learned decoder's order (a sharper prior than cosine)."""
     return lambda rows: decoder(rows)
+
+
+# ------------------------------------------------------------------------- labels from gradients
+def sent_gradients(split, input_ids: torch.Tensor, labels: torch.Tensor, front_end: int, back_start: int,
+                   link: Callable[[torch.Tensor], torch.Tensor] | None = None, denoise: bool = False,
+                   batch: int = 8) -> torch.Tensor:
+    """(N, T, H): dL/dh_m, the gradient a device sends its edge at the middle's output in one split
+    step, as ``hfsl.device`` computes it: front -> ``link`` (the run's clip + noise) -> middle ->
+    (denoised: minus what the link added) -> back and loss, over batches of ``batch`` examples.
+    ``split``: a ``models.split.SplitModel`` holding every block (the model the device and edge run)."""
+    out = []
+    for i in range(0, input_ids.shape[0], batch):
+        ids, lab = input_ids[i:i + batch], labels[i:i + batch]
+        with torch.no_grad():
+            h_k = split.front(ids, front_end)
+            h_link = h_k if link is None else link(h_k)
+            h_m = split.blocks(h_link, front_end, back_start)
+        h_m = h_m.detach().requires_grad_()
+        back_in = h_m - (h_link - h_k) if denoise else h_m
+        (g,) = torch.autograd.grad(split.back_loss(back_in, back_start, lab), h_m)
+        out.append(g.detach())
+    return torch.cat(out)
+
+
+def supervised_rows(grads: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient rows at the positions whose next token is supervised, and that token:
+    (M, H), (M,). Position t's loss predicts labels[t + 1] (the model shifts labels inside)."""
+    targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    keep = targets != -100
+    return grads[keep].float(), targets[keep]
+
+
+def fit_label_decoder(grads: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor,
+                      ridge: float = 1.0) -> HiddenDecoder:
+    """Learned label inversion: a decoder from a gradient row to the token its position predicts,
+    fitted on gradients the attacker computed itself (public examples, public model)."""
+    rows, toks = supervised_rows(grads, labels)
+    return fit_decoder(rows, toks, embedding, ridge=ridge)
+
+
+@torch.no_grad()
+def label_recovery(decoder: HiddenDecoder, grads: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Decode every supervised position's label from the received gradients: the share of label
+    tokens (the answers and their end-of-sequence token) recovered, and of examples whose every
+    label was."""
+    targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    keep = targets != -100
+    guess = torch.full_like(targets, -1)
+    guess[keep] = decoder(grads[keep].float()).argmax(dim=-1)
+    hit = (guess == targets) & keep
+    return {"labels": float(hit.sum()) / max(int(keep.sum()), 1),
+            "answers": float((hit | ~keep).all(dim=1).float().mean()),
+            "num_labels": int(keep.sum()), "num_examples": int(labels.shape[0])}
 
 
 # --------------------------------------------------------------------------------- membership

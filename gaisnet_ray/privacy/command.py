@@ -11,7 +11,10 @@ What it does, on ``--examples`` private training examples of the run's devices:
    left when the edge never sees the device's front weights;
 4. learned inversion: a decoder fitted on public text through the public front (with the run's
    clip and noise applied, as the attacker knows the configuration);
-5. membership from the knowledge: the likelihood gap (public base vs the run's final model) of the
+5. labels from gradients: the gradient each device sends up at the middle's output (dL/dh_m, not
+   noised), decoded into the tokens its positions predict by a decoder fitted on the gradients of
+   public examples through the public model (with the run's clip, noise and denoising);
+6. membership from the knowledge: the likelihood gap (public base vs the run's final model) of the
    training examples against held-out examples of the same private domains (AUC; 0.5 = nothing).
 """
 
@@ -89,12 +92,15 @@ def _load_models(run_dir: Path, cfg):
     return public, final, tok
 
 
-def _front(model, tok, cfg, front_layers: int):
-    """The device front (embeddings + blocks[0:front_layers]) of ``model`` as a SplitModel."""
+def _front(model, tok, cfg, front_layers: int | None):
+    """The device front (embeddings + blocks[0:front_layers]) of ``model`` as a SplitModel; None:
+    every block, the final norm and the head (the whole split step: front, middle, back)."""
     from ..models.build import FoundationPackage
     from ..models.split import build_tier_model
 
-    pkg = FoundationPackage.from_model(model, tok, copy=False).part(set(range(front_layers)), True, False)
+    pkg = FoundationPackage.from_model(model, tok, copy=False)
+    if front_layers is not None:
+        pkg = pkg.part(set(range(front_layers)), True, False)
     return build_tier_model(pkg, cfg.peft)
 
 
@@ -124,10 +130,12 @@ def _public_batch(cfg, tok, per_domain: int):
 
 
 def audit_run(run_dir: str | Path, *, examples: int = 48, candidates: int = 1024, noisy_candidates: int = 128,
-              public_per_domain: int = 200, decoder_steps: int = 100, seed: int = 0,
-              overrides: list[str] | None = None) -> dict:
+              public_per_domain: int = 200, gradient_public_per_domain: int = 40, decoder_steps: int = 100,
+              seed: int = 0, overrides: list[str] | None = None, search: bool = True) -> dict:
     """Run every attack on a run folder; returns (and writes) the audit. ``overrides``: privacy.*
-    keys to audit with instead of the run's own (e.g. a noise level it did not train with)."""
+    keys to audit with instead of the run's own (e.g. a noise level it did not train with).
+    ``search`` False: leave out the two search inversions (the slow attacks; minutes to hours at a
+    deep cut), keeping the learned inversions and membership."""
     import torch
 
     from ..schemes.topology import device_cut
@@ -162,7 +170,7 @@ def audit_run(run_dir: str | Path, *, examples: int = 48, candidates: int = 1024
         pub_len = A.lengths_of(pub["labels"])
         noisy = p.activation_noise > 0 or p.activation_clip is not None
         attacks = {}
-        for name, front in (("exact_weights", dev_front), ("public_base", pub_front)):
+        for name, front in (("exact_weights", dev_front), ("public_base", pub_front)) if search else ():
             t0 = time.perf_counter()
             fwd = lambda ids, s=front: link(s.front(ids, k))  # noqa: E731  (the attacker replays the link's clip)
             ranker = A.train_decoder(fwd, pub["input_ids"], pub_len, emb, steps=decoder_steps, seed=seed)
@@ -181,6 +189,18 @@ def audit_run(run_dir: str | Path, *, examples: int = 48, candidates: int = 1024
                                                        members["labels"]).as_dict(),
                                           "seconds": round(time.perf_counter() - t0, 1)}
         out["inversion"] = attacks
+        # labels from the gradients sent up at the middle's output (unnoised), by a decoder fitted on
+        # the public model's gradients for public examples, replaying the run's link (clip, noise, denoise)
+        t0 = time.perf_counter()
+        back_start = device_cut(cfg.topology, first, num_layers).back_start
+        gpub = _public_batch(cfg, tok, gradient_public_per_domain)
+        sent = lambda model, batch: A.sent_gradients(  # noqa: E731
+            _front(model, tok, cfg, None), batch["input_ids"], batch["labels"], k, back_start, link,
+            p.activation_denoise)
+        label_dec = A.fit_label_decoder(sent(public, gpub), gpub["labels"], emb)
+        out["labels_from_gradients"] = {**A.label_recovery(label_dec, sent(final, members), members["labels"]),
+                                        "public_examples": int(gpub["input_ids"].shape[0]),
+                                        "seconds": round(time.perf_counter() - t0, 1)}
     else:
         out["inversion"] = "none: under fl no hidden state leaves a device"
 
@@ -224,13 +244,18 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     try:
         check_audit_input(Path(args.run_dir), args.overrides)  # before torch loads
-        out = audit_run(args.run_dir, examples=args.examples, overrides=args.overrides)
+        out = audit_run(args.run_dir, examples=args.examples, overrides=args.overrides,
+                        search=getattr(args, "search", True))
     except AuditInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for name, r in (out["inversion"].items() if isinstance(out["inversion"], dict) else []):
         print(f"{name:22s} tokens {r['tokens']:.3f}  examples {r['examples']:.3f}  answers {r['answers']:.3f}  "
               f"({r['num_tokens']} tokens, {r['seconds']} s)")
+    if "labels_from_gradients" in out:
+        r = out["labels_from_gradients"]
+        print(f"{'labels_from_gradients':22s} labels {r['labels']:.3f}  answers {r['answers']:.3f}  "
+              f"({r['num_labels']} labels, {r['seconds']} s)")
     m = out["membership"]
     print(f"membership AUC {m['auc']:.3f} (likelihood gap members {m['gap_members']:.3f}, held-out {m['gap_heldout']:.3f})")
     print(f"exact match {json.dumps({d: round(v, 3) for d, v in out['exact_match'].items()})}")
