@@ -34,7 +34,8 @@ def _row(label: str, audit: dict, metrics: list[dict]) -> list:
     return [label, f"{sum(private) / len(private):.2f}" if private else "-", f"{em['capitals']:.2f}" if "capitals" in em else "-",
             fmt(inv.get("search_exact_weights")), fmt(inv.get("search_public_base")),
             fmt(inv.get("learned_public_base")),
-            "-" if (g := audit.get("labels_from_gradients")) is None else f"{g['labels']:.2f} / {g['answers']:.2f}",
+            (f"{g['labels']:.2f} / {g['answers']:.2f}" if isinstance(g := audit.get("labels_from_gradients"), dict)
+             else "none sent" if g else "-"),
             f"{audit['membership']['auc']:.2f}",
             "-" if eps is None else f"{eps:.2f}"]
 

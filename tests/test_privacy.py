@@ -254,6 +254,8 @@ def test_a_round_under_every_defense_records_them_and_the_audit_reads_the_run(tm
     assert own["label"] == "run's own settings" and what_if["label"] == ("activation_noise=0, activation_clip=null, "
                                                                      "activation_denoise=false")
     assert what_if["recovery"]["search_exact_weights"]["tokens"] == undefended["inversion"]["search_exact_weights"]["tokens"]
+    no_grads = audit_run(tmp_path, **small, search=False, overrides=["privacy.send_gradients=false"])
+    assert no_grads["labels_from_gradients"].startswith("none") and "search_exact_weights" not in no_grads["inversion"]
     with pytest.raises(AuditInputError, match="no config.yaml"):
         audit_run(tmp_path / "nowhere")
 

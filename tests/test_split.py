@@ -420,6 +420,71 @@ def test_activation_denoise_gradient_is_that_of_the_function_the_back_sees():
     assert gap > 100 * 1e-6  # the clip's Jacobian on the residual path would give another gradient
 
 
+@pytest.mark.parametrize("denoise", [True, False])
+def test_without_gradients_to_the_edge_the_front_trains_through_the_residual_stream(denoise):
+    """privacy.send_gradients false: the device calls its edge's forward only (a backward would fail
+    here), the edge's blocks stay at the knowledge's adapter, and the device's step is that of the
+    function with the middle's own contribution held constant: h_k + (h_m - h_link).detach() under
+    denoise, h_link + (h_m - h_link).detach() (straight through the middle) without. One SGD step of
+    lr 1, so the device's adapter change is minus that gradient."""
+    probe = _tiny_cfg("gpt2")
+    model, tok = build_foundation(probe.model)
+    pkg = FoundationPackage.from_model(model, tok)
+    whole = build_tier_model(pkg, probe.peft, ModelPart.of(None, True, True))
+    randomize_lora(whole.peft, seed=7)
+    knowledge = adapter_state(whole.peft)
+    twin = device_trainer(probe, "end-0-0", pkg)
+    ids, labels = twin._next_batch()
+    cut = device_cut(probe.topology, "end-0-0", pkg.num_layers)
+    ref = SplitModel(whole.peft)
+    with torch.no_grad():
+        clip = float(ref.front(ids, cut.front_end).norm(dim=-1).median())
+
+    cfg = _tiny_cfg("gpt2", f"privacy.activation_clip={clip}", "privacy.activation_noise=2.0",
+                    f"privacy.activation_denoise={str(denoise).lower()}", "privacy.send_gradients=false",
+                    "training.local_steps=1")
+    edge = edge_trainer(cfg, "edge-0", ["end-0-0"], pkg)
+    dev = device_trainer(cfg, "end-0-0", pkg)
+    dev._optimizer = lambda: torch.optim.SGD(trainable_parameters(dev.split.peft), lr=1.0)
+    cid = "edge-0/c0"
+    edge.begin_round(knowledge, {cid: ["end-0-0"]})
+    sent = []
+
+    class ForwardOnly(DirectEdgeLink):
+        def forward(self, hidden):
+            sent.append(hidden.clone())
+            return super().forward(hidden)
+
+        def backward(self, grad):
+            raise AssertionError("a gradient was sent to the edge")
+
+    turn = dev.train_split_turn(edge.begin_turn(cid, "end-0-0", None), ForwardOnly(edge, cid, "end-0-0"), cid, 1)
+    (wire,) = sent
+    adapter_bytes = sum(v.numel() * v.element_size() for v in turn.adapter.values())
+    assert turn.link.messages_up == 2 and turn.link.bytes_up == wire.numel() * 4 + adapter_bytes  # h_k + adapter
+    with pytest.raises(RuntimeError, match="send_gradients is false"):
+        edge.backward(cid, "end-0-0", wire)
+    update = edge.finish_round({cid: turn})
+    for key in update.adapter:
+        if layer_of_key(key) in (1, 2):  # the edge's blocks: frozen
+            assert torch.equal(update.adapter[key], knowledge[key]), key
+
+    for name, param in whole.peft.named_parameters():  # the middle's contribution is a constant here
+        if "lora_" in name and layer_of_key(name) in (1, 2):
+            param.requires_grad_(False)
+    h_k = ref.front(ids, cut.front_end)
+    clipped = clip_rows(h_k, clip)
+    h_link = clipped + (wire - clipped.detach())  # the same noise as was sent
+    h_m = ref.blocks(h_link, cut.front_end, cut.back_start)
+    base = h_k if denoise else h_link
+    ref.back_loss(base + (h_m - h_link).detach(), cut.back_start, labels).backward()
+    expected = lora_grads(whole.peft)
+    assert set(turn.adapter) and all(layer_of_key(k) in (0, 3) for k in turn.adapter)
+    for key, value in turn.adapter.items():
+        torch.testing.assert_close(knowledge[key] - value, expected[key], rtol=1e-4, atol=1e-6)
+    assert any(float(expected[k].abs().max()) > 1e-4 for k in turn.adapter if layer_of_key(k) == 0)  # the front trained
+
+
 def test_cluster_relay_with_mixed_cuts_equals_reference():
     """Three members in turn with different cuts (end-0-0 and end-0-2: k=1, m=3; end-0-1: k=2, m=3).
     The second member gets the first member's device blocks and the edge's block 1 via the edge; the

@@ -24,6 +24,13 @@ class PrivacyConfig(Section):
         "the noisy one. The edge receives the same noisy rows; with few middle blocks (a deep cut) training "
         "keeps part of its quality (README, Privacy). Needs activation_clip."
     )
+    send_gradients: bool = Field(
+        True, description="false: the device sends its edge no gradient. The edge's blocks run forward only, "
+        "frozen (their adapter keeps the knowledge's values, as with training.edge_lr 0), and the device's front "
+        "trains through the residual stream alone: the middle's own contribution counts as a constant input. "
+        "The gradient at the middle's output carries the labels (README, Privacy); with this nothing but the "
+        "hidden states leaves the device."
+    )
     nopeek_weight: float = Field(
         0.0, ge=0, description="Weight of the NoPeek penalty (distance correlation between each token's input "
         "embedding and the hidden state sent to the edge) added to the device's loss; 0: none."

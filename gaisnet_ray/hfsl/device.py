@@ -150,6 +150,17 @@ class DeviceTrainer:
                 back_in = h_m - (h_link - h_k).detach()
             loss = self.split.back_loss(back_in, cut.back_start, labels)  # logits only where labels are supervised
             loss.backward()
+            if not send_gradients:
+                # privacy.send_gradients false: no gradient leaves; the front trains through the residual
+                # stream alone (the middle's own contribution taken as a constant input): with denoise the
+                # back's input is h_k + (h_m - h_link), so dL/dh_m reaches h_k directly; without, it is
+                # passed straight through the middle to h_link
+                if h_k.requires_grad:
+                    roots, grads = ([h_k] if denoise else [h_link]), [h_m.grad.detach()]
+                    self._nopeek(input_ids, labels, h_k, roots, grads)
+                    torch.autograd.backward(roots, grads)
+                return loss, LinkUsage(bytes_up=payload_nbytes(sent), bytes_down=payload_nbytes(got),
+                                       messages_up=1, messages_down=1)
             grad_m = codec.encode(h_m.grad.detach().cpu(), lengths)
             grad_back = link.backward(grad_m)
             grad_k = codec.decode(grad_back).to(self.torch_device)  # dL/dh_k from edge
@@ -161,19 +172,25 @@ class DeviceTrainer:
                     # the middle's own part of dL/dh_link (grad_k - dL/dh_m) goes back through the clip
                     g_m = h_m.grad.detach()
                     roots, grads = [h_link, h_k], [grad_k - g_m, g_m]
-                if self.privacy is not None and self.privacy.nopeek_weight > 0:
-                    mask = torch.arange(input_ids.shape[1]) < lengths_of(labels.cpu())[:, None]
-                    with torch.no_grad():
-                        emb = self.split.front(input_ids, 0)  # (B, T, H) token embeddings
-                    penalty = nopeek_penalty(emb, h_k, mask.to(h_k.device), generator=self._noise_gen)
-                    roots.append(self.privacy.nopeek_weight * penalty)
-                    grads.append(None)
+                self._nopeek(input_ids, labels, h_k, roots, grads)
                 torch.autograd.backward(roots, grads)
             return loss, LinkUsage(bytes_up=payload_nbytes(sent) + payload_nbytes(grad_m),
                                    bytes_down=payload_nbytes(got) + payload_nbytes(grad_back),
                                    messages_up=2, messages_down=2)
 
+        send_gradients = self.privacy is None or self.privacy.send_gradients
         return self._run_turn(adapter, cluster_id, steps, split_step)
+
+    def _nopeek(self, input_ids: torch.Tensor, labels: torch.Tensor, h_k: torch.Tensor, roots: list,
+                grads: list) -> None:
+        """With ``privacy.nopeek_weight``: add the NoPeek penalty on h_k to the backward's roots."""
+        if self.privacy is not None and self.privacy.nopeek_weight > 0:
+            mask = torch.arange(input_ids.shape[1]) < lengths_of(labels.cpu())[:, None]
+            with torch.no_grad():
+                emb = self.split.front(input_ids, 0)  # (B, T, H) token embeddings
+            penalty = nopeek_penalty(emb, h_k, mask.to(h_k.device), generator=self._noise_gen)
+            roots.append(self.privacy.nopeek_weight * penalty)
+            grads.append(None)
 
     def _privatize(self, h_k: torch.Tensor) -> torch.Tensor:
         """What crosses the link: rows clipped to ``privacy.activation_clip``, plus Gaussian noise at

@@ -46,12 +46,15 @@ class EdgeTrainer:
     def __init__(self, edge_id: str, package, part: ModelPart, peft_cfg: PeftConfig, training: TrainingConfig,
                  device_cuts: dict[str, Cut | None], link: LinkConfig, torch_device: str = "cpu",
                  report_devices: bool = False, codec: LinkCodec | None = None,
-                 learned_dir: Path | None = None, learned_share: float = 0.0):
+                 learned_dir: Path | None = None, learned_share: float = 0.0, forward_only: bool = False):
         """``part``: the blocks this edge runs, as its scheme decides (``factory.edge_part_of``;
         none when devices train the whole model). ``device_cuts``: each served device's cut (None:
         it trains the whole model, with no split step here). ``report_devices`` (the ``local``
         baseline): the update also carries each device's own adapter, for the cloud to evaluate.
-        ``codec``: how hidden states, gradients and adapters go on the wire (``links.codec``)."""
+        ``codec``: how hidden states, gradients and adapters go on the wire (``links.codec``).
+        ``forward_only`` (``privacy.send_gradients: false``): devices send no gradients; the blocks run
+        frozen, without autograd, and ``backward`` is refused."""
+        self.forward_only = forward_only
         self.codec = codec or LinkCodec()
         self.report_devices = report_devices
         # serve.learn_from_escalations under `gaisnet run --serve`: the edge's serving replica writes
@@ -117,7 +120,7 @@ class EdgeTrainer:
 
         params = trainable_parameters(split.peft)
         lr = self.training.lr if self.training.edge_lr is None else self.training.edge_lr
-        if lr == 0:
+        if lr == 0 or self.forward_only:
             for p in params:
                 p.requires_grad_(False)
             return None
@@ -209,10 +212,15 @@ class EdgeTrainer:
         st = self._cluster_for(cluster_id, device_id)
         cut = self.device_cuts[device_id]
         lengths = self.codec.lengths_of(hidden)
-        x = self.codec.decode(hidden).to(self.torch_device).requires_grad_()
+        x = self.codec.decode(hidden).to(self.torch_device)
         st.split.peft.train()
-        y = st.split.blocks(x, cut.front_end, cut.back_start)
-        st.pending[device_id] = (x, y, lengths)
+        if self.forward_only:  # no gradient will come back: no graph to keep
+            with torch.no_grad():
+                y = st.split.blocks(x, cut.front_end, cut.back_start)
+        else:
+            x = x.requires_grad_()
+            y = st.split.blocks(x, cut.front_end, cut.back_start)
+            st.pending[device_id] = (x, y, lengths)
         self._compute_s += time.perf_counter() - t0
         return self._reply(y, lengths)
 
@@ -220,6 +228,9 @@ class EdgeTrainer:
         """dL/dh_m from the device -> dL/dh_k back to it; steps the cluster's middle adapter."""
         t0 = time.perf_counter()
         st = self._cluster_for(cluster_id, device_id)
+        if self.forward_only:
+            raise RuntimeError(f"{self.edge_id}: {device_id} sent a gradient, but devices send none here "
+                               "(privacy.send_gradients is false)")
         if device_id not in st.pending:
             raise RuntimeError(f"{self.edge_id}: backward from {device_id} without a forward")
         x, y, lengths = st.pending.pop(device_id)

@@ -79,7 +79,8 @@ def edge_trainer(cfg: Config, edge: str, devices: list[str], package, torch_devi
                        edge_cuts(cfg, devices, n), cfg.links.end_edge, torch_device,
                        report_devices=scheme_of(cfg).keeps_adapters, codec=LinkCodec(cfg.links.codec),
                        learned_dir=edge_area(run_dir, cfg.serve.learn.store_dir, edge) if learn else None,
-                       learned_share=cfg.serve.learn.max_share if learn else 0.0)
+                       learned_share=cfg.serve.learn.max_share if learn else 0.0,
+                       forward_only=not cfg.privacy.send_gradients)
 
 
 def device_trainer(cfg: Config, device: str, package, torch_device: str = "cpu") -> DeviceTrainer:

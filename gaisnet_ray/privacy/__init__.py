@@ -19,6 +19,7 @@ def active_defenses(privacy) -> dict:
         "activation_clip": privacy.activation_clip,
         "activation_noise": privacy.activation_noise,
         "activation_denoise": privacy.activation_denoise,
+        "send_gradients": privacy.send_gradients,
         "nopeek_weight": privacy.nopeek_weight,
         "dp": privacy.dp_clip is not None,
         "secure_aggregation": privacy.secure_aggregation,

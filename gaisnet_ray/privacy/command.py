@@ -189,18 +189,10 @@ def audit_run(run_dir: str | Path, *, examples: int = 48, candidates: int = 1024
                                                        members["labels"]).as_dict(),
                                           "seconds": round(time.perf_counter() - t0, 1)}
         out["inversion"] = attacks
-        # labels from the gradients sent up at the middle's output (unnoised), by a decoder fitted on
-        # the public model's gradients for public examples, replaying the run's link (clip, noise, denoise)
-        t0 = time.perf_counter()
-        back_start = device_cut(cfg.topology, first, num_layers).back_start
-        gpub = _public_batch(cfg, tok, gradient_public_per_domain)
-        sent = lambda model, batch: A.sent_gradients(  # noqa: E731
-            _front(model, tok, cfg, None), batch["input_ids"], batch["labels"], k, back_start, link,
-            p.activation_denoise)
-        label_dec = A.fit_label_decoder(sent(public, gpub), gpub["labels"], emb)
-        out["labels_from_gradients"] = {**A.label_recovery(label_dec, sent(final, members), members["labels"]),
-                                        "public_examples": int(gpub["input_ids"].shape[0]),
-                                        "seconds": round(time.perf_counter() - t0, 1)}
+        out["labels_from_gradients"] = (_labels_from_gradients(cfg, public, final, tok, members, link, k, num_layers,
+                                                               emb, gradient_public_per_domain)
+                                        if p.send_gradients else
+                                        "none: privacy.send_gradients is false, no gradient leaves a device")
     else:
         out["inversion"] = "none: under fl no hidden state leaves a device"
 
@@ -223,6 +215,27 @@ def audit_run(run_dir: str | Path, *, examples: int = 48, candidates: int = 1024
 
     write_leakage_plot(run_dir)  # every audit of the run so far, leakage next to exact match
     return out
+
+
+def _labels_from_gradients(cfg, public, final, tok, members, link, front_end: int, num_layers: int, emb,
+                           public_per_domain: int) -> dict:
+    """Labels from the gradients sent up at the middle's output (not noised): a decoder fitted on the
+    public model's gradients for public examples, replaying the run's link (clip, noise, denoise),
+    applied to the gradients the run's final model gives the private examples."""
+    import time
+
+    from ..schemes.topology import device_cut
+    from . import attacks as A
+
+    t0 = time.perf_counter()
+    back_start = device_cut(cfg.topology, "end-0-0", num_layers).back_start
+    gpub = _public_batch(cfg, tok, public_per_domain)
+    sent = lambda model, batch: A.sent_gradients(  # noqa: E731
+        _front(model, tok, cfg, None), batch["input_ids"], batch["labels"], front_end, back_start, link,
+        cfg.privacy.activation_denoise)
+    decoder = A.fit_label_decoder(sent(public, gpub), gpub["labels"], emb)
+    return {**A.label_recovery(decoder, sent(final, members), members["labels"]),
+            "public_examples": int(gpub["input_ids"].shape[0]), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _final_exact_match(run_dir: Path) -> dict:
@@ -252,7 +265,7 @@ def run_command(args: argparse.Namespace) -> int:
     for name, r in (out["inversion"].items() if isinstance(out["inversion"], dict) else []):
         print(f"{name:22s} tokens {r['tokens']:.3f}  examples {r['examples']:.3f}  answers {r['answers']:.3f}  "
               f"({r['num_tokens']} tokens, {r['seconds']} s)")
-    if "labels_from_gradients" in out:
+    if isinstance(out.get("labels_from_gradients"), dict):
         r = out["labels_from_gradients"]
         print(f"{'labels_from_gradients':22s} labels {r['labels']:.3f}  answers {r['answers']:.3f}  "
               f"({r['num_labels']} labels, {r['seconds']} s)")
