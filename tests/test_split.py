@@ -366,26 +366,26 @@ def test_activation_denoise_takes_the_devices_own_noise_out_of_the_returned_resi
     assert far[True] < 0.25 * far[False]  # the back's input is far nearer the clean one than h_m is
 
 
-def test_activation_denoise_gradient_is_that_of_the_function_the_back_sees():
-    """With denoise the back runs on h_k + (middle(h_link) - h_link), h_link = clip(h_k) + noise: the
-    front's gradient is that function's (the residual path straight to h_k, only the middle's own part
-    through the clip), worked out here in one autograd graph of the whole model. One SGD step of lr 1,
-    so the adapter's change is minus the gradient (AdamW's first step would only show its sign)."""
+def _sgd_probe():
+    """For one SGD step of a device, worked out in one autograd graph: (the tiny package, the whole
+    model with a random adapter, that adapter, the device's first batch (ids, labels), its cut, the
+    whole model as a SplitModel, the median row norm at the cut: a clip that clips half the rows)."""
     probe = _tiny_cfg("gpt2")
     model, tok = build_foundation(probe.model)
     pkg = FoundationPackage.from_model(model, tok)
     whole = build_tier_model(pkg, probe.peft, ModelPart.of(None, True, True))
     randomize_lora(whole.peft, seed=7)
-    knowledge = adapter_state(whole.peft)
-    twin = device_trainer(probe, "end-0-0", pkg)
-    ids, labels = twin._next_batch()
+    ids, labels = device_trainer(probe, "end-0-0", pkg)._next_batch()
     cut = device_cut(probe.topology, "end-0-0", pkg.num_layers)
     ref = SplitModel(whole.peft)
     with torch.no_grad():
-        clip = float(ref.front(ids, cut.front_end).norm(dim=-1).median())  # half the rows get clipped
+        clip = float(ref.front(ids, cut.front_end).norm(dim=-1).median())
+    return pkg, whole, adapter_state(whole.peft), ids, labels, cut, ref, clip
 
-    cfg = _tiny_cfg("gpt2", f"privacy.activation_clip={clip}", "privacy.activation_noise=2.0",
-                    "privacy.activation_denoise=true", "training.local_steps=1")
+
+def _sgd_turn(cfg, pkg, knowledge, forward_only: bool = False):
+    """end-0-0's one-step turn with SGD of lr 1 through a recording link: (the edge, the turn, the
+    hidden states sent). ``forward_only``: a gradient sent to the edge fails the test."""
     edge = edge_trainer(cfg, "edge-0", ["end-0-0"], pkg)
     dev = device_trainer(cfg, "end-0-0", pkg)
     dev._optimizer = lambda: torch.optim.SGD(trainable_parameters(dev.split.peft), lr=1.0)
@@ -398,8 +398,25 @@ def test_activation_denoise_gradient_is_that_of_the_function_the_back_sees():
             sent.append(hidden.clone())
             return super().forward(hidden)
 
+        def backward(self, grad):
+            assert not forward_only, "a gradient was sent to the edge"
+            return super().backward(grad)
+
     turn = dev.train_split_turn(edge.begin_turn(cid, "end-0-0", None), Recording(edge, cid, "end-0-0"), cid, 1)
     (wire,) = sent
+    return edge, turn, wire
+
+
+def test_activation_denoise_gradient_is_that_of_the_function_the_back_sees():
+    """With denoise the back runs on h_k + (middle(h_link) - h_link), h_link = clip(h_k) + noise: the
+    front's gradient is that function's (the residual path straight to h_k, only the middle's own part
+    through the clip), worked out here in one autograd graph of the whole model. One SGD step of lr 1,
+    so the adapter's change is minus the gradient (AdamW's first step would only show its sign)."""
+    pkg, whole, knowledge, ids, labels, cut, ref, clip = _sgd_probe()
+
+    cfg = _tiny_cfg("gpt2", f"privacy.activation_clip={clip}", "privacy.activation_noise=2.0",
+                    "privacy.activation_denoise=true", "training.local_steps=1")
+    edge, turn, wire = _sgd_turn(cfg, pkg, knowledge)
 
     def gradient(exact: bool) -> dict[str, torch.Tensor]:
         whole.peft.zero_grad(set_to_none=True)
@@ -427,39 +444,13 @@ def test_without_gradients_to_the_edge_the_front_trains_through_the_residual_str
     function with the middle's own contribution held constant: h_k + (h_m - h_link).detach() under
     denoise, h_link + (h_m - h_link).detach() (straight through the middle) without. One SGD step of
     lr 1, so the device's adapter change is minus that gradient."""
-    probe = _tiny_cfg("gpt2")
-    model, tok = build_foundation(probe.model)
-    pkg = FoundationPackage.from_model(model, tok)
-    whole = build_tier_model(pkg, probe.peft, ModelPart.of(None, True, True))
-    randomize_lora(whole.peft, seed=7)
-    knowledge = adapter_state(whole.peft)
-    twin = device_trainer(probe, "end-0-0", pkg)
-    ids, labels = twin._next_batch()
-    cut = device_cut(probe.topology, "end-0-0", pkg.num_layers)
-    ref = SplitModel(whole.peft)
-    with torch.no_grad():
-        clip = float(ref.front(ids, cut.front_end).norm(dim=-1).median())
+    pkg, whole, knowledge, ids, labels, cut, ref, clip = _sgd_probe()
 
     cfg = _tiny_cfg("gpt2", f"privacy.activation_clip={clip}", "privacy.activation_noise=2.0",
                     f"privacy.activation_denoise={str(denoise).lower()}", "privacy.send_gradients=false",
                     "training.local_steps=1")
-    edge = edge_trainer(cfg, "edge-0", ["end-0-0"], pkg)
-    dev = device_trainer(cfg, "end-0-0", pkg)
-    dev._optimizer = lambda: torch.optim.SGD(trainable_parameters(dev.split.peft), lr=1.0)
+    edge, turn, wire = _sgd_turn(cfg, pkg, knowledge, forward_only=True)
     cid = "edge-0/c0"
-    edge.begin_round(knowledge, {cid: ["end-0-0"]})
-    sent = []
-
-    class ForwardOnly(DirectEdgeLink):
-        def forward(self, hidden):
-            sent.append(hidden.clone())
-            return super().forward(hidden)
-
-        def backward(self, grad):
-            raise AssertionError("a gradient was sent to the edge")
-
-    turn = dev.train_split_turn(edge.begin_turn(cid, "end-0-0", None), ForwardOnly(edge, cid, "end-0-0"), cid, 1)
-    (wire,) = sent
     adapter_bytes = sum(v.numel() * v.element_size() for v in turn.adapter.values())
     assert turn.link.messages_up == 2 and turn.link.bytes_up == wire.numel() * 4 + adapter_bytes  # h_k + adapter
     with pytest.raises(RuntimeError, match="send_gradients is false"):
