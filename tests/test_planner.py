@@ -60,6 +60,10 @@ def test_flops_and_bytes_of_a_cut_match_hand_computed_values():
     assert shape.adapter_bytes(2) == 2 * 7168 * 4
     up, down = shape.turn_bytes(2)
     assert up == down == 6 * 2 * 196_608 + 57_344
+    # privacy.send_gradients false: one message each way a step, the middle forward only
+    forward_only = _shape(_cfg("privacy.send_gradients=false"))
+    assert forward_only.turn_bytes(2) == (6 * 196_608 + 57_344,) * 2
+    assert forward_only.edge_flops(2) == 2 * 110_080 * 768 and forward_only.device_flops(2) == shape.device_flops(2)
 
 
 def test_device_memory_is_the_memory_estimate_of_an_end_actor():

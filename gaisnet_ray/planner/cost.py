@@ -13,9 +13,11 @@ at least one block), batch ``B`` and sequence ``T``:
 - Bytes. Each step moves 4 hidden-state tensors of ``B x T x hidden`` fp32 (``h_k`` and ``dL/dh_m``
   up, ``h_m`` and ``dL/dh_k`` down, one message each); each turn the device pulls and pushes the
   LoRA tensors of its ``d`` blocks. Each edge pulls the global adapter and pushes its update.
+  Under ``privacy.send_gradients: false`` a step moves only ``h_k`` up and ``h_m`` down, and the
+  edge runs its blocks forward only.
 - Time. A member's turn = steps x (its compute at its speed + the middle at the edge's speed shared
-  by the edge's concurrent clusters + 4 latencies) + its transfers at ``min(its own link, its
-  cluster's share of the edge's link)``. Members of a cluster run in turn (their turns add up);
+  by the edge's concurrent clusters + 4 latencies, 2 without gradients) + its transfers at
+  ``min(its own link, its cluster's share of the edge's link)``. Members of a cluster run in turn (their turns add up);
   clusters run in parallel; an edge's round = knowledge down + its slowest cluster + aggregation +
   update up; the round = the slowest edge + the cloud's aggregation.
 - Energy per device: J/FLOP x its FLOPs + J/byte x bytes sent and received.
@@ -45,13 +47,14 @@ class RoundShape:
     lora_block_params: int
     eager: bool = False
     link_codec: str = "none"  # links.codec: how a hidden state and an adapter go on the end-edge link
+    send_gradients: bool = True  # privacy.send_gradients: false: no gradient messages, the middle forward only
 
     @classmethod
     def from_config(cls, cfg: Config, model_config: dict) -> "RoundShape":
         g = ModelGeometry.from_config(model_config)
         return cls(g, cfg.training.batch_size, cfg.model.max_seq_len, cfg.training.local_steps,
                    g.lora_params_per_block(cfg.peft.r, cfg.peft.target_modules),
-                   cfg.model.attn_implementation == "eager", cfg.links.codec)
+                   cfg.model.attn_implementation == "eager", cfg.links.codec, cfg.privacy.send_gradients)
 
     @property
     def num_layers(self) -> int:
@@ -79,8 +82,10 @@ class RoundShape:
         return d * self.block_train_flops() + self.head_train_flops()
 
     def edge_flops(self, d: int) -> float:
-        """One step of the middle on the edge for a device holding ``d`` blocks."""
-        return (self.num_layers - d) * self.block_train_flops()
+        """One step of the middle on the edge for a device holding ``d`` blocks (forward only when
+        no gradient comes back)."""
+        per_block = self.block_train_flops() if self.send_gradients else self.block_forward_flops()
+        return (self.num_layers - d) * per_block
 
     # bytes ------------------------------------------------------------------------------------
     def hidden_bytes(self) -> int:
@@ -96,9 +101,15 @@ class RoundShape:
         """The LoRA tensors of ``blocks`` blocks: fp32, bf16 under the bf16/int8 link codecs."""
         return blocks * self.lora_block_params * (2 if self.link_codec in ("bf16", "int8") else FP32)
 
+    @property
+    def messages_per_step(self) -> int:
+        """Hidden-state messages each way per step: the activation, and its gradient unless
+        ``privacy.send_gradients`` is false."""
+        return 2 if self.send_gradients else 1
+
     def turn_bytes(self, d: int) -> tuple[int, int]:
-        """(up, down) bytes of one device turn: per step 2 messages each way, plus its adapter."""
-        each = self.steps * 2 * self.hidden_bytes() + self.adapter_bytes(d)
+        """(up, down) bytes of one device turn: per step ``messages_per_step`` each way, plus its adapter."""
+        each = self.steps * self.messages_per_step * self.hidden_bytes() + self.adapter_bytes(d)
         return each, each
 
     # memory -----------------------------------------------------------------------------------
@@ -174,7 +185,7 @@ def turn_terms(shape: RoundShape, device, edge, d: int, clusters: int) -> TurnTe
     dev_flops, edge_flops, turn_bytes = _per_blocks(shape)
     steps = shape.steps
     compute = steps * (dev_flops[d] / device.flops + edge_flops[d] * clusters / edge.flops
-                       + 4 * device.latency_s) + 2 * device.latency_s
+                       + 2 * shape.messages_per_step * device.latency_s) + 2 * device.latency_s
     each = turn_bytes[d]  # up and down alike
     energy = (device.j_per_flop * steps * dev_flops[d] + (device.j_per_byte_up + device.j_per_byte_down) * each)
     return TurnTerms(compute, 8.0 * each, 8.0 * each, energy)
