@@ -9,6 +9,7 @@ the relay down of a new foundation model to a node that holds part of it.
 from __future__ import annotations
 
 import functools
+import importlib
 
 import ray
 
@@ -31,8 +32,8 @@ def fetch_deferred(value):
     the wait, so they overlap the cloud's pre-training instead of following it on the way to round 1.
     A value given as it is (``NoWeights``: an edge under FL) loads neither."""
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], ray.ObjectRef):
-        from ..models import build, split  # noqa: F401  (imported for their import time, see above)
-
+        for module in ("..models.build", "..models.split"):  # for their import time, see above
+            importlib.import_module(module, __package__)
         return ray.get(value[0])
     return value
 
