@@ -191,3 +191,20 @@ def test_rehearsal_trains_the_new_base_on_public_data_and_lowers_its_public_loss
     # before the relay both clouds are the same; after it, the rehearsed base is better on public data
     assert m1["relay"]["cloud_before"] == m0["relay"]["cloud_before"]
     assert m1["relay"]["cloud_after"]["arithmetic"]["loss"] < m0["relay"]["cloud_after"]["arithmetic"]["loss"] - 0.05
+
+
+def test_an_adapter_that_adds_nothing_is_evaluated_once_for_the_relay(tmp_path):
+    """Version 0 is LoRA with B = 0: its evaluation (the one before round 1) is the base's own, to the
+    bit, so the first relay takes it as the base's 'before' instead of evaluating the base again.
+    An adapter with any non-zero B is not taken for the base."""
+    from gaisnet_ray.hfsl.cloud import CloudCore
+
+    torch.set_num_threads(1)
+    core = CloudCore(load_config(TINY_YAML, TINY), tmp_path)
+    core.initial_knowledge()
+    first = core.evaluate()
+    assert core._base_eval is first and first == core.evaluate_base()
+    core._base_eval = None
+    with torch.no_grad():
+        next(p for n, p in core.peft.named_parameters() if "lora_B" in n)[0, 0] = 0.5
+    assert core.evaluate() != first and core._base_eval is None
