@@ -134,6 +134,7 @@ class DeviceTrainer:
         if self.cut is None:
             raise ValueError(f"device {self.device_id} holds the whole model (FL) and has no cut")
         cut, codec = self.cut, self.codec
+        send_gradients = self.privacy is None or self.privacy.send_gradients
 
         def split_step(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, LinkUsage]:
             h_k = self.split.front(input_ids, cut.front_end)  # (B, T, H)
@@ -178,7 +179,6 @@ class DeviceTrainer:
                                    bytes_down=payload_nbytes(got) + payload_nbytes(grad_back),
                                    messages_up=2, messages_down=2)
 
-        send_gradients = self.privacy is None or self.privacy.send_gradients
         return self._run_turn(adapter, cluster_id, steps, split_step)
 
     def _nopeek(self, input_ids: torch.Tensor, labels: torch.Tensor, h_k: torch.Tensor, roots: list,

@@ -9,7 +9,7 @@
   front adapter: a decoder from one hidden-state row to its token, fitted on public text run
   through the public front (optionally with the same clip and noise the devices apply). It is
   also the search's candidate order on a real model, where the cosine to the embeddings is not.
-- ``sent_gradients`` / ``fit_label_decoder`` / ``decode_labels``: labels from gradients. The
+- ``sent_gradients`` / ``fit_label_decoder`` / ``label_recovery``: labels from gradients. The
   device sends its edge dL/dh at the middle's output every step; at position t that gradient is
   dominated by the loss of predicting token t+1, so it points along that token's (transformed)
   embedding. A decoder fitted on public examples' gradients (the attacker runs the public model as a
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.encode import lengths_of
+from ..data.encode import lengths_of, next_token_targets
 
 Front = Callable[[torch.Tensor], torch.Tensor]  # (B, T) token ids -> (B, T, H) hidden states
 Ranker = Callable[[torch.Tensor], torch.Tensor]  # (N, H) hidden rows -> (N, V) candidate scores
@@ -258,7 +258,7 @@ def sent_gradients(split, input_ids: torch.Tensor, labels: torch.Tensor, front_e
 def supervised_rows(grads: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient rows at the positions whose next token is supervised, and that token:
     (M, H), (M,). Position t's loss predicts labels[t + 1] (the model shifts labels inside)."""
-    targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    targets = next_token_targets(labels)
     keep = targets != -100
     return grads[keep].float(), targets[keep]
 
@@ -276,7 +276,7 @@ def label_recovery(decoder: HiddenDecoder, grads: torch.Tensor, labels: torch.Te
     """Decode every supervised position's label from the received gradients: the share of label
     tokens (the answers and their end-of-sequence token) recovered, and of examples whose every
     label was."""
-    targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    targets = next_token_targets(labels)
     keep = targets != -100
     guess = torch.full_like(targets, -1)
     guess[keep] = decoder(grads[keep].float()).argmax(dim=-1)

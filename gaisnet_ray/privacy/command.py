@@ -155,8 +155,8 @@ def audit_run(run_dir: str | Path, *, examples: int = 48, candidates: int = 1024
     # ---- inversion of what crosses the end-edge link (split schemes only)
     if scheme_of(cfg).splits:
         num_layers = int(final.config.num_hidden_layers)
-        first = "end-0-0"
-        k = device_cut(cfg.topology, first, num_layers).front_end
+        cut = device_cut(cfg.topology, "end-0-0", num_layers)
+        k = cut.front_end
         out["front_layers"] = k
         p = cfg.privacy
         gen = torch.Generator().manual_seed(seed + 1)
@@ -189,8 +189,8 @@ def audit_run(run_dir: str | Path, *, examples: int = 48, candidates: int = 1024
                                                        members["labels"]).as_dict(),
                                           "seconds": round(time.perf_counter() - t0, 1)}
         out["inversion"] = attacks
-        out["labels_from_gradients"] = (_labels_from_gradients(cfg, public, final, tok, members, link, k, num_layers,
-                                                               emb, gradient_public_per_domain)
+        out["labels_from_gradients"] = (_labels_from_gradients(cfg, public, final, tok, members, link, cut, emb,
+                                                               gradient_public_per_domain)
                                         if p.send_gradients else
                                         "none: privacy.send_gradients is false, no gradient leaves a device")
     else:
@@ -217,21 +217,17 @@ def audit_run(run_dir: str | Path, *, examples: int = 48, candidates: int = 1024
     return out
 
 
-def _labels_from_gradients(cfg, public, final, tok, members, link, front_end: int, num_layers: int, emb,
-                           public_per_domain: int) -> dict:
+def _labels_from_gradients(cfg, public, final, tok, members, link, cut, emb, public_per_domain: int) -> dict:
     """Labels from the gradients sent up at the middle's output (not noised): a decoder fitted on the
     public model's gradients for public examples, replaying the run's link (clip, noise, denoise),
-    applied to the gradients the run's final model gives the private examples."""
-    import time
-
-    from ..schemes.topology import device_cut
+    applied to the gradients the run's final model gives the private examples. ``cut``: the
+    audited device's (``schemes.topology.device_cut``)."""
     from . import attacks as A
 
     t0 = time.perf_counter()
-    back_start = device_cut(cfg.topology, "end-0-0", num_layers).back_start
     gpub = _public_batch(cfg, tok, public_per_domain)
     sent = lambda model, batch: A.sent_gradients(  # noqa: E731
-        _front(model, tok, cfg, None), batch["input_ids"], batch["labels"], front_end, back_start, link,
+        _front(model, tok, cfg, None), batch["input_ids"], batch["labels"], cut.front_end, cut.back_start, link,
         cfg.privacy.activation_denoise)
     decoder = A.fit_label_decoder(sent(public, gpub), gpub["labels"], emb)
     return {**A.label_recovery(decoder, sent(final, members), members["labels"]),
@@ -258,7 +254,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         check_audit_input(Path(args.run_dir), args.overrides)  # before torch loads
         out = audit_run(args.run_dir, examples=args.examples, overrides=args.overrides,
-                        search=getattr(args, "search", True))
+                        search=args.search)
     except AuditInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
