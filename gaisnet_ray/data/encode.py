@@ -95,12 +95,6 @@ def encode_examples(
     return {"input_ids": input_ids, "labels": labels}
 
 
-def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
-    """(N, T) labels -> (N, T) the token each position's logits predict (labels[t + 1]; -100 where
-    nothing is supervised): the shift a causal LM's loss makes inside."""
-    return torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-
-
 def lengths_of(labels: torch.Tensor) -> torch.Tensor:
     """(N, T) labels of ``encode_examples`` (answer + eos supervised, -100 on the prompt and the
     padding after) -> (N,) real tokens in each sequence."""

@@ -20,11 +20,11 @@ the prefixes of its own blocks into a fresh KV cache first and the real tokens t
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from peft import PeftModel
 from transformers.masking_utils import create_causal_mask
 
-from ..data.encode import next_token_targets
 from .cuts import ModelPart, UnknownModelFamilyError, layer_of_key
 from .parts import Pruned, prune_modules
 from .prefix import PrefixModel, PrefixServingError, attach_prefix
@@ -161,7 +161,7 @@ class SplitModel:
         without the (B, T, V) logits of every position the loss ignores (with answer-only labels,
         most of them; at a 49k vocabulary those logits are most of a device's training memory)."""
         hidden = self.blocks(hidden, back_start, self.num_layers)  # (B, T, H)
-        targets = next_token_targets(labels)  # (B, T): the token each position predicts
+        targets = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, T): the token each position predicts
         keep = targets != -100
         logits = self.lm.lm_head(self._f.final_norm(self.lm)(hidden[keep]))  # (N, V), N supervised positions
         return self.lm.loss_function(logits=logits, labels=None, shift_labels=targets[keep],

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.encode import lengths_of, next_token_targets
+from ..data.encode import lengths_of
 
 Front = Callable[[torch.Tensor], torch.Tensor]  # (B, T) token ids -> (B, T, H) hidden states
 Ranker = Callable[[torch.Tensor], torch.Tensor]  # (N, H) hidden rows -> (N, V) candidate scores
@@ -253,6 +253,13 @@ def sent_gradients(split, input_ids: torch.Tensor, labels: torch.Tensor, front_e
         (g,) = torch.autograd.grad(split.back_loss(back_in, back_start, lab), h_m)
         out.append(g.detach())
     return torch.cat(out)
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(N, T) labels -> (N, T) the token each position's logits predict (labels[t + 1], -100 where
+    nothing is supervised): the shift ``SplitModel.back_loss`` makes (models may not import this
+    layer's helpers, so the one line lives in both)."""
+    return F.pad(labels, (0, 1), value=-100)[:, 1:]
 
 
 def supervised_rows(grads: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
