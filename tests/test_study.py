@@ -215,6 +215,18 @@ def test_the_end_actor_pool_does_not_change_a_cells_key():
     assert len(keys) == 1
 
 
+def test_the_centralized_cell_at_hfsls_sequential_steps_halves_whatever_budget_is_set():
+    """The control cell takes half the local steps the study resolves to: 2 of the study's 4, and
+    4 when the user runs the grid at the default job's 8 (a fixed 2 would be a quarter there)."""
+    from gaisnet_ray.study.grid import resolve
+
+    cell = next(c for c in default_grid() if c.name == "schemes/centralized, hfsl's sequential steps")
+    cfg, _ = resolve(cell, None, None)
+    assert (cfg.training.scheme, cfg.training.local_steps) == ("centralized", 2)
+    cfg, _ = resolve(cell, None, ["training.local_steps=8", "training.rounds=4"])
+    assert (cfg.training.local_steps, cfg.training.rounds) == (4, 4)
+
+
 def test_a_cell_that_finished_without_its_row_is_not_run_again(study, tmp_path):
     """Killed between a cell's result.json and its row: the next invocation writes the row from the
     cell's result, no run."""

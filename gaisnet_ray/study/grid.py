@@ -71,10 +71,11 @@ def default_grid() -> list[Cell]:
         _scheme("centralized", _NOT_PRIVATE), _scheme("hfsl"), _scheme("fl"), _scheme("sl"), _scheme("local"),
         Cell("schemes", "hfsl server_lr 2", "training.server_lr", 2, ("training.scheme=hfsl", "training.server_lr=2"),
              "HFSL with FedOpt's global step 2: the cloud moves twice along the edges' average update"),
-        Cell("schemes", "centralized, hfsl's sequential steps", "training.local_steps", 2,
-             ("training.scheme=centralized", "training.local_steps=2"),
+        Cell("schemes", "centralized, hfsl's sequential steps", "training.local_steps", "half",
+             ("training.scheme=centralized",),
              _NOT_PRIVATE + "; half the steps: as many as one HFSL cluster takes in turn in a round (its two "
-             "clusters train in parallel and are averaged), to tell the averaging from the step count"),
+             "clusters train in parallel and are averaged), to tell the averaging from the step count",
+             extra={"local_steps_scale": 0.5}),
         # ---- pre-training: the cloud's public pre-training off / on; the foundation's own pre-training off
         Cell("pretraining", "public off", "training.pretrain_steps", 0, ("training.pretrain_steps=0",)),
         Cell("pretraining", "public on", "training.pretrain_steps", 16, PRETRAIN_ON),
@@ -124,9 +125,18 @@ def select(cells: list[Cell], only: list[str] | None) -> list[Cell]:
 
 
 # ---------------------------------------------------------------------------- resolution
-def cell_overrides(cell: Cell, user_sets: list[str] | None) -> list[str]:
-    """What a cell applies on top of the study's config: STUDY_BASE, the user's --set, its own."""
-    return [*STUDY_BASE, *(user_sets or []), *cell.overrides]
+def cell_overrides(cell: Cell, user_sets: list[str] | None, config: str | Path | None = None) -> list[str]:
+    """What a cell applies on top of the study's config: STUDY_BASE, the user's --set, its own.
+    A cell with ``extra["local_steps_scale"]`` takes that fraction of the local steps the rest
+    resolves to (so ``--set training.local_steps=8`` halves to 4, not to a fixed 2)."""
+    sets = [*STUDY_BASE, *(user_sets or []), *cell.overrides]
+    scale = cell.extra.get("local_steps_scale")
+    if scale is not None:
+        from ..config import load_config
+
+        steps = load_config(config, sets).training.local_steps
+        sets.append(f"training.local_steps={max(1, round(steps * scale))}")
+    return sets
 
 
 def config_key(cfg_dict: dict) -> str:
@@ -154,7 +164,7 @@ def resolve(cell: Cell, config: str | Path | None, user_sets: list[str] | None):
     """(Config, its key) of a cell; ``ConfigError`` when the config refuses it."""
     from ..config import load_config
 
-    cfg = load_config(config, cell_overrides(cell, user_sets))
+    cfg = load_config(config, cell_overrides(cell, user_sets, config))
     resolved = cfg.model_dump(mode="json")
     # a cell runs in one process (no actors), so how devices would map to actors cannot change it:
     # keyed as one actor per device whatever the pool says, as before `auto` existed
