@@ -224,8 +224,9 @@ def main() -> None:
     ap.add_argument("--config", default=str(TINY_YAML), help="job config (default: the tiny job, examples/tiny.yaml)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra override for every side, as `gaisnet run --set` (repeatable)")
-    ap.add_argument("--gaisnet-set", dest="gaisnet_overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override for the gaisnet-ray sides only, e.g. topology.end_workers=2 (a pool of 2 end actors)")
+    ap.add_argument("--gaisnet-set", dest="gaisnet_overrides", action="append", default=None, metavar="KEY=VALUE",
+                    help="override for the gaisnet-ray sides only (repeatable; default: topology.end_workers=auto, the "
+                         "pool the README's headline numbers use; pass topology.end_workers=null for one actor per device)")
     ap.add_argument("--sides", nargs="+", default=["fl", "flower", "hfsl"], choices=["fl", "flower", "hfsl"])
     ap.add_argument("--hfsl-every", type=int, default=2, help="run HFSL in every k-th alternation (default 2: the first only of 2)")
     ap.add_argument("--client-cpus", type=float, default=1.0, help="Flower's client_resources.num_cpus (default 1)")
@@ -235,6 +236,8 @@ def main() -> None:
     ap.add_argument("--tag", default=None, help="write results/vs_flower-TAG.{json,md} instead")
     args = ap.parse_args()
 
+    if args.gaisnet_overrides is None:  # not argparse's default=[...]: `append` would add to it instead of replacing it
+        args.gaisnet_overrides = ["topology.end_workers=auto"]
     name = NAME + (f"-{args.tag}" if args.tag else "")
     py = ensure_flower_venv(args.venv) if "flower" in args.sides else None
     data = envelope(NAME, {k: str(v) for k, v in vars(args).items()})
@@ -270,13 +273,15 @@ def render(data: dict) -> str:
     s = data["summary"]
     g, f, h = s.get("gaisnet-ray fl"), s.get("Flower"), s.get("gaisnet-ray hfsl")
     out = ["# The same FL-LoRA job on gaisnet-ray and on Flower", ""]
+    fv = data.get("flower_versions") or {}
+    flower = (f"Flower {fv.get('flwr')} simulation (Ray {fv.get('ray')}) of the same job with gaisnet_ray's model, "
+              "data and trainer (benchmarks/flower_app.py)" if f else "Flower not run in this invocation (`--sides`)")
+    runs = ", ".join(f"{k} {v['runs']}" for k, v in s.items())
     out.append(f"`gaisnet run examples/tiny.yaml --set training.scheme=fl --set relay.policy=none` (6 devices, 2 "
-               f"edges, 5 rounds) vs Flower {data['flower_versions'].get('flwr', '?')} simulation (Ray "
-               f"{data['flower_versions'].get('ray', '?')}) of the same job with gaisnet_ray's model, data and "
-               f"trainer (benchmarks/flower_app.py); gaisnet-ray overrides: "
+               f"edges, 5 rounds) vs {flower}; gaisnet-ray overrides: "
                f"{', '.join(data.get('gaisnet_overrides') or []) or 'none (default topology: one actor per device)'}; "
-               f"runs alternating, medians over {g['runs'] if g else 0} run(s) per side. "
-               f"HFSL on gaisnet-ray beside them (same job, training.scheme=hfsl).")
+               f"runs alternating, medians over the runs of each side ({runs}). "
+               + ("HFSL on gaisnet-ray beside them (same job, training.scheme=hfsl)." if h else ""))
     out.append("")
 
     def row(label, key, fmt, ratio=True):
