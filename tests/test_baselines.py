@@ -109,6 +109,9 @@ def test_centralized_trains_one_pooled_turn_and_its_loss_goes_down(baseline_runs
         assert r["scheme"] == "centralized" and "privacy-violating" in r["privacy_note"]
         assert r["clusters"] == {"edge-0": [["end-0-0"]]}
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    # and it improves on held-out examples, not only on what it trained on (relay none: the base is unchanged)
+    base, after = net.cloud.evaluate_base(), rows[-1]["eval"]
+    assert sum(after[d]["loss"] for d in base) < sum(base[d]["loss"] for d in base) - 0.1
     lineage = net.cloud.store.lineage(2)
     assert lineage["scheme"] == "centralized"
     pooled = sum(len(exs) for exs in device_examples(net.cfg.data, DEVICES).values())

@@ -99,6 +99,36 @@ def test_recovery_counts_tokens_examples_and_answers():
     assert r.examples == 0.5 and r.answers == 0.5
 
 
+def test_membership_attack_singles_out_what_the_model_was_fitted_on():
+    """The likelihood-gap attack: a model fitted hard on 8 examples lowers their loss far more than
+    that of 8 others from the same devices, and the AUC says so; the AUC itself on hand-worked
+    scores (ties count one half)."""
+    assert A.auc(torch.tensor([2.0, 3.0]), torch.tensor([1.0, 2.0])) == pytest.approx(3.5 / 4)
+    with pytest.raises(ValueError, match="at least one member"):
+        A.auc(torch.tensor([]), torch.tensor([1.0]))
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model, tok = build_foundation(cfg.model)
+    exs = device_examples(cfg.data, ["end-0-0", "end-0-1"])
+    members = encode_examples(exs["end-0-0"][:8], tok, cfg.model.max_seq_len)
+    others = encode_examples(exs["end-0-1"][:8], tok, cfg.model.max_seq_len)
+    logits = lambda ids: model(input_ids=ids).logits  # noqa: E731
+    with torch.no_grad():
+        base = [A.example_losses(logits, b["input_ids"], b["labels"]) for b in (members, others)]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        out = model(input_ids=members["input_ids"], labels=members["labels"])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    with torch.no_grad():
+        tuned = [A.example_losses(logits, b["input_ids"], b["labels"]) for b in (members, others)]
+    scores = [A.membership_scores(b, t) for b, t in zip(base, tuned)]
+    assert A.auc(*scores) > 0.9
+    # without the fitting there is nothing to single out: the gap is zero for everyone
+    assert A.auc(A.membership_scores(base[0], base[0]), A.membership_scores(base[1], base[1])) == 0.5
+
+
 def test_privatize_hidden_clips_rows_and_scales_noise():
     h = torch.tensor([[[3.0, 4.0], [0.3, 0.4]]])  # row norms 5 and 0.5
     assert torch.allclose(clip_rows(h, 1.0), torch.tensor([[[0.6, 0.8], [0.3, 0.4]]]))

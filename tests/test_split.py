@@ -437,6 +437,36 @@ def test_activation_denoise_gradient_is_that_of_the_function_the_back_sees():
     assert gap > 100 * 1e-6  # the clip's Jacobian on the residual path would give another gradient
 
 
+def test_nopeek_adds_the_distance_correlations_gradient_to_the_fronts_step():
+    """privacy.nopeek_weight w: the device's step is that of loss + w * dCor(token embeddings, h_k)
+    over the real (unpadded) positions, worked out in one autograd graph of the whole model; the
+    penalty's part is not negligible (the step without it differs), and only the front feels it."""
+    from gaisnet_ray.data.encode import lengths_of
+    from gaisnet_ray.privacy.noise import nopeek_penalty
+
+    pkg, whole, knowledge, ids, labels, cut, ref, _ = _sgd_probe()
+    w = 0.5
+    _, turn, _ = _sgd_turn(_tiny_cfg("gpt2", f"privacy.nopeek_weight={w}", "training.local_steps=1"), pkg, knowledge)
+    _, plain, _ = _sgd_turn(_tiny_cfg("gpt2", "training.local_steps=1"), pkg, knowledge)
+
+    whole.peft.zero_grad(set_to_none=True)
+    h_k = ref.front(ids, cut.front_end)
+    with torch.no_grad():
+        emb = ref.front(ids, 0)
+    mask = torch.arange(ids.shape[1]) < lengths_of(labels)[:, None]
+    assert int(mask.sum()) <= 256  # every real row counts: no sampling, so the penalty is deterministic
+    loss = ref.back_loss(ref.blocks(h_k, cut.front_end, cut.back_start), cut.back_start, labels)
+    (loss + w * nopeek_penalty(emb, h_k, mask)).backward()
+    expected = lora_grads(whole.peft)
+    for key, value in turn.adapter.items():
+        torch.testing.assert_close(knowledge[key] - value, expected[key], rtol=1e-4, atol=1e-6)
+    front = [k for k in turn.adapter if layer_of_key(k) == 0]
+    assert max(float((turn.adapter[k] - plain.adapter[k]).abs().max()) for k in front) > 1e-4
+    for k in turn.adapter:
+        if layer_of_key(k) != 0:  # the back's step does not see the penalty
+            torch.testing.assert_close(turn.adapter[k], plain.adapter[k], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("denoise", [True, False])
 def test_without_gradients_to_the_edge_the_front_trains_through_the_residual_stream(denoise):
     """privacy.send_gradients false: the device calls its edge's forward only (a backward would fail
