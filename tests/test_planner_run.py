@@ -24,6 +24,8 @@ PLANNED = [
 
 @pytest.mark.ray
 def test_a_planned_ray_run_follows_the_plan_and_equals_the_inprocess_run(ray_local, tmp_path):
+    import ray
+
     from gaisnet_ray.driver import GaisNetDriver
     from gaisnet_ray.inprocess import InProcessGaisNet
     from gaisnet_ray.knowledge import KnowledgeStore
@@ -35,6 +37,16 @@ def test_a_planned_ray_run_follows_the_plan_and_equals_the_inprocess_run(ray_loc
     driver.start()
     try:
         rows = [driver.run_round(r) for r in (1, 2)]
+        # asked of the live actors: an edge holds exactly the blocks its devices' cuts leave it (mixed
+        # cuts here), no embedding, no head, and adapter keys for those blocks only (issue 16)
+        n = driver.num_layers
+        for e, actor in driver.edges.items():
+            held = ray.get(actor.holdings.remote())
+            mine = {d: c for d, c in plan.cuts.items() if d.startswith(f"end-{e.split('-')[1]}-")}
+            blocks = sorted(set().union(*(range(f, n - b) for f, b in mine.values())))
+            assert held["blocks"] == held["adapter_blocks"] == blocks, (e, held, mine)
+            assert not held["embeddings"] and not held["head"] and not held["adapter_other_keys"]
+            assert 0 < held["foundation_values"]
     finally:
         driver.close()
     recorded = json.loads((tmp_path / "ray" / "plan.json").read_text())

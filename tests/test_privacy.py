@@ -239,6 +239,9 @@ def test_edge_holds_no_front_or_back_weights(tiny):
     keys = list(edge.split.peft.state_dict())
     assert not [k for k in keys if ".h.0." in k or f".h.{n - 1}." in k or "wte" in k or "lm_head" in k]
     assert edge.split.held_layers() == set(range(1, n - 1))
+    held = edge.split.holdings()  # what the edge actor reports when asked (tests/test_planner_run.py, on Ray)
+    assert held["blocks"] == held["adapter_blocks"] == list(range(1, n - 1))
+    assert not held["embeddings"] and not held["head"] and not held["adapter_other_keys"]
 
 
 # ------------------------------------------------------------------ a round, then the audit

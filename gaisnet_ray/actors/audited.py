@@ -67,6 +67,12 @@ class AuditedNode:
 class BaseHolderNode(AuditedNode):
     """A tier actor over one trainer (``self.core``) that holds part of the foundation model."""
 
+    def holdings(self) -> dict | None:
+        """What this actor's model holds (``SplitModel.holdings``; None: it holds no model, as an
+        FL edge): asked by tests to check what a tier can see, from the live actor."""
+        split = getattr(self.core, "split", None)
+        return split.holdings() if split is not None else None
+
     @crosses_boundary
     def update_base(self, package) -> int:
         """Relay down: load this node's part of the new base (it holds exactly what the node holds);

@@ -177,6 +177,24 @@ class SplitModel:
         blocks = self._f.blocks(self.lm)
         return {i for i in range(self.num_layers) if not isinstance(blocks[i], Pruned)}
 
+    def holdings(self) -> dict:
+        """What this tier's model holds, read off its modules (not its config): the blocks, whether
+        any embedding and the head / final norm, the blocks its adapter has keys for, and the number
+        of foundation (non-adapter) values. Asked of a live actor to check what a tier can see."""
+        from .adapters import adapter_state
+        from .parts import _family_modules
+
+        _, _, embeddings, (norm_owner, norm_name) = _family_modules(self.lm)
+        held = lambda m: not isinstance(m, Pruned)  # noqa: E731
+        layers = {layer_of_key(k) for k in adapter_state(self.peft)}
+        return {"blocks": sorted(self.held_layers()),
+                "embeddings": any(held(getattr(o, n)) for o, n in embeddings),
+                "head": held(self.lm.lm_head) or held(getattr(norm_owner, norm_name)),
+                "adapter_blocks": sorted(x for x in layers if x is not None),
+                "adapter_other_keys": None in layers,
+                "foundation_values": sum(p.numel() for n, p in self.lm.named_parameters()
+                                         if "lora_" not in n and "prefix" not in n)}
+
 
 def build_tier_model(package, peft_cfg, part: ModelPart | None = None, *, torch_device: str = "cpu") -> SplitModel:
     """A tier's part of the foundation model with a LoRA adapter (``peft_cfg.method`` prefix: with
